@@ -1,0 +1,50 @@
+"""The FastAPI application factory: REST under /v1, health, and the error shape."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.errors import install_error_handlers
+from service.api.routes import datasets, exports, health, jobs, teachers
+from service.db import session_factory
+from service.settings import Settings, get_settings
+from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    sessions: sessionmaker[Session] | None = None,
+    task_sender: TaskSender | None = None,
+) -> FastAPI:
+    """Build the app. The composition root passes an in-process task sender in embedded mode."""
+    settings = settings or get_settings()
+    if task_sender is None:
+        task_sender = (
+            CeleryTaskSender(
+                settings.broker.url,
+                key_prefix=settings.broker.key_prefix,
+                visibility_timeout_s=settings.broker.visibility_timeout_s,
+            )
+            if settings.broker.url
+            else RecordingTaskSender()
+        )
+    app = FastAPI(
+        title="distill",
+        version="0.1.0",
+        description="Closed-loop distillation: a teacher LLM writes training data aimed at a "
+        "student's own mistakes. Authenticate with `Authorization: Bearer <api key>`.",
+    )
+    app.state.settings = settings
+    app.state.session_factory = sessions or session_factory()
+    app.state.task_sender = task_sender
+    install_error_handlers(app)
+    # Prometheus metrics of this process (in embedded mode that includes the teacher calls the
+    # steps make here; workers serve theirs with `distill worker --metrics-port`).
+    from prometheus_client import make_asgi_app
+
+    app.mount("/metrics", make_asgi_app())
+    for router in (health.router, datasets.router, teachers.router, jobs.router, exports.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,219 @@
+"""Jobs, their iterations and examples; the job spec's JSON Schema."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from service.api.deps import PrincipalDep, SessionDep, SettingsDep
+from service.api.schemas import ErrorBody, ExampleRead, IterationRead, JobRead
+from service.domain.spec import job_json_schema
+from service.domain.statuses import ExampleStatus, JobStatus
+from service.errors import NotFound
+from service.feedback import FeedbackBody, evaluation_rows, parse_feedback, post_feedback
+from service.jobs import create_job, get_job, parse_spec, request_transition
+from service.models import Example, Iteration, Job
+from service.pagination import Page, paginate
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+
+
+def job_read(job: Job) -> JobRead:
+    read = JobRead.model_validate(job)
+    read.spec = {k: v for k, v in job.spec.items() if not k.startswith("_")}
+    return read
+
+
+@router.get("/schemas/job", tags=["schemas"])
+def job_schema() -> dict[str, Any]:
+    """JSON Schema of the job spec (the same document as the CLI's YAML)."""
+    return job_json_schema()
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses={**_ERRORS, 200: {"model": JobRead, "description": "Replayed Idempotency-Key"}},
+)
+def create(
+    response: Response,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    spec: Annotated[dict[str, Any], Body(description="A job spec; see /v1/schemas/job.")],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobRead:
+    job, created = create_job(
+        session,
+        principal.tenant_id,
+        parse_spec(spec),
+        idempotency_key=idempotency_key,
+        allow_private_teacher=settings.api.allow_private_teacher_urls,
+        allow_trainer_command=settings.api.allow_trainer_commands,
+    )
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_read(job)
+
+
+@router.get("/jobs", response_model=Page[JobRead], responses=_ERRORS)
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    strategy: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[JobRead]:
+    stmt = select(Job).where(Job.tenant_id == principal.tenant_id)
+    if status_ is not None:
+        stmt = stmt.where(Job.status == status_)
+    if strategy is not None:
+        stmt = stmt.where(Job.strategy == strategy)
+    rows, next_cursor = paginate(
+        session, stmt, created_col=Job.created_at, id_col=Job.id, cursor=cursor, limit=limit
+    )
+    return Page[JobRead](items=[job_read(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobRead, responses=_ERRORS)
+def read(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
+    return job_read(get_job(session, principal.tenant_id, job_id))
+
+
+def _transition(job_id: uuid.UUID, target: JobStatus, session: Any, principal: Any) -> JobRead:
+    job = request_transition(session, get_job(session, principal.tenant_id, job_id), target)
+    session.commit()
+    return job_read(job)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobRead, responses=_ERRORS)
+def cancel(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
+    """Stops the job within one generation batch."""
+    return _transition(job_id, JobStatus.cancelled, session, principal)
+
+
+@router.post("/jobs/{job_id}/pause", status_code=202, response_model=JobRead, responses=_ERRORS)
+def pause(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
+    return _transition(job_id, JobStatus.paused, session, principal)
+
+
+@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobRead, responses=_ERRORS)
+def resume(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
+    return _transition(job_id, JobStatus.running, session, principal)
+
+
+@router.get("/jobs/{job_id}/iterations", response_model=list[IterationRead], responses=_ERRORS)
+def list_iterations(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> list[Iteration]:
+    job = get_job(session, principal.tenant_id, job_id)
+    stmt = select(Iteration).where(Iteration.job_id == job.id).order_by(Iteration.number)
+    return list(session.scalars(stmt))
+
+
+@router.get("/jobs/{job_id}/iterations/{number}", response_model=IterationRead, responses=_ERRORS)
+def read_iteration(
+    job_id: uuid.UUID, number: int, session: SessionDep, principal: PrincipalDep
+) -> Iteration:
+    job = get_job(session, principal.tenant_id, job_id)
+    iteration = session.scalar(
+        select(Iteration).where(Iteration.job_id == job.id, Iteration.number == number)
+    )
+    if iteration is None:
+        raise NotFound(f"iteration {number} of job {job_id} not found")
+    return iteration
+
+
+@router.get("/jobs/{job_id}/examples", response_model=Page[ExampleRead], responses=_ERRORS)
+def list_examples(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    principal: PrincipalDep,
+    iteration: Annotated[int | None, Query(description="Iteration number.")] = None,
+    kind: str | None = None,
+    status_: Annotated[ExampleStatus | None, Query(alias="status")] = None,
+    label: Annotated[str | None, Query(description="Output/label equals.")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Page[ExampleRead]:
+    job = get_job(session, principal.tenant_id, job_id)
+    stmt = select(Example).where(Example.job_id == job.id)
+    if iteration is not None:
+        stmt = stmt.join(Iteration, Iteration.id == Example.iteration_id).where(
+            Iteration.number == iteration
+        )
+    if kind is not None:
+        stmt = stmt.where(Example.kind == kind)
+    if status_ is not None:
+        stmt = stmt.where(Example.status == status_)
+    if label is not None:
+        stmt = stmt.where(Example.output == label)
+    rows, next_cursor = paginate(
+        session,
+        stmt,
+        created_col=Example.created_at,
+        id_col=Example.id,
+        cursor=cursor,
+        limit=limit,
+        ascending=True,
+    )
+    return Page[ExampleRead](
+        items=[ExampleRead.model_validate(r) for r in rows], next_cursor=next_cursor
+    )
+
+
+@router.get("/jobs/{job_id}/evaluation-rows", responses=_ERRORS)
+def list_evaluation_rows(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> list[dict[str, Any]]:
+    """The rows an external student predicts each iteration, with the ids to post back."""
+    return evaluation_rows(session, get_job(session, principal.tenant_id, job_id))
+
+
+@router.post(
+    "/jobs/{job_id}/iterations/{number}/feedback",
+    status_code=202,
+    response_model=IterationRead,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": FeedbackBody.model_json_schema()},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def post_iteration_feedback(
+    job_id: uuid.UUID,
+    number: int,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> Iteration:
+    """Predictions from the user's own trainer (external student): JSON or JSONL keyed by
+    row id. Unknown or missing rows and labels outside the label set are a 422; nothing is
+    stored unless the whole feedback is valid. Complete feedback lets the loop continue."""
+    items = parse_feedback(await request.body(), request.headers.get("content-type", ""))
+
+    def _store() -> Iteration:
+        job = get_job(session, principal.tenant_id, job_id)
+        iteration = post_feedback(session, job, number, items)
+        session.commit()
+        return iteration
+
+    return await run_in_threadpool(_store)

@@ -1,0 +1,104 @@
+"""Teachers: OpenAI-compatible endpoints with limits and prices; keys are write-only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from sqlalchemy import select
+
+from service.api.deps import PrincipalDep, SessionDep, SettingsDep
+from service.api.schemas import ErrorBody, TeacherCreate, TeacherRead, TeacherUpdate
+from service.models import Teacher
+from service.pagination import Page, paginate
+from service.teachers import create_teacher, delete_teacher, get_teacher, update_teacher
+
+router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+
+
+def to_read(teacher: Teacher) -> TeacherRead:
+    return TeacherRead.model_validate(
+        {
+            **{c: getattr(teacher, c) for c in TeacherRead.model_fields if c != "has_api_key"},
+            "has_api_key": bool(teacher.api_key_encrypted or teacher.api_key_env),
+        }
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeacherRead, responses=_ERRORS)
+def create(
+    body: TeacherCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+) -> TeacherRead:
+    teacher = create_teacher(
+        session,
+        principal.tenant_id,
+        name=body.name,
+        base_url=body.base_url,
+        model=body.model,
+        api_key=body.api_key,
+        api_key_env=body.api_key_env,
+        limits=body.limits,
+        prices=body.prices,
+        generation=body.generation,
+        structured_mode=body.structured_mode.value,
+        timeout_s=body.timeout_s,
+        max_attempts=body.max_attempts,
+        allow_private=settings.api.allow_private_teacher_urls,
+    )
+    session.commit()
+    return to_read(teacher)
+
+
+@router.get("", response_model=Page[TeacherRead], responses=_ERRORS)
+def list_teachers(
+    session: SessionDep,
+    principal: PrincipalDep,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[TeacherRead]:
+    stmt = select(Teacher).where(Teacher.tenant_id == principal.tenant_id)
+    rows, next_cursor = paginate(
+        session,
+        stmt,
+        created_col=Teacher.created_at,
+        id_col=Teacher.id,
+        cursor=cursor,
+        limit=limit,
+    )
+    return Page[TeacherRead](items=[to_read(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{teacher_id}", response_model=TeacherRead, responses=_ERRORS)
+def read(teacher_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> TeacherRead:
+    return to_read(get_teacher(session, principal.tenant_id, teacher_id))
+
+
+@router.patch("/{teacher_id}", response_model=TeacherRead, responses=_ERRORS)
+def update(
+    teacher_id: uuid.UUID,
+    body: TeacherUpdate,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+) -> TeacherRead:
+    teacher = get_teacher(session, principal.tenant_id, teacher_id)
+    changes = {field: getattr(body, field) for field in body.model_fields_set}
+    if "structured_mode" in changes and changes["structured_mode"] is not None:
+        changes["structured_mode"] = changes["structured_mode"].value
+    update_teacher(session, teacher, changes, allow_private=settings.api.allow_private_teacher_urls)
+    session.commit()
+    return to_read(teacher)
+
+
+@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+def delete(teacher_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
+    delete_teacher(session, get_teacher(session, principal.tenant_id, teacher_id))
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,184 @@
+"""Request and response models of the REST API (separate from the ORM models)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.domain.statuses import ExampleStatus, ExportStatus, IterationStatus, JobStatus
+from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class DatasetRead(_Read):
+    id: uuid.UUID
+    name: str
+    content_hash: str
+    row_count: int
+    size_bytes: int
+    fields: list[str]
+    created_at: datetime
+
+
+class DatasetRowRead(_Read):
+    id: uuid.UUID
+    index: int
+    data: dict[str, Any]
+
+
+class DatasetDetail(DatasetRead):
+    preview: list[DatasetRowRead]
+
+
+class TeacherCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    base_url: str = Field(..., description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1")
+    model: str = Field(..., min_length=1)
+    api_key: str | None = Field(None, description="Stored encrypted; never returned.")
+    api_key_env: str | None = Field(
+        None, description="Or: the worker environment variable that holds the key."
+    )
+    limits: TeacherLimits = Field(default_factory=TeacherLimits)
+    prices: TeacherPrices = Field(default_factory=TeacherPrices)
+    generation: GenerationParams = Field(default_factory=GenerationParams)
+    structured_mode: StructuredMode = StructuredMode.auto
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+    max_attempts: int = Field(6, ge=1, le=50)
+
+
+class TeacherUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    api_key_env: str | None = None
+    limits: TeacherLimits | None = None
+    prices: TeacherPrices | None = None
+    generation: GenerationParams | None = None
+    structured_mode: StructuredMode | None = None
+    timeout_s: float | None = Field(None, gt=0, le=3600)
+    max_attempts: int | None = Field(None, ge=1, le=50)
+
+
+class TeacherRead(_Read):
+    id: uuid.UUID
+    name: str
+    base_url: str
+    model: str
+    has_api_key: bool
+    api_key_env: str | None
+    limits: dict[str, Any]
+    prices: dict[str, Any]
+    generation: dict[str, Any]
+    structured_mode: str
+    timeout_s: float
+    max_attempts: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobRead(_Read):
+    id: uuid.UUID
+    name: str
+    strategy: str
+    status: JobStatus
+    status_reason: str | None
+    spec: dict[str, Any]
+    teacher_id: uuid.UUID
+    current_iteration: int
+    best_iteration: int | None
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    examples_accepted: int
+    examples_rejected: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class IterationRead(_Read):
+    id: uuid.UUID
+    number: int
+    status: IterationStatus
+    phase: str | None
+    metric: float | None
+    metrics: dict[str, Any] | None
+    test_metrics: dict[str, Any] | None
+    targets_count: int
+    batches_total: int
+    batches_done: int
+    examples_accepted: int
+    examples_rejected: int
+    rejected_by_reason: dict[str, Any]
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    teacher_calls: int
+    regressed: bool
+    included: bool
+    timings: dict[str, Any]
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExampleRead(_Read):
+    id: uuid.UUID
+    iteration_id: uuid.UUID | None
+    kind: str
+    status: ExampleStatus
+    rejection_reason: str | None
+    rejection_detail: str | None
+    input: str
+    output: str | None
+    rationale: str | None
+    source_row_id: uuid.UUID | None
+    target_id: str | None
+    target_reason: str | None
+    prompt_fingerprint: str | None
+    teacher_call_id: uuid.UUID | None
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str = Field(
+        "jsonl",
+        description="jsonl (the task's own fields), lineage (plus kind, iteration, source row), "
+        "chat (OpenAI fine-tuning messages), or dpo (ARTE's preference pairs).",
+    )
+
+
+class ExportRead(_Read):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    format: str
+    status: ExportStatus
+    row_count: int
+    manifest: dict[str, Any]
+    error: str | None
+    created_at: datetime
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

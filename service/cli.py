@@ -1,0 +1,230 @@
+"""The operator's CLI over the configured database: migrations, keys, datasets, jobs.
+
+`workers.cli` adds the commands that need worker code (serve, worker, run) and is the
+`distill` entry point; these commands only need the service package.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.auth import create_api_key, get_or_create_tenant
+from service.datasets import create_dataset, parse_jsonl
+from service.db import get_engine, session_factory
+from service.domain.statuses import JobStatus
+from service.errors import DistillError
+from service.jobs import create_job, get_job, parse_spec, request_transition
+from service.models import Job
+from service.settings import get_settings
+from service.tasks import SENDER, RecordingTaskSender, TaskSender
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(help="distill: closed-loop distillation service.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
+
+# The composition root (workers.cli) replaces this with the real sender for the mode.
+_task_sender: TaskSender = RecordingTaskSender()
+
+
+def set_task_sender(sender: TaskSender) -> None:
+    global _task_sender
+    _task_sender = sender
+
+
+def sessions() -> sessionmaker[Session]:
+    return session_factory(get_engine())
+
+
+def open_session() -> Session:
+    session = sessions()()
+    session.info[SENDER] = _task_sender
+    return session
+
+
+def fail(exc: DistillError) -> None:
+    err_console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+    if exc.details:
+        err_console.print(json.dumps(exc.details, indent=2, default=str))
+    raise typer.Exit(code=2)
+
+
+def upgrade_database(url: str | None = None) -> None:
+    """Alembic upgrade head on the configured (or given) database."""
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    config.attributes["url"] = url or get_settings().database_url
+    command.upgrade(config, "head")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations (creates the embedded SQLite database when none is set)."""
+    upgrade_database()
+    console.print(f"database at head: {_redact(get_settings().database_url)}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@keys_app.command("create")
+def keys_create(tenant: TenantOpt = "default", name: str = "default") -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    with open_session() as session:
+        row, plain = create_api_key(session, get_or_create_tenant(session, tenant), name)
+        session.commit()
+    console.print(f"tenant {tenant}, key {row.prefix}… (id {row.id})")
+    typer.echo(plain)
+
+
+@datasets_app.command("upload")
+def datasets_upload(path: Path, tenant: TenantOpt = "default", name: str | None = None) -> None:
+    """Upload a JSONL file; prints the dataset id."""
+    data = path.read_bytes()
+    try:
+        rows = parse_jsonl(data)
+        with open_session() as session:
+            t = get_or_create_tenant(session, tenant)
+            ds = create_dataset(session, t.id, name or path.name, rows, size_bytes=len(data))
+            session.commit()
+    except DistillError as exc:
+        fail(exc)
+    console.print(f"{ds.row_count} rows, fields {ds.fields}, sha256 {ds.content_hash[:12]}")
+    typer.echo(str(ds.id))
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise typer.BadParameter(f"{path} is not a YAML mapping")
+    return raw
+
+
+@jobs_app.command("create")
+def jobs_create(
+    spec_path: Path,
+    tenant: TenantOpt = "default",
+    idempotency_key: str | None = None,
+) -> None:
+    """Create a job from a spec whose datasets/teacher are ids (or an inline teacher)."""
+    try:
+        with open_session() as session:
+            t = get_or_create_tenant(session, tenant)
+            job, _ = create_job(
+                session,
+                t.id,
+                parse_spec(load_spec_file(spec_path)),
+                idempotency_key=idempotency_key,
+                allow_private_teacher=True,  # the CLI is the operator
+                allow_trainer_command=True,
+            )
+            session.commit()
+    except DistillError as exc:
+        fail(exc)
+    typer.echo(str(job.id))
+
+
+@jobs_app.command("list")
+def jobs_list(tenant: TenantOpt = "default", limit: int = 50) -> None:
+    with open_session() as session:
+        t = get_or_create_tenant(session, tenant)
+        jobs = session.scalars(
+            select(Job).where(Job.tenant_id == t.id).order_by(Job.created_at.desc()).limit(limit)
+        )
+        table = Table("name", "strategy", "status", "iteration", "best", "accepted", "cost")
+        table.add_column("id", no_wrap=True, min_width=36)
+        for job in jobs:
+            table.add_row(
+                job.name,
+                job.strategy,
+                job.status.value,
+                str(job.current_iteration),
+                str(job.best_iteration),
+                str(job.examples_accepted),
+                f"${job.cost_usd:.4f}",
+                str(job.id),
+            )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
+    try:
+        with open_session() as session:
+            t = get_or_create_tenant(session, tenant)
+            job = get_job(session, t.id, job_id)
+            console.print(
+                f"{job.name} [{job.strategy}] {job.status.value}"
+                + (f" — {job.status_reason}" if job.status_reason else "")
+            )
+            from service.models import Iteration
+
+            table = Table("iter", "status", "metric", "accepted", "rejected", "tokens", "cost")
+            for it in session.scalars(
+                select(Iteration).where(Iteration.job_id == job.id).order_by(Iteration.number)
+            ):
+                table.add_row(
+                    str(it.number),
+                    it.status.value,
+                    "-" if it.metric is None else f"{it.metric:.4f}",
+                    str(it.examples_accepted),
+                    str(it.examples_rejected),
+                    str(it.tokens_in + it.tokens_out),
+                    f"${it.cost_usd:.4f}",
+                )
+            console.print(table)
+    except DistillError as exc:
+        fail(exc)
+
+
+def _transition_cmd(job_id: uuid.UUID, tenant: str, target: JobStatus) -> None:
+    try:
+        with open_session() as session:
+            t = get_or_create_tenant(session, tenant)
+            job = request_transition(session, get_job(session, t.id, job_id), target)
+            session.commit()
+    except DistillError as exc:
+        fail(exc)
+    console.print(f"job {job.id}: {job.status.value}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
+    _transition_cmd(job_id, tenant, JobStatus.cancelled)
+
+
+@jobs_app.command("pause")
+def jobs_pause(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
+    _transition_cmd(job_id, tenant, JobStatus.paused)
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
+    _transition_cmd(job_id, tenant, JobStatus.running)

@@ -1,0 +1,401 @@
+"""The strategy interface: plan teacher prompts from student feedback, parse answers, decide."""
+
+from __future__ import annotations
+
+import json
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from service.domain.metrics import ClassificationReport, QAReport
+from service.domain.prompts import item_fields
+from service.domain.spec import Budget, Stopping, TaskKind, TaskSpec
+from service.domain.teacher import TeacherRequest
+
+P = TypeVar("P", bound=BaseModel)
+
+# Identical prompts get distinct sample indices (part of the request fingerprint), so the teacher
+# cache answers a prompt repeated in a later iteration (a seed row still wrong) with a fresh
+# sample instead of the examples it already gave. No plan has this many targets: every strategy
+# bounds its per-iteration target count well below it.
+SAMPLES_PER_ITERATION = 10_000
+
+
+class ExampleKind(StrEnum):
+    seed = "seed"
+    augmented = "augmented"
+    hard_negative = "hard_negative"
+    rationale = "rationale"
+    preference_pair = "preference_pair"
+
+
+class LabelledRow(BaseModel):
+    """A seed or validation row; `output` is its label or gold answer."""
+
+    row_id: str
+    input: str
+    output: str
+
+
+class EvaluatedRow(BaseModel):
+    """One row of the student's last evaluation."""
+
+    row_id: str
+    split: Literal["train", "validation"]
+    input: str
+    gold: str
+    predicted: str | None = None
+    confidence: float | None = Field(None, ge=0, le=1)
+    correct: bool
+
+
+class ScoredDraft(BaseModel):
+    """An ARTE draft with its score: the student's accuracy with the draft as demonstration.
+
+    `target_id` names the draft prompt that produced it; preference pairs are formed within one
+    prompt, because a DPO pair is two answers to the same prompt.
+    """
+
+    draft_id: str
+    input: str
+    output: str
+    rationale: str | None = None
+    score: float
+    target_id: str | None = None
+
+
+class PhaseResult(BaseModel):
+    """What the filters made of one target's candidates in an earlier phase."""
+
+    target_id: str
+    source_row_id: str | None = None
+    accepted: int = Field(0, ge=0)
+    rejected: int = Field(0, ge=0)
+    reasons: dict[str, int] = Field(default_factory=dict)
+
+
+class PlanContext(BaseModel):
+    """Everything a strategy may look at to plan one phase of one iteration."""
+
+    task: TaskSpec
+    # The strategy's params model; a plain dict (a context rebuilt from JSON) is accepted too,
+    # because a dict validated as a bare BaseModel would silently lose every field.
+    params: dict[str, Any] | SerializeAsAny[BaseModel] = Field(..., union_mode="left_to_right")
+    iteration: int = Field(..., ge=0, description="1-based; 0 is the seed-only baseline.")
+    phase: str
+    seed: int = 0
+    labels: list[str] | None = None
+    train_rows: list[LabelledRow] = Field(default_factory=list)
+    evaluated: list[EvaluatedRow] = Field(default_factory=list)
+    report: ClassificationReport | QAReport | None = None
+    drafts: list[ScoredDraft] = Field(default_factory=list)
+    previous_phase: list[PhaseResult] = Field(default_factory=list)
+    max_examples: int | None = Field(None, ge=0)
+
+    def resolved_labels(self) -> list[str] | None:
+        """The label set: given with the context, else the task's."""
+        return self.labels if self.labels is not None else self.task.labels
+
+
+class GenerationTarget(BaseModel):
+    """One teacher prompt, with why it exists and what its answer becomes."""
+
+    target_id: str
+    reason: str
+    source_row_id: str | None = None
+    expected_label: str | None = None
+    request: TeacherRequest
+    n_examples: int = Field(..., ge=1)
+    kind: ExampleKind
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class CandidateExample(BaseModel):
+    """A parsed, unfiltered example."""
+
+    input: str
+    output: str
+    rationale: str | None = None
+    kind: ExampleKind
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class IterationOutcome(BaseModel):
+    """One finished iteration as the stopping rule sees it (iteration 0: the seed-only run)."""
+
+    iteration: int = Field(..., ge=0)
+    metric: float | None = None
+    accepted: int = Field(0, ge=0)
+    targets: int = Field(0, ge=0)
+
+
+class Decision(BaseModel):
+    stop: bool
+    reason: str | None = None
+    best_iteration: int | None = None
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's parameters: unknown keys are errors, so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Strategy(ABC):
+    """A loop method as pure code; the orchestration does every I/O around it."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+    mining_split: ClassVar[Literal["train", "validation"]]
+    phases: ClassVar[tuple[str, ...]] = ("generate",)
+    task_kinds: ClassVar[frozenset[TaskKind]]
+
+    @classmethod
+    def validate_params(cls, raw: Mapping[str, Any]) -> BaseModel:
+        """The job's raw `params` as this strategy's model; ValueError names each bad field."""
+        try:
+            return cls.Params.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"params.{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise ValueError(f"invalid {cls.name} params: {problems}") from None
+
+    @classmethod
+    def check_task(cls, task: TaskSpec) -> None:
+        if task.kind not in cls.task_kinds:
+            supported = ", ".join(sorted(cls.task_kinds))
+            raise ValueError(
+                f"task.kind: strategy {cls.name} supports {supported}, not {task.kind}"
+            )
+
+    def check_context(self, ctx: PlanContext) -> None:
+        """Reject a context this strategy cannot plan from (caller bugs, not teacher content)."""
+        self.check_task(ctx.task)
+        if ctx.phase not in self.phases:
+            raise ValueError(f"{self.name}: unknown phase {ctx.phase!r}, expected {self.phases}")
+
+    @abstractmethod
+    def plan(self, ctx: PlanContext) -> list[GenerationTarget]:
+        """The teacher prompts for this phase of this iteration; deterministic in `ctx`."""
+
+    @abstractmethod
+    def parse(
+        self, target: GenerationTarget, output: Any, ctx: PlanContext
+    ) -> list[CandidateExample]:
+        """Candidates from the teacher's validated JSON; malformed items are skipped.
+
+        Raises ValueError only when the top-level shape is wrong.
+        """
+
+    def decide(
+        self,
+        history: Sequence[IterationOutcome],
+        *,
+        stopping: Stopping,
+        budget: Budget,
+        ctx: PlanContext | None,
+    ) -> Decision:
+        """Continue or stop after an iteration; see `decide_by_metric`."""
+        return decide_by_metric(history, stopping=stopping, budget=budget)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def params_as(ctx: PlanContext, model: type[P]) -> P:
+    """The context's params as the strategy's own model (validated when given as a dict)."""
+    if isinstance(ctx.params, model):
+        return ctx.params
+    raw = ctx.params if isinstance(ctx.params, dict) else ctx.params.model_dump()
+    return model.model_validate(raw)
+
+
+def rng_for(ctx: PlanContext, *salt: str) -> random.Random:
+    """A generator seeded by the job seed, iteration, phase and salt.
+
+    A string seed is hashed with SHA-512 by `random`, so the draw is the same in every process
+    (it does not depend on PYTHONHASHSEED).
+    """
+    return random.Random(":".join([str(ctx.seed), str(ctx.iteration), ctx.phase, *salt]))
+
+
+def fit_to_budget(wanted: Sequence[int], max_examples: int | None) -> list[int]:
+    """Per-target example counts, in plan order, trimmed so their sum stays within the budget.
+
+    Targets past the budget are dropped; the last kept one may ask for fewer examples.
+    """
+    if max_examples is None:
+        return list(wanted)
+    counts: list[int] = []
+    left = max_examples
+    for n in wanted:
+        if left <= 0:
+            break
+        counts.append(min(n, left))
+        left -= counts[-1]
+    return counts
+
+
+def with_sample_indices(targets: list[GenerationTarget], iteration: int) -> list[GenerationTarget]:
+    """Give each target a sample index unique among identical requests of the job."""
+    if len(targets) > SAMPLES_PER_ITERATION:
+        raise ValueError(f"a plan may hold at most {SAMPLES_PER_ITERATION} targets")
+    seen: dict[str, int] = {}
+    out: list[GenerationTarget] = []
+    for target in targets:
+        request = target.request
+        key = json.dumps(
+            [
+                request.template_id,
+                request.template_version,
+                [m.model_dump() for m in request.messages],
+                request.response_schema,
+            ],
+            sort_keys=True,
+        )
+        ordinal = seen.get(key, 0)
+        seen[key] = ordinal + 1
+        index = max(iteration - 1, 0) * SAMPLES_PER_ITERATION + ordinal
+        out.append(
+            target.model_copy(
+                update={"request": request.model_copy(update={"sample_index": index})}
+            )
+        )
+    return out
+
+
+def as_text(value: Any) -> str | None:
+    """A teacher field as text: strings as they are, numbers (a QA answer of 72) as digits."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def top_level(output: Any, key: str) -> Any:
+    """`output[key]` from a JSON object; ValueError when the top-level shape is wrong."""
+    if not isinstance(output, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(output).__name__}")
+    if key not in output:
+        raise ValueError(f"expected a JSON object with {key!r}")
+    return output[key]
+
+
+def parse_examples(
+    target: GenerationTarget, output: Any, task_kind: TaskKind
+) -> list[CandidateExample]:
+    """Candidates from an `{"examples": [...]}` answer.
+
+    Items that are not objects or lack their input or output are skipped; at most
+    `target.n_examples` candidates are kept, because that is what the budget paid for. Labels are
+    kept as written, even outside the label set or different from the expected label: the filter
+    rejects them with a visible reason, which shows how often the teacher strays.
+    """
+    items = top_level(output, "examples")
+    if not isinstance(items, list):
+        raise ValueError(f"expected 'examples' to be a list, got {type(items).__name__}")
+    input_field, output_field = item_fields(task_kind)
+    candidates: list[CandidateExample] = []
+    for index, item in enumerate(items):
+        if len(candidates) >= target.n_examples:
+            break
+        if not isinstance(item, Mapping):
+            continue
+        text, answer = as_text(item.get(input_field)), as_text(item.get(output_field))
+        if text is None or answer is None:
+            continue
+        meta: dict[str, Any] = {"item_index": index}
+        if target.expected_label is not None:
+            meta["expected_label"] = target.expected_label
+        candidates.append(
+            CandidateExample(
+                input=text.strip(),
+                output=answer.strip(),
+                rationale=_rationale_of(item),
+                kind=target.kind,
+                meta=meta,
+            )
+        )
+    return candidates
+
+
+def _rationale_of(item: Mapping[str, Any]) -> str | None:
+    rationale = item.get("rationale")
+    return rationale.strip() if isinstance(rationale, str) and rationale.strip() else None
+
+
+def example_item(kind: TaskKind, text: str, output: str, **extra: Any) -> dict[str, Any]:
+    """A row as shown to the teacher, with the same field names as the output schema."""
+    input_field, output_field = item_fields(kind)
+    return {input_field: text, output_field: output, **extra}
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def best_iteration(history: Sequence[IterationOutcome]) -> int | None:
+    """The iteration with the highest metric; ties go to the earliest (less synthetic data).
+
+    Iteration 0, the seed-only baseline, competes too: a loop that only made the student worse
+    exports the seed set.
+    """
+    scored = [o for o in history if o.metric is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda o: (o.metric, -o.iteration))
+    return best.iteration
+
+
+def iterations_without_improvement(history: Sequence[IterationOutcome], min_delta: float) -> int:
+    """Scored iterations since the metric last beat its running best by more than `min_delta`."""
+    scored = sorted((o for o in history if o.metric is not None), key=lambda o: o.iteration)
+    if not scored:
+        return 0
+    reference = scored[0].metric
+    assert reference is not None
+    waited = 0
+    for outcome in scored[1:]:
+        assert outcome.metric is not None
+        if outcome.metric - min_delta > reference:
+            reference, waited = outcome.metric, 0
+        else:
+            waited += 1
+    return waited
+
+
+def decide_by_metric(
+    history: Sequence[IterationOutcome], *, stopping: Stopping, budget: Budget
+) -> Decision:
+    """The shared stopping rule, checked after each iteration, first match wins:
+
+    target metric reached; the last iteration planned nothing (the same student would plan
+    nothing again); the job's example budget is spent; `patience` scored iterations without an
+    improvement of more than `min_delta`; `max_iterations` done. Token and money budgets are
+    enforced by the orchestration, which sees the spend.
+    """
+    outcomes = sorted(history, key=lambda o: o.iteration)
+    if not outcomes:
+        return Decision(stop=False)
+    best = best_iteration(outcomes)
+    last = outcomes[-1]
+    reason: str | None = None
+    if stopping.target is not None and last.metric is not None and last.metric >= stopping.target:
+        reason = "target_reached"
+    elif last.iteration >= 1 and last.targets == 0:
+        reason = "no_targets"
+    elif budget.max_examples is not None and (
+        sum(o.accepted for o in outcomes if o.iteration >= 1) >= budget.max_examples
+    ):
+        reason = "max_examples"
+    elif iterations_without_improvement(outcomes, stopping.min_delta) >= stopping.patience:
+        reason = "patience"
+    elif last.iteration >= budget.max_iterations:
+        reason = "max_iterations"
+    return Decision(stop=reason is not None, reason=reason, best_iteration=best)

@@ -1,0 +1,124 @@
+"""Typed envelopes for teacher requests and results, shared by the API and the gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, HttpUrl
+
+
+class StructuredMode(StrEnum):
+    """How the gateway asks a backend for structured output."""
+
+    auto = "auto"  # json_schema, falling back to json_object, then text, per backend capability
+    json_schema = "json_schema"  # OpenAI structured outputs, vLLM guided decoding
+    json_object = "json_object"  # llama.cpp: {"type": "json_object", "schema": ...}
+    text = "text"  # schema in the prompt, JSON extracted from plain text
+
+
+class TeacherLimits(BaseModel):
+    """Limits enforced across every worker process that talks to this teacher."""
+
+    max_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
+    requests_per_minute: int | None = Field(None, ge=1)
+    input_tokens_per_minute: int | None = Field(None, ge=1)
+    output_tokens_per_minute: int | None = Field(None, ge=1)
+    adaptive: bool = Field(
+        False,
+        description="Adapt concurrency (AIMD) to the server's own queue, read from its "
+        "Prometheus /metrics (vLLM never answers 429).",
+    )
+
+
+class TeacherPrices(BaseModel):
+    """USD per one million tokens."""
+
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.input_per_million + tokens_out * self.output_per_million) / 1e6
+
+
+class GenerationParams(BaseModel):
+    """Sampling parameters sent with every request (part of the fingerprint)."""
+
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=1, le=131072)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+
+
+class TeacherEndpoint(BaseModel):
+    """Everything the gateway needs to talk to one teacher; the API key is already resolved."""
+
+    base_url: str
+    model: str
+    api_key: str | None = Field(None, repr=False)
+    limits: TeacherLimits = Field(default_factory=TeacherLimits)
+    prices: TeacherPrices = Field(default_factory=TeacherPrices)
+    structured_mode: StructuredMode = StructuredMode.auto
+    timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(6, ge=1, le=50)
+    max_reasks: int = Field(2, ge=0, le=10)
+    metrics_url: HttpUrl | None = None
+    limiter_key: str = Field(..., description="Key under which limits are shared (the teacher id).")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class TeacherRequest(BaseModel):
+    """One generation request: a rendered prompt plus what the answer must look like."""
+
+    template_id: str
+    template_version: str
+    messages: list[ChatMessage]
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    response_schema: dict[str, Any] | None = None
+    schema_name: str = "output"
+    sample_index: int = 0
+
+    def fingerprint(self, model: str) -> str:
+        """Content hash identifying this request for caching: a redelivery never pays twice."""
+        payload = {
+            "template": [self.template_id, self.template_version],
+            "messages": [m.model_dump() for m in self.messages],
+            "model": model,
+            "params": self.params.model_dump(),
+            "schema": self.response_schema,
+            "sample": self.sample_index,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class TeacherCallStatus(StrEnum):
+    succeeded = "succeeded"  # valid (parsed) output
+    invalid = "invalid"  # answered, but the output stayed invalid after re-asks; raw text kept
+    failed = "failed"  # no usable answer: permanent error or attempts exhausted
+
+
+class TeacherResult(BaseModel):
+    """What came back for one request, with its accounting."""
+
+    fingerprint: str
+    status: TeacherCallStatus
+    text: str | None = None
+    parsed: Any = None
+    error_code: str | None = None  # e.g. "http_401", "context_length", "timeout", "schema_invalid"
+    error: str | None = None
+    permanent: bool = False  # a permanent failure (bad key, unknown model): do not retry the job
+    finish_reason: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    attempts: int = 0
+    reasks: int = 0
+    cost_usd: float = 0.0
+    retry_causes: dict[str, int] = Field(default_factory=dict)

@@ -1,0 +1,239 @@
+"""Jobs: creation from a spec (validated with the same code the workers run) and state changes."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import tasks
+from service.datasets import get_dataset, load_rows
+from service.domain.spec import JobSpec, TaskKind, TeacherSpec
+from service.domain.statuses import JOB_TRANSITIONS, JobStatus
+from service.errors import Conflict, NotFound, ValidationFailed
+from service.models import Dataset, Job, utcnow
+from service.teachers import create_teacher, get_teacher
+
+
+def spec_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
+    return [
+        {"field": prefix + ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
+        for err in exc.errors(include_url=False)
+    ]
+
+
+def parse_spec(raw: Any) -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        details = spec_errors(exc)
+        raise ValidationFailed(
+            f"invalid job spec: {details[0]['field']}: {details[0]['message']}", details=details
+        ) from exc
+
+
+def _spec_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def _dataset_ref(session: Session, tenant_id: uuid.UUID, ref: str, field: str) -> Dataset:
+    try:
+        dataset_id = uuid.UUID(ref)
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"{field}: not a dataset id", details=[{"field": field, "message": ref}]
+        ) from exc
+    try:
+        return get_dataset(session, tenant_id, dataset_id)
+    except NotFound as exc:
+        raise ValidationFailed(
+            f"{field}: dataset not found", details=[{"field": field, "message": ref}]
+        ) from exc
+
+
+def _validate_strategy_params(spec: JobSpec) -> dict[str, Any]:
+    from service.domain.strategies import validate_params
+
+    try:
+        return validate_params(spec.strategy, spec.params, spec.task).model_dump(mode="json")
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"params: {exc}", details=[{"field": "params", "message": str(exc)}]
+        ) from exc
+
+
+def create_job(
+    session: Session,
+    tenant_id: uuid.UUID,
+    spec: JobSpec,
+    *,
+    idempotency_key: str | None = None,
+    allow_private_teacher: bool = False,
+    allow_trainer_command: bool = False,
+) -> tuple[Job, bool]:
+    """Returns (job, created). A repeated Idempotency-Key with the same spec returns the job."""
+    if spec.student.trainer_command and not allow_trainer_command:
+        raise ValidationFailed(
+            "student.trainer_command: only an operator can make the workers run a command "
+            "(distill jobs create / distill run, or DISTILL_API__ALLOW_TRAINER_COMMANDS=true)",
+            details=[{"field": "student.trainer_command", "message": "not allowed"}],
+        )
+    spec_hash = _spec_hash(spec)
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.spec.get("_hash") != spec_hash:
+                raise Conflict(
+                    "Idempotency-Key was already used with a different job spec",
+                    details=[{"field": "Idempotency-Key", "message": idempotency_key}],
+                )
+            return existing, False
+
+    train = _dataset_ref(session, tenant_id, spec.datasets.train, "datasets.train")
+    validation = (
+        _dataset_ref(session, tenant_id, spec.datasets.validation, "datasets.validation")
+        if spec.datasets.validation
+        else None
+    )
+    test = (
+        _dataset_ref(session, tenant_id, spec.datasets.test, "datasets.test")
+        if spec.datasets.test
+        else None
+    )
+    for field_name in (spec.task.input_field, spec.task.output_field):
+        for ref_field, ds in (("train", train), ("validation", validation), ("test", test)):
+            if ds is not None and field_name not in ds.fields:
+                raise ValidationFailed(
+                    f"datasets.{ref_field}: rows have no field {field_name!r}",
+                    details=[
+                        {"field": f"datasets.{ref_field}", "message": f"fields are {ds.fields}"}
+                    ],
+                )
+
+    task = spec.task
+    if task.kind is TaskKind.classification:
+        seen = sorted({str(r.data.get(task.output_field)) for r in load_rows(session, train.id)})
+        if task.labels is None:
+            if len(seen) < 2:
+                raise ValidationFailed(
+                    "task.labels: the train set has fewer than two labels",
+                    details=[{"field": "task.labels", "message": f"seen {seen}"}],
+                )
+            task = task.model_copy(update={"labels": seen})
+        else:
+            unknown = sorted(set(seen) - set(task.labels))
+            if unknown:
+                raise ValidationFailed(
+                    "datasets.train: labels outside task.labels",
+                    details=[{"field": "task.labels", "message": f"not listed: {unknown[:20]}"}],
+                )
+    params = _validate_strategy_params(spec)
+
+    if isinstance(spec.teacher, TeacherSpec):
+        t = spec.teacher
+        teacher = create_teacher(
+            session,
+            tenant_id,
+            name=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+            base_url=t.base_url,
+            model=t.model,
+            api_key_env=t.api_key_env,
+            limits=t.limits,
+            prices=t.prices,
+            generation=t.generation,
+            structured_mode=t.structured_mode.value,
+            timeout_s=t.timeout_s,
+            max_attempts=t.max_attempts,
+            allow_private=allow_private_teacher,
+        )
+    else:
+        try:
+            teacher = get_teacher(session, tenant_id, uuid.UUID(spec.teacher))
+        except (ValueError, NotFound) as exc:
+            raise ValidationFailed(
+                "teacher: teacher not found",
+                details=[{"field": "teacher", "message": spec.teacher}],
+            ) from exc
+
+    stored = spec.model_copy(update={"task": task, "params": params}).model_dump(mode="json")
+    stored["teacher"] = str(teacher.id)
+    stored["_hash"] = spec_hash
+    job = Job(
+        tenant_id=tenant_id,
+        name=spec.name,
+        strategy=spec.strategy,
+        spec=stored,
+        status=JobStatus.queued,
+        idempotency_key=idempotency_key,
+        teacher_id=teacher.id,
+        train_dataset_id=train.id,
+        validation_dataset_id=validation.id if validation else None,
+        test_dataset_id=test.id if test else None,
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError as exc:  # a concurrent request with the same Idempotency-Key won
+        raise Conflict(
+            "a job with this Idempotency-Key is being created; retry the request",
+            details=[{"field": "Idempotency-Key", "message": idempotency_key}],
+        ) from exc
+    tasks.enqueue(session, tasks.JOB_START, str(job.id))
+    return job, True
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def transition_job(
+    session: Session, job: Job, target: JobStatus, *, reason: str | None = None
+) -> bool:
+    """Compare-and-set on the status: returns False (no change) when another writer won."""
+    allowed_from = [s for s, targets in JOB_TRANSITIONS.items() if target in targets]
+    values: dict[str, Any] = {"status": target, "updated_at": utcnow()}
+    if reason is not None or target in (JobStatus.running, JobStatus.queued):
+        values["status_reason"] = reason
+    if target is JobStatus.running and job.started_at is None:
+        values["started_at"] = utcnow()
+    if target in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
+        values["finished_at"] = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status, Job.status.in_(allowed_from))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return bool(getattr(result, "rowcount", 0))
+
+
+def request_transition(session: Session, job: Job, target: JobStatus) -> Job:
+    """A user's cancel/pause/resume; 409 when the current status does not allow it."""
+    if target not in JOB_TRANSITIONS[job.status]:
+        raise Conflict(
+            f"cannot {_verb(target)} a job that is {job.status.value}",
+            details={"status": job.status.value},
+        )
+    if target is JobStatus.running:  # resume: the worker picks up where the job stopped
+        target = JobStatus.queued if job.started_at is None else JobStatus.running
+    if not transition_job(session, job, target):
+        raise Conflict("the job changed concurrently; retry", details={"status": job.status.value})
+    if target in (JobStatus.running, JobStatus.queued):
+        tasks.enqueue(session, tasks.JOB_START, str(job.id))
+    return job
+
+
+def _verb(target: JobStatus) -> str:
+    return {JobStatus.cancelled: "cancel", JobStatus.paused: "pause"}.get(target, "resume")

@@ -1,0 +1,338 @@
+"""ORM models: the single source of the schema (Alembic autogenerates from these)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from service.domain.statuses import (
+    BatchStatus,
+    ExampleStatus,
+    ExportStatus,
+    IterationStatus,
+    JobStatus,
+)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on Postgres (indexable, compact), plain JSON on SQLite (embedded mode).
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _enum(enum_cls: type[Any], name: str) -> SAEnum:
+    # Stored as VARCHAR + CHECK, not a native PG enum: adding a status is a plain migration.
+    return SAEnum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class IdMixin:
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+# --- tenants and auth ---------------------------------------------------------------------
+
+
+class Tenant(IdMixin, TimestampMixin, Base):
+    __tablename__ = "tenants"
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+
+
+class ApiKey(IdMixin, TimestampMixin, Base):
+    __tablename__ = "api_keys"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200), default="default")
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant: Mapped[Tenant] = relationship(lazy="raise")
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+class Dataset(IdMixin, TimestampMixin, Base):
+    """Uploaded rows; immutable once stored, identified by a content hash."""
+
+    __tablename__ = "datasets"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    row_count: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    fields: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class DatasetRow(IdMixin, Base):
+    __tablename__ = "dataset_rows"
+    __table_args__ = (UniqueConstraint("dataset_id", "index"),)
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]]
+
+
+# --- teachers -------------------------------------------------------------------------------
+
+
+class Teacher(IdMixin, TimestampMixin, Base):
+    """An OpenAI-compatible endpoint; its key is stored encrypted or as an env-var reference."""
+
+    __tablename__ = "teachers"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    base_url: Mapped[str] = mapped_column(String(2000))
+    model: Mapped[str] = mapped_column(String(500))
+    api_key_encrypted: Mapped[str | None] = mapped_column(Text)
+    api_key_env: Mapped[str | None] = mapped_column(String(200))
+    limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prices: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    generation: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    structured_mode: Mapped[str] = mapped_column(String(32), default="auto")
+    timeout_s: Mapped[float] = mapped_column(Float, default=120.0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=6)
+
+
+# --- jobs and iterations -------------------------------------------------------------------
+
+
+class Job(IdMixin, TimestampMixin, Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    strategy: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[dict[str, Any]]
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), index=True)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    teacher_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teachers.id", ondelete="RESTRICT"))
+    train_dataset_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("datasets.id", ondelete="RESTRICT")
+    )
+    validation_dataset_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="RESTRICT")
+    )
+    test_dataset_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="RESTRICT")
+    )
+    current_iteration: Mapped[int] = mapped_column(Integer, default=0)
+    best_iteration: Mapped[int | None] = mapped_column(Integer)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    examples_accepted: Mapped[int] = mapped_column(Integer, default=0)
+    examples_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    teacher: Mapped[Teacher] = relationship(lazy="raise")
+    iterations: Mapped[list[Iteration]] = relationship(
+        back_populates="job", lazy="raise", order_by="Iteration.number"
+    )
+
+
+class Iteration(IdMixin, TimestampMixin, Base):
+    """One round: evaluate → mine → generate → filter → train, with its metrics and spend."""
+
+    __tablename__ = "iterations"
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[IterationStatus] = mapped_column(_enum(IterationStatus, "iteration_status"))
+    phase: Mapped[str | None] = mapped_column(String(32))
+    metric: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    test_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    targets_count: Mapped[int] = mapped_column(Integer, default=0)
+    batches_total: Mapped[int] = mapped_column(Integer, default=0)
+    batches_done: Mapped[int] = mapped_column(Integer, default=0)
+    examples_accepted: Mapped[int] = mapped_column(Integer, default=0)
+    examples_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    rejected_by_reason: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    teacher_calls: Mapped[int] = mapped_column(Integer, default=0)
+    regressed: Mapped[bool] = mapped_column(Boolean, default=False)
+    included: Mapped[bool] = mapped_column(
+        Boolean, default=True, doc="Part of the best dataset (False once it lowered the metric)."
+    )
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="iterations", lazy="raise")
+
+
+class GenerationBatch(IdMixin, TimestampMixin, Base):
+    """A slice of an iteration's targets, generated by one task; the unit of fan-out."""
+
+    __tablename__ = "generation_batches"
+    __table_args__ = (UniqueConstraint("iteration_id", "phase", "index"),)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    iteration_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("iterations.id", ondelete="CASCADE"))
+    phase: Mapped[str] = mapped_column(String(32))
+    index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus, "batch_status"), index=True)
+    targets: Mapped[list[Any]]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TeacherCall(IdMixin, TimestampMixin, Base):
+    """One teacher request and its outcome; the fingerprint cache that makes resume free."""
+
+    __tablename__ = "teacher_calls"
+    __table_args__ = (UniqueConstraint("teacher_id", "fingerprint"),)
+    teacher_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teachers.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("generation_batches.id", ondelete="SET NULL")
+    )
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    template_id: Mapped[str] = mapped_column(String(100))
+    template_version: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+    parsed: Mapped[Any | None] = mapped_column(JSONType)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    tokens_in: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_out: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reasks: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    retry_causes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Example(IdMixin, Base):
+    """One candidate training row, accepted or rejected with its reason, with lineage."""
+
+    __tablename__ = "examples"
+    __table_args__ = (
+        UniqueConstraint("job_id", "dedup_key"),
+        Index("ix_examples_job_iteration", "job_id", "iteration_id", "status"),
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    iteration_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("iterations.id", ondelete="CASCADE")
+    )
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("generation_batches.id", ondelete="SET NULL")
+    )
+    teacher_call_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("teacher_calls.id", ondelete="SET NULL")
+    )
+    # Natural key that makes a redelivered batch a no-op: "<fingerprint>:<item index>".
+    dedup_key: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[ExampleStatus] = mapped_column(_enum(ExampleStatus, "example_status"))
+    rejection_reason: Mapped[str | None] = mapped_column(String(64))
+    rejection_detail: Mapped[str | None] = mapped_column(Text)
+    input: Mapped[str] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)
+    rationale: Mapped[str | None] = mapped_column(Text)
+    input_hash: Mapped[str] = mapped_column(String(64))
+    source_row_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("dataset_rows.id", ondelete="SET NULL")
+    )
+    target_id: Mapped[str | None] = mapped_column(String(200))
+    target_reason: Mapped[str | None] = mapped_column(String(64))
+    prompt_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(IdMixin, Base):
+    """A student's answer for one evaluation row in one iteration (builtin, endpoint or posted)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("iteration_id", "split", "row_id"),)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    iteration_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("iterations.id", ondelete="CASCADE"))
+    split: Mapped[str] = mapped_column(String(16))
+    row_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset_rows.id", ondelete="CASCADE"))
+    gold: Mapped[str | None] = mapped_column(Text)
+    predicted: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    probabilities: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    raw: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Export(IdMixin, TimestampMixin, Base):
+    __tablename__ = "exports"
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(32))
+    status: Mapped[ExportStatus] = mapped_column(_enum(ExportStatus, "export_status"))
+    path: Mapped[str | None] = mapped_column(Text)
+    row_count: Mapped[int] = mapped_column(Integer, default=0)
+    manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)

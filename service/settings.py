@@ -1,0 +1,122 @@
+"""One settings class for the whole service, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "dev-secret"}
+
+
+class Environment(StrEnum):
+    development = "development"
+    production = "production"
+    test = "test"
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Unset: embedded "
+        "SQLite under DISTILL_HOME.",
+    )
+    pool_size: int = Field(10, ge=1)
+    echo: bool = False
+
+
+class BrokerSettings(BaseModel):
+    url: str | None = Field(
+        None,
+        description="Redis URL for Celery and shared teacher limits. Unset: tasks run in-process.",
+    )
+    visibility_timeout_s: int = Field(
+        7200, ge=5, description="Redis redelivery timeout; longer than the longest task."
+    )
+    key_prefix: str = Field(
+        "", description="Prefix of every broker key (queues), to share one Redis safely."
+    )
+
+
+class ApiSettings(BaseModel):
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Dataset upload limit.")
+    max_page_size: int = Field(500, ge=1)
+    allow_private_teacher_urls: bool = Field(
+        False,
+        description="Let tenants point teachers at private/loopback addresses (SSRF guard off). "
+        "Operators always can, through the CLI.",
+    )
+    allow_trainer_commands: bool = Field(
+        False,
+        description="Let tenants set a student trainer_command (a shell command the workers "
+        "run). Operators always can, through the CLI.",
+    )
+
+
+class WorkerSettings(BaseModel):
+    reconcile_interval_s: int = Field(60, ge=1)
+    stuck_after_s: int = Field(900, ge=1, description="Work older than this is re-enqueued.")
+    cache_dir: Path | None = Field(None, description="Embedding cache; default DISTILL_HOME/cache.")
+
+
+class Settings(BaseSettings):
+    """Every field is listed, with a safe local value, in .env.example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DISTILL_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    environment: Environment = Environment.development
+    home: Path = Field(Path(".distill"), description="Embedded database, exports, caches.")
+    secret_key: str = Field(
+        "change-me", description="Encrypts teacher API keys at rest. Must be set in production."
+    )
+    log_level: str = "INFO"
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    # The two conventional names win when set, so compose files and PaaS add-ons just work.
+    database_url_env: str | None = Field(None, validation_alias="DATABASE_URL")
+    redis_url_env: str | None = Field(None, validation_alias="REDIS_URL")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        if self.database_url_env:
+            self.database.url = self.database_url_env
+        if self.redis_url_env:
+            self.broker.url = self.redis_url_env
+        if self.environment is Environment.production and self.secret_key in _PLACEHOLDER_SECRETS:
+            raise ValueError("DISTILL_SECRET_KEY must be set to a real secret in production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: tasks run in-process (the laptop default)."""
+        return self.broker.url is None
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.home / 'distill.db').resolve()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.worker.cache_dir or self.home / "cache"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.home / "exports"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

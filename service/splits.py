@@ -1,0 +1,99 @@
+"""A job's rows split into seed-train, validation and test, with content-stable row ids.
+
+Both sides need it: the workers plan and evaluate on these splits, the API checks posted
+feedback against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from service.datasets import load_rows
+from service.domain.spec import JobSpec
+from service.domain.strategies.base import LabelledRow
+from service.models import DatasetRow, Job
+
+# When a job has no validation set, this share of the train set (stratified, seeded) is held out.
+HELD_OUT_FRACTION = 0.2
+
+
+@dataclass
+class JobRows:
+    train: list[LabelledRow]
+    validation: list[LabelledRow]
+    test: list[LabelledRow]
+    # Strategies see content-stable ids ("train:17"); the database keys rows by UUID. Stable
+    # ids keep planning identical for the same spec and data, whatever database it runs on.
+    row_uuid: dict[str, uuid.UUID] = field(default_factory=dict)
+    _by_uuid: dict[uuid.UUID, str] = field(default_factory=dict, repr=False)
+
+    def stable_id(self, row_uuid: uuid.UUID) -> str | None:
+        if not self._by_uuid:
+            self._by_uuid = {v: k for k, v in self.row_uuid.items()}
+        return self._by_uuid.get(row_uuid)
+
+    def split(self, name: str) -> list[LabelledRow]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+
+
+def job_spec(job: Job) -> JobSpec:
+    return JobSpec.model_validate({k: v for k, v in job.spec.items() if not k.startswith("_")})
+
+
+def _labelled(
+    rows: list[DatasetRow], spec: JobSpec, role: str, ids: dict[str, uuid.UUID]
+) -> list[LabelledRow]:
+    out: list[LabelledRow] = []
+    for row in rows:
+        text = row.data.get(spec.task.input_field)
+        gold = row.data.get(spec.task.output_field)
+        if text is None or gold is None:
+            continue  # rows without the task's fields cannot be used
+        stable = f"{role}:{row.index}"
+        ids[stable] = row.id
+        out.append(LabelledRow(row_id=stable, input=str(text), output=str(gold)))
+    return out
+
+
+def _stable_key(seed: int, row_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+def hold_out(rows: list[LabelledRow], seed: int) -> tuple[list[LabelledRow], list[LabelledRow]]:
+    """Deterministic stratified split of train into (train, validation)."""
+    by_label: dict[str, list[LabelledRow]] = {}
+    for row in rows:
+        by_label.setdefault(row.output, []).append(row)
+    train: list[LabelledRow] = []
+    validation: list[LabelledRow] = []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: _stable_key(seed, r.row_id))
+        n_val = int(len(group) * HELD_OUT_FRACTION) if len(group) >= 3 else 0
+        validation.extend(group[:n_val])
+        train.extend(group[n_val:])
+    order = {r.row_id: i for i, r in enumerate(rows)}
+    train.sort(key=lambda r: order[r.row_id])  # keep dataset order within each split
+    validation.sort(key=lambda r: order[r.row_id])
+    return train, validation
+
+
+def load_job_rows(session: Session, job: Job, spec: JobSpec | None = None) -> JobRows:
+    spec = spec or job_spec(job)
+    ids: dict[str, uuid.UUID] = {}
+    train = _labelled(load_rows(session, job.train_dataset_id), spec, "train", ids)
+    if job.validation_dataset_id is not None:
+        validation = _labelled(
+            load_rows(session, job.validation_dataset_id), spec, "validation", ids
+        )
+    else:
+        train, validation = hold_out(train, spec.seed)
+    test = (
+        _labelled(load_rows(session, job.test_dataset_id), spec, "test", ids)
+        if job.test_dataset_id
+        else []
+    )
+    return JobRows(train=train, validation=validation, test=test, row_uuid=ids)

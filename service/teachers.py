@@ -1,0 +1,137 @@
+"""Teacher endpoints: validation, the SSRF guard, and keys that never leave encrypted."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.domain.teacher import GenerationParams, TeacherLimits, TeacherPrices
+from service.errors import Conflict, NotFound, ValidationFailed
+from service.models import Job, Teacher
+from service.secrets import encrypt_secret
+
+
+def _is_private(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
+
+
+def check_base_url(url: str, *, allow_private: bool) -> None:
+    """Reject URLs a tenant must not point a worker at (cloud metadata, the internal network)."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValidationFailed(
+            "base_url must be an http(s) URL",
+            details=[{"field": "base_url", "message": f"got {url!r}"}],
+        )
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ValidationFailed(
+            "base_url host does not resolve",
+            details=[{"field": "base_url", "message": str(exc)}],
+        ) from exc
+    for info in infos:
+        if _is_private(str(info[4][0])):
+            raise ValidationFailed(
+                "base_url points at a private, loopback or link-local address; only an "
+                "operator can configure such a teacher (distill teachers create, or "
+                "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true)",
+                details=[{"field": "base_url", "message": f"{parts.hostname} → {info[4][0]}"}],
+                code="private_address",
+            )
+
+
+def create_teacher(
+    session: Session,
+    tenant_id: uuid.UUID,
+    *,
+    name: str,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    api_key_env: str | None = None,
+    limits: TeacherLimits | None = None,
+    prices: TeacherPrices | None = None,
+    generation: GenerationParams | None = None,
+    structured_mode: str = "auto",
+    timeout_s: float = 120.0,
+    max_attempts: int = 6,
+    allow_private: bool,
+) -> Teacher:
+    check_base_url(base_url, allow_private=allow_private)
+    teacher = Teacher(
+        tenant_id=tenant_id,
+        name=name,
+        base_url=base_url.rstrip("/"),
+        model=model,
+        api_key_encrypted=encrypt_secret(api_key) if api_key else None,
+        api_key_env=api_key_env,
+        limits=(limits or TeacherLimits()).model_dump(mode="json"),
+        prices=(prices or TeacherPrices()).model_dump(mode="json"),
+        generation=(generation or GenerationParams()).model_dump(mode="json"),
+        structured_mode=structured_mode,
+        timeout_s=timeout_s,
+        max_attempts=max_attempts,
+    )
+    try:
+        # Added inside the savepoint, so a rollback also expunges it from the session.
+        with session.begin_nested():
+            session.add(teacher)
+            session.flush()
+    except IntegrityError as exc:
+        raise Conflict(
+            f"a teacher named {name!r} already exists",
+            details=[{"field": "name", "message": "must be unique"}],
+        ) from exc
+    return teacher
+
+
+def get_teacher(session: Session, tenant_id: uuid.UUID, teacher_id: uuid.UUID) -> Teacher:
+    teacher = session.get(Teacher, teacher_id)
+    if teacher is None or teacher.tenant_id != tenant_id:
+        raise NotFound(f"teacher {teacher_id} not found")
+    return teacher
+
+
+def update_teacher(
+    session: Session, teacher: Teacher, changes: dict[str, Any], *, allow_private: bool
+) -> Teacher:
+    if "base_url" in changes and changes["base_url"] is not None:
+        check_base_url(changes["base_url"], allow_private=allow_private)
+        teacher.base_url = changes["base_url"].rstrip("/")
+    if "api_key" in changes:
+        key = changes["api_key"]
+        teacher.api_key_encrypted = encrypt_secret(key) if key else None
+    for field in ("name", "model", "api_key_env", "structured_mode", "timeout_s", "max_attempts"):
+        if field in changes and changes[field] is not None:
+            setattr(teacher, field, changes[field])
+    for field in ("limits", "prices", "generation"):
+        if field in changes and changes[field] is not None:
+            setattr(teacher, field, changes[field].model_dump(mode="json"))
+    session.flush()
+    return teacher
+
+
+def delete_teacher(session: Session, teacher: Teacher) -> None:
+    in_use = session.scalar(select(Job.id).where(Job.teacher_id == teacher.id).limit(1))
+    if in_use is not None:
+        raise Conflict(f"teacher {teacher.id} is used by job {in_use}; delete the job first")
+    session.delete(teacher)
+    session.flush()
