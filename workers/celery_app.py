@@ -1,0 +1,44 @@
+"""The Celery application: Redis broker, no result backend (state lives in the database)."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
+
+from service.settings import get_settings
+from service.tasks import ALL_QUEUES, JOB_RECONCILE, QUEUES
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("distill", broker=settings.broker.url or "memory://")
+    app.conf.update(
+        task_acks_late=True,  # a task killed mid-run is redelivered; every step is idempotent
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue="control",
+        task_queues=[Queue(q) for q in ALL_QUEUES],  # type: ignore[no-untyped-call]
+        task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
+        broker_transport_options={
+            "visibility_timeout": settings.broker.visibility_timeout_s,
+            **(
+                {"global_keyprefix": settings.broker.key_prefix}
+                if settings.broker.key_prefix
+                else {}
+            ),
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "reconcile": {
+                "task": JOB_RECONCILE,
+                "schedule": float(settings.worker.reconcile_interval_s),
+            }
+        },
+    )
+    app.conf.imports = ("workers.tasks",)
+    return app
+
+
+celery_app = make_celery()

@@ -1,0 +1,347 @@
+"""The `distill` entry point: the service's commands plus serve, worker, beat and run."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import select
+
+from service import cli as service_cli
+from service.auth import get_or_create_tenant
+from service.datasets import create_dataset, parse_jsonl
+from service.domain.statuses import JOB_TERMINAL
+from service.errors import DistillError
+from service.jobs import create_job, parse_spec
+from service.models import Dataset, Iteration, Job
+from service.settings import get_settings
+from service.tasks import ALL_QUEUES
+
+app = service_cli.app
+console = service_cli.console
+
+
+def _register_teacher_commands() -> None:
+    from workers.local_teacher_cli import teacher_app
+
+    app.add_typer(teacher_app, name="teacher")
+
+
+_register_teacher_commands()
+
+
+def _configure_sender() -> None:
+    from workers.composition import build_task_sender
+    from workers.runtime import set_sender
+
+    sender = build_task_sender(get_settings())
+    set_sender(sender)
+    service_cli.set_task_sender(sender)
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(help="API processes (production mode).")] = 1,
+) -> None:
+    """Run the API. Embedded mode (no REDIS_URL) also runs the job steps in this process."""
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = get_settings()
+    if not settings.embedded:
+        if workers > 1:
+            uvicorn.run(
+                "workers.cli:production_app", host=host, port=port, workers=workers, factory=True
+            )
+        else:
+            uvicorn.run(create_app(settings), host=host, port=port)
+        return
+    from workers.inline import inline_sender
+    from workers.runtime import set_sender
+
+    service_cli.upgrade_database()
+    sender = inline_sender()
+    set_sender(sender)
+    _resume_embedded_work(sender)
+    stop = threading.Event()
+    executor = threading.Thread(target=sender.run_forever, args=(stop,), daemon=True)
+    executor.start()
+    reconciler = threading.Thread(target=_reconcile_loop, args=(stop,), daemon=True)
+    reconciler.start()
+    try:
+        uvicorn.run(create_app(settings, task_sender=sender), host=host, port=port)
+    finally:
+        stop.set()
+
+
+def _resume_embedded_work(sender: Any) -> None:
+    """This process is the only executor in embedded mode, so nothing can be running when it
+    starts: put interrupted batches back and (re)start every queued or running job now,
+    rather than after the reconcile's stuck deadline."""
+    from service.tasks import SENDER
+    from workers.steps.job import reconcile
+
+    with service_cli.sessions()() as session:
+        session.info[SENDER] = sender
+        reconcile(session, stuck_after_s=0)
+        session.commit()
+
+
+def production_app() -> Any:
+    from service.api.app import create_app
+
+    return create_app(get_settings())
+
+
+def _reconcile_loop(stop: threading.Event) -> None:
+    from service.tasks import JOB_RECONCILE, TaskMessage
+    from workers.inline import inline_sender
+
+    interval = get_settings().worker.reconcile_interval_s
+    while not stop.wait(interval):
+        inline_sender().send(TaskMessage(JOB_RECONCILE, ()))
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
+    concurrency: int = 2,
+    beat: Annotated[
+        bool, typer.Option(help="Also run the periodic reconcile (one per site).")
+    ] = False,
+    loglevel: str = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics of all pool processes on this port."),
+    ] = None,
+) -> None:
+    """Run a Celery worker (production mode: needs REDIS_URL and DATABASE_URL)."""
+    settings = get_settings()
+    if settings.embedded:
+        raise typer.BadParameter(
+            "distill worker needs REDIS_URL (the broker); embedded mode "
+            "runs steps inside `distill serve` or `distill run`"
+        )
+    if metrics_port is not None:
+        _serve_pool_metrics(metrics_port)
+    _configure_sender()
+    from workers.celery_app import celery_app
+
+    args = [
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        args.append("--beat")
+    celery_app.worker_main(args)
+
+
+def _serve_pool_metrics(port: int) -> None:
+    """Teacher calls run in the prefork pool's children, so their metrics are aggregated
+    with prometheus_client's multiprocess mode: the environment variable must be set before
+    any child imports prometheus_client (they fork from this process afterwards)."""
+    import os
+    import tempfile
+
+    directory = os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="distill-metrics-")
+    )
+    os.makedirs(directory, exist_ok=True)
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, registry=registry)
+
+
+@app.command("beat")
+def beat_cmd(loglevel: str = "INFO") -> None:
+    """Run Celery beat (the periodic reconcile of stuck work)."""
+    from workers.celery_app import celery_app
+
+    celery_app.start(["beat", "--loglevel", loglevel])
+
+
+def _dataset_id(session: Any, tenant_id: uuid.UUID, ref: str, base: Path) -> str:
+    """A dataset id as is; a JSONL path uploaded once (reused by content hash)."""
+    with contextlib.suppress(ValueError):
+        return str(uuid.UUID(ref))
+    path = (base / ref).expanduser()
+    if not path.exists():
+        raise typer.BadParameter(f"dataset {ref!r}: no such file (relative to {base})")
+    data = path.read_bytes()
+    rows = parse_jsonl(data)
+    from service.datasets import content_hash
+
+    digest = content_hash(rows)
+    existing = session.scalar(
+        select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.content_hash == digest)
+    )
+    if existing is not None:
+        return str(existing.id)
+    return str(create_dataset(session, tenant_id, path.name, rows, size_bytes=len(data)).id)
+
+
+@app.command()
+def run(
+    spec_path: Path,
+    tenant: str = "default",
+    export_dir: Annotated[Path | None, typer.Option(help="Where to write the export.")] = None,
+) -> None:
+    """Run a whole job in this process (the embedded default), with progress, then export."""
+    from workers.inline import InlineTaskSender
+    from workers.runtime import set_sender
+
+    service_cli.upgrade_database()
+    sender = InlineTaskSender()
+    set_sender(sender)
+    service_cli.set_task_sender(sender)
+    raw = service_cli.load_spec_file(spec_path)
+    base = spec_path.resolve().parent
+    with contextlib.ExitStack() as stack:
+        if raw.get("teacher", "local") == "local":
+            raw["teacher"] = _start_local_teacher(stack)
+        _run_spec(raw, base, tenant, sender, export_dir)
+
+
+def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
+    """`teacher: local` (or none): the zero-configuration llama.cpp teacher, for this run."""
+    from workers.teacher.local import (
+        LOCAL_TEACHER_DEFAULTS,
+        LocalTeacherError,
+        LocalTeacherServer,
+    )
+
+    console.print("starting the local teacher (llama.cpp, gemma-3-270m) …")
+    try:
+        server = stack.enter_context(LocalTeacherServer(get_settings().home))
+    except LocalTeacherError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    console.print(f"local teacher at {server.base_url}")
+    return LOCAL_TEACHER_DEFAULTS.teacher_spec(server.base_url).model_dump(mode="json")
+
+
+def _run_spec(
+    raw: dict[str, Any], base: Path, tenant: str, sender: Any, export_dir: Path | None
+) -> None:
+    try:
+        with service_cli.open_session() as session:
+            t = get_or_create_tenant(session, tenant)
+            datasets = dict(raw.get("datasets") or {})
+            for key in ("train", "validation", "test"):
+                if datasets.get(key):
+                    datasets[key] = _dataset_id(session, t.id, str(datasets[key]), base)
+            raw["datasets"] = datasets
+            spec = parse_spec(raw)
+            job, _ = create_job(
+                session, t.id, spec, allow_private_teacher=True, allow_trainer_command=True
+            )
+            session.commit()
+            job_id = job.id
+    except DistillError as exc:
+        service_cli.fail(exc)
+    console.print(f"job {job_id} ({spec.strategy}) created")
+    _drive(sender, job_id)
+    _final_table(job_id)
+    from workers.steps.export import export_job
+
+    with service_cli.open_session() as session:
+        export = export_job(session, job_id, out_dir=export_dir)
+        session.commit()
+    console.print(f"export: {export.path} ({export.row_count} rows)")
+
+
+def _drive(sender: Any, job_id: uuid.UUID) -> None:
+    sessions = service_cli.sessions()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bars: dict[int, Any] = {}
+
+        def refresh(_: Any = None) -> None:
+            with sessions() as session:
+                for it in session.scalars(select(Iteration).where(Iteration.job_id == job_id)):
+                    label = "baseline" if it.number == 0 else f"iteration {it.number}"
+                    total = max(it.batches_total, 1)
+                    done = it.batches_done if it.number else (1 if it.metric is not None else 0)
+                    if it.status.value == "completed":
+                        done = total
+                    info = it.status.value + (
+                        f" metric={it.metric:.4f}" if it.metric is not None else ""
+                    )
+                    if it.number not in bars:
+                        bars[it.number] = progress.add_task(label, total=total, info=info)
+                    progress.update(bars[it.number], total=total, completed=done, info=info)
+
+        sender.on_task_done = refresh
+        sender.run_until_idle()
+        refresh()
+
+
+def _final_table(job_id: uuid.UUID) -> None:
+    with service_cli.open_session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        table = Table(
+            "iteration",
+            "metric",
+            "accepted",
+            "rejected (by reason)",
+            "tokens",
+            "cost",
+            "note",
+            title=f"{job.name}: {job.status.value}"
+            + (f" ({job.status_reason})" if job.status_reason else ""),
+        )
+        for it in session.scalars(
+            select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)
+        ):
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(it.rejected_by_reason.items()))
+            note = (
+                "best"
+                if job.best_iteration == it.number
+                else ("regressed, excluded" if it.regressed else "")
+            )
+            table.add_row(
+                str(it.number),
+                "-" if it.metric is None else f"{it.metric:.4f}",
+                str(it.examples_accepted),
+                f"{it.examples_rejected} {reasons}".strip(),
+                str(it.tokens_in + it.tokens_out),
+                f"${it.cost_usd:.4f}",
+                note,
+            )
+        console.print(table)
+        if job.status not in JOB_TERMINAL:
+            console.print(f"[yellow]job is {job.status.value}[/yellow]")
+
+
+def main() -> None:
+    from service.logging import configure_logging
+
+    configure_logging(get_settings().log_level)
+    _configure_sender()
+    app()

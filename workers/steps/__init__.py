@@ -1,0 +1,1 @@
+"""Worker steps: plain functions taking a session and ports; Celery tasks are thin wrappers."""

@@ -1,0 +1,141 @@
+"""Loading what a step needs from the database: the job's spec, splits and strategy context."""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.domain.spec import JobSpec
+from service.domain.statuses import ExampleStatus
+from service.domain.strategies import get_strategy, validate_params
+from service.domain.strategies.base import EvaluatedRow, LabelledRow, Strategy
+from service.models import Example, Iteration, Job, Prediction
+from service.splits import JobRows, job_spec, load_job_rows
+
+
+@dataclass
+class JobContext:
+    """A job's spec, its strategy and its rows split into seed-train, validation and test."""
+
+    job: Job
+    spec: JobSpec
+    strategy: Strategy
+    params: Any
+    rows: JobRows
+    labels: list[str] | None
+    protected_texts: list[str] = field(default_factory=list)
+
+    @property
+    def train(self) -> list[LabelledRow]:
+        return self.rows.train
+
+    @property
+    def validation(self) -> list[LabelledRow]:
+        return self.rows.validation
+
+    @property
+    def test(self) -> list[LabelledRow]:
+        return self.rows.test
+
+    @property
+    def row_uuid(self) -> dict[str, uuid.UUID]:
+        return self.rows.row_uuid
+
+    def stable_id(self, row_uuid: uuid.UUID) -> str | None:
+        return self.rows.stable_id(row_uuid)
+
+
+# A job's rows never change (datasets are immutable, the spec is fixed at creation), so each
+# process loads them once per job instead of once per batch.
+_ROWS: OrderedDict[uuid.UUID, JobRows] = OrderedDict()
+_MAX_CACHED_JOBS = 8
+
+
+def _job_rows(session: Session, job: Job, spec: JobSpec) -> JobRows:
+    rows = _ROWS.get(job.id)
+    if rows is None:
+        rows = load_job_rows(session, job, spec)
+        _ROWS[job.id] = rows
+        while len(_ROWS) > _MAX_CACHED_JOBS:
+            _ROWS.popitem(last=False)
+    _ROWS.move_to_end(job.id)
+    return rows
+
+
+def load_job_context(session: Session, job: Job) -> JobContext:
+    spec = job_spec(job)
+    rows = _job_rows(session, job, spec)
+    return JobContext(
+        job=job,
+        spec=spec,
+        strategy=get_strategy(spec.strategy),
+        params=validate_params(spec.strategy, spec.params),
+        rows=rows,
+        labels=spec.task.labels,
+        protected_texts=[r.input for r in rows.validation] + [r.input for r in rows.test],
+    )
+
+
+def iteration_by_number(session: Session, job_id: uuid.UUID, number: int) -> Iteration | None:
+    return session.scalar(
+        select(Iteration).where(Iteration.job_id == job_id, Iteration.number == number)
+    )
+
+
+def best_iteration(session: Session, job: Job) -> Iteration | None:
+    if job.best_iteration is None:
+        return None
+    return iteration_by_number(session, job.id, job.best_iteration)
+
+
+def evaluated_rows(session: Session, iteration: Iteration, ctx: JobContext) -> list[EvaluatedRow]:
+    """The stored predictions of one iteration's student, joined with the rows' text."""
+    by_id = {r.row_id: r for r in ctx.train + ctx.validation}
+    position = {r.row_id: i for i, r in enumerate(ctx.train + ctx.validation)}
+    out: list[EvaluatedRow] = []
+    for pred in session.scalars(
+        select(Prediction).where(
+            Prediction.iteration_id == iteration.id, Prediction.split != "test"
+        )
+    ):
+        stable = ctx.stable_id(pred.row_id)
+        row = by_id.get(stable) if stable else None
+        if row is None:
+            continue
+        out.append(
+            EvaluatedRow(
+                row_id=row.row_id,
+                split="train" if pred.split == "train" else "validation",
+                input=row.input,
+                gold=row.output,
+                predicted=pred.predicted,
+                confidence=pred.confidence,
+                correct=bool(pred.correct),
+            )
+        )
+    # Dataset order, not UUID order: the same data plans the same targets on any database.
+    out.sort(key=lambda r: (r.split, position[r.row_id]))
+    return out
+
+
+def training_rows(session: Session, job: Job, ctx: JobContext) -> list[tuple[str, str]]:
+    """Seed train rows plus accepted examples of every iteration still included."""
+    rows = [(r.input, r.output) for r in ctx.train]
+    stmt = (
+        select(Example.input, Example.output)
+        .join(Iteration, Iteration.id == Example.iteration_id)
+        .where(
+            Example.job_id == job.id,
+            Example.status == ExampleStatus.accepted,
+            Example.kind != "preference_pair",
+            Iteration.included.is_(True),
+        )
+        .order_by(Example.created_at, Example.id)
+    )
+    rows.extend((i, o) for i, o in session.execute(stmt) if o is not None)
+    return rows

@@ -1,0 +1,450 @@
+"""Student steps: train on the current dataset, evaluate, record metrics, mark the best."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from service import tasks
+from service.db import insert_ignore
+from service.domain.answers import answers_match, extract_answer, gold_answer
+from service.domain.evaluation import EvalRow, Prediction, TrainRow
+from service.domain.filters import text_hash
+from service.domain.metrics import classification_report, qa_report
+from service.domain.spec import Metric, StudentType, TaskKind
+from service.domain.statuses import BatchStatus, IterationStatus, JobStatus
+from service.domain.strategies.base import LabelledRow, PhaseResult, ScoredDraft
+from service.jobs import transition_job
+from service.models import Example, GenerationBatch, Iteration, Job, utcnow
+from service.models import Prediction as PredictionRow
+from workers.ports import Ports
+from workers.steps.context import JobContext, best_iteration, load_job_context, training_rows
+from workers.steps.generate import refresh_iteration_counters, refresh_job_counters
+from workers.steps.job import decide_and_continue, plan_context, store_batches
+from workers.students.base import StudentConfigurationError, StudentUnavailableError
+
+log = structlog.get_logger()
+
+
+def _eval_rows(rows: list[LabelledRow]) -> list[EvalRow]:
+    return [EvalRow(row_id=r.row_id, input=r.input, gold=r.output) for r in rows]
+
+
+def _report(ctx: JobContext, rows: list[LabelledRow], preds: list[Prediction]) -> dict[str, Any]:
+    if ctx.spec.task.kind is TaskKind.classification:
+        return classification_report(
+            [r.output for r in rows], [p.predicted for p in preds], ctx.labels
+        ).model_dump(mode="json")
+    return qa_report([bool(p.correct) for p in preds]).model_dump(mode="json")
+
+
+def _metric(ctx: JobContext, report: dict[str, Any]) -> float:
+    if ctx.spec.stopping.metric is Metric.macro_f1 and "macro_f1" in report:
+        return float(report["macro_f1"])
+    return float(report["accuracy"])
+
+
+def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) -> None:
+    """Train the student on seed + included accepted data, evaluate, decide what comes next."""
+    iteration = session.get(Iteration, iteration_id)
+    if iteration is None:
+        return
+    job = session.get(Job, iteration.job_id)
+    assert job is not None
+    if job.status is not JobStatus.running:
+        return
+    previous = iteration.status
+    if not _claim(session, iteration, ports.settings.worker.stuck_after_s):
+        return  # finished, waiting for feedback, or being evaluated by another worker
+    ctx = load_job_context(session, job)
+    if ctx.spec.student.type is StudentType.external:
+        posted = _posted_reports(session, iteration, ctx)
+        if posted is None:
+            iteration.status = IterationStatus.awaiting_feedback
+            job.status_reason = f"waiting for feedback on iteration {iteration.number}"
+            session.commit()
+            log.info("iteration.awaiting_feedback", job_id=str(job.id), iteration=iteration.number)
+            return
+        job.status_reason = None
+        record_metrics(session, job, iteration, ctx, posted)
+        session.commit()
+        decide_and_continue(session, job)
+        session.commit()
+        return
+    try:
+        _train_and_evaluate(session, job, iteration, ctx, ports)
+    except StudentConfigurationError as exc:
+        # The student refuses every request the same way (bad key, unknown model, a failing
+        # trainer command): scoring rows as wrong would poison the loop, so fail with the reason.
+        session.rollback()
+        job = session.get(Job, iteration.job_id)
+        assert job is not None
+        transition_job(session, job, JobStatus.failed, reason=f"student error: {exc}")
+        session.commit()
+        log.warning("job.failed", job_id=str(job.id), reason=str(exc))
+        return
+    except StudentUnavailableError as exc:
+        session.rollback()
+        iteration = session.get(Iteration, iteration_id)
+        assert iteration is not None
+        iteration.status = previous  # un-claim, so the retry can take it again
+        session.commit()
+        raise StudentUnavailable(str(exc)) from exc
+    session.commit()
+    decide_and_continue(session, job)
+    session.commit()
+
+
+def _claim(session: Session, iteration: Iteration, stuck_after_s: int) -> bool:
+    """Compare-and-set to `evaluating`: a redelivered or duplicated evaluation of an iteration
+    that another worker is evaluating is a no-op; one left by a dead worker is taken over once
+    it is older than the reconcile's deadline."""
+    stale = utcnow() - timedelta(seconds=stuck_after_s)
+    result = session.execute(
+        update(Iteration)
+        .where(
+            Iteration.id == iteration.id,
+            or_(
+                Iteration.status.in_([IterationStatus.pending, IterationStatus.training]),
+                and_(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < stale),
+            ),
+        )
+        .values(status=IterationStatus.evaluating, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        session.rollback()
+        return False
+    session.commit()
+    session.refresh(iteration)
+    return True
+
+
+class StudentUnavailable(Exception):
+    """The student could not be reached; the evaluation is retried later (transient)."""
+
+
+def _train_and_evaluate(
+    session: Session, job: Job, iteration: Iteration, ctx: JobContext, ports: Ports
+) -> None:
+    student = ports.make_student(ctx.spec.task, ctx.spec.student)
+    try:
+        _fit_and_score(session, job, iteration, ctx, student)
+    finally:
+        close = getattr(student, "close", None)  # an endpoint student holds HTTP connections
+        if close is not None:
+            close()
+
+
+def _fit_and_score(
+    session: Session, job: Job, iteration: Iteration, ctx: JobContext, student: Any
+) -> None:
+    started = time.monotonic()
+    fit = getattr(student, "fit", None)
+    if fit is not None:
+        fit([TrainRow(input=i, output=o) for i, o in training_rows(session, job, ctx)])
+    fitted = time.monotonic()
+
+    splits: dict[str, list[LabelledRow]] = {"validation": ctx.validation}
+    if ctx.strategy.mining_split == "train":
+        splits["train"] = ctx.train
+    if ctx.test:
+        splits["test"] = ctx.test
+    reports: dict[str, dict[str, Any]] = {}
+    source = ctx.spec.student.type.value
+    for split, rows in splits.items():
+        preds = student.predict(_eval_rows(rows))
+        if ctx.spec.task.kind is TaskKind.qa:
+            preds = [_check_qa(ctx, p, r) for p, r in zip(preds, rows, strict=True)]
+        insert_ignore(
+            session,
+            PredictionRow,
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "job_id": job.id,
+                    "iteration_id": iteration.id,
+                    "split": split,
+                    "row_id": ctx.row_uuid[p.row_id],
+                    "gold": r.output,
+                    "predicted": p.predicted,
+                    "confidence": p.confidence,
+                    "correct": p.correct,
+                    "probabilities": p.probabilities,
+                    "raw": p.raw,
+                    "error": p.error,
+                    "source": source,
+                    "created_at": utcnow(),
+                }
+                for p, r in zip(preds, rows, strict=True)
+            ],
+            ["iteration_id", "split", "row_id"],
+        )
+        reports[split] = _report(ctx, rows, preds)
+    record_metrics(session, job, iteration, ctx, reports)
+    iteration.timings = {
+        **(iteration.timings or {}),
+        "fit_s": round(fitted - started, 3),
+        "evaluate_s": round(time.monotonic() - fitted, 3),
+    }
+
+
+def _posted_reports(
+    session: Session, iteration: Iteration, ctx: JobContext
+) -> dict[str, dict[str, Any]] | None:
+    """Metrics from predictions posted by the user's trainer; None while none were posted."""
+    posted: dict[str, dict[str, PredictionRow]] = {}
+    for pred in session.scalars(
+        select(PredictionRow).where(PredictionRow.iteration_id == iteration.id)
+    ):
+        stable = ctx.stable_id(pred.row_id)
+        if stable is not None:
+            posted.setdefault(pred.split, {})[stable] = pred
+    if "validation" not in posted:
+        return None
+    reports: dict[str, dict[str, Any]] = {}
+    for split, by_id in posted.items():
+        rows = [r for r in ctx.rows.split(split) if r.row_id in by_id]
+        preds = [
+            Prediction(
+                row_id=r.row_id,
+                predicted=by_id[r.row_id].predicted,
+                confidence=by_id[r.row_id].confidence,
+                correct=by_id[r.row_id].correct,
+            )
+            for r in rows
+        ]
+        reports[split] = _report(ctx, rows, preds)
+    return reports
+
+
+def _check_qa(ctx: JobContext, pred: Prediction, row: LabelledRow) -> Prediction:
+    if pred.correct is not None:
+        return pred
+    answer = pred.predicted or extract_answer(pred.raw or "", ctx.spec.task.answer_pattern)
+    return pred.model_copy(
+        update={"predicted": answer, "correct": answers_match(answer, gold_answer(row.output))}
+    )
+
+
+def record_metrics(
+    session: Session,
+    job: Job,
+    iteration: Iteration,
+    ctx: JobContext,
+    reports: dict[str, dict[str, Any]],
+) -> None:
+    """Store the metrics; an iteration that lowers the validation metric is kept out of the
+    best dataset (never make the student worse)."""
+    report = reports["validation"]
+    metric = _metric(ctx, report)
+    iteration.metrics = report
+    iteration.test_metrics = reports.get("test")
+    iteration.metric = metric
+    best = best_iteration(session, job)
+    if best is None or best.metric is None or metric > best.metric:
+        job.best_iteration = iteration.number
+    elif metric < best.metric:
+        iteration.regressed = True
+        iteration.included = False
+    if iteration.number > 0:
+        refresh_iteration_counters(session, iteration)
+    iteration.status = IterationStatus.completed
+    iteration.finished_at = utcnow()
+    session.flush()
+    refresh_job_counters(session, job)
+    log.info(
+        "iteration.completed",
+        job_id=str(job.id),
+        iteration=iteration.number,
+        metric=round(metric, 4),
+        accepted=iteration.examples_accepted,
+        regressed=iteration.regressed,
+    )
+
+
+def finish_phase(session: Session, iteration_id: uuid.UUID, phase: str, ports: Ports) -> None:
+    """Fan-in of a phase: plan the strategy's next phase, or hand over to training."""
+    iteration = session.get(Iteration, iteration_id)
+    if (
+        iteration is None
+        or iteration.phase != phase
+        or iteration.status not in (IterationStatus.generating, IterationStatus.scoring)
+    ):
+        return
+    still_open = session.scalar(
+        select(GenerationBatch.id)
+        .where(
+            GenerationBatch.iteration_id == iteration.id,
+            GenerationBatch.phase == phase,
+            GenerationBatch.status.in_([BatchStatus.pending, BatchStatus.running]),
+        )
+        .limit(1)
+    )
+    if still_open is not None:
+        return
+    job = session.get(Job, iteration.job_id)
+    assert job is not None
+    if job.status is not JobStatus.running:
+        return
+    refresh_iteration_counters(session, iteration)
+    ctx = load_job_context(session, job)
+    phases = ctx.strategy.phases
+    position = phases.index(phase) if phase in phases else len(phases) - 1
+    if position + 1 < len(phases):
+        next_phase = phases[position + 1]
+        plan_ctx = plan_context(
+            session, job, ctx, iteration.number, next_phase, best_iteration(session, job)
+        )
+        plan_ctx.previous_phase = _phase_results(session, iteration, phase)
+        if next_phase == "final":
+            iteration.status = IterationStatus.scoring
+            plan_ctx.drafts = score_drafts(session, iteration, ctx, ports)
+            store_preference_pairs(session, job, iteration, ctx, plan_ctx.drafts)
+        targets = ctx.strategy.plan(plan_ctx)
+        store_batches(session, job, iteration, next_phase, list(targets), ctx.spec.batch_size)
+        session.commit()
+        return
+    iteration.status = IterationStatus.training
+    tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(iteration.id))
+    session.commit()
+
+
+def _phase_results(session: Session, iteration: Iteration, phase: str) -> list[PhaseResult]:
+    results: dict[str, PhaseResult] = {}
+    for ex in session.scalars(
+        select(Example)
+        .join(GenerationBatch, GenerationBatch.id == Example.batch_id)
+        .where(Example.iteration_id == iteration.id, GenerationBatch.phase == phase)
+        .order_by(Example.target_id, Example.dedup_key)
+    ):
+        key = ex.target_id or ""
+        res = results.setdefault(
+            key,
+            PhaseResult(
+                target_id=key,
+                source_row_id=str(ex.source_row_id) if ex.source_row_id else None,
+                accepted=0,
+                rejected=0,
+                reasons={},
+            ),
+        )
+        if ex.status.value == "accepted":
+            res.accepted += 1
+        else:
+            res.rejected += 1
+            reason = ex.rejection_reason or "unknown"
+            res.reasons[reason] = res.reasons.get(reason, 0) + 1
+    return list(results.values())
+
+
+def store_preference_pairs(
+    session: Session, job: Job, iteration: Iteration, ctx: JobContext, drafts: list[ScoredDraft]
+) -> None:
+    """ARTE's (chosen, rejected) draft pairs, answers to the same prompt, kept for DPO of an
+    open teacher; the prompt is the one the teacher was given."""
+    from service.domain.strategies.arte import preference_pairs
+
+    n_pairs = int(getattr(ctx.params, "n_preference_pairs", 0))
+    pairs = preference_pairs(drafts, n_pairs)
+    if not pairs:
+        return
+    prompts: dict[str, list[dict[str, Any]]] = {}
+    for batch in session.scalars(
+        select(GenerationBatch).where(
+            GenerationBatch.iteration_id == iteration.id, GenerationBatch.phase == "draft"
+        )
+    ):
+        for target in batch.targets:
+            prompts[target["target_id"]] = target["request"]["messages"]
+
+    def item(d: ScoredDraft) -> dict[str, Any]:
+        return {"input": d.input, "output": d.output, "rationale": d.rationale, "score": d.score}
+
+    now = utcnow()
+    insert_ignore(
+        session,
+        Example,
+        [
+            {
+                "id": uuid.uuid4(),
+                "job_id": job.id,
+                "iteration_id": iteration.id,
+                "dedup_key": f"pref:{chosen.draft_id}:{rejected.draft_id}",
+                "kind": "preference_pair",
+                "status": "accepted",
+                "input": chosen.input,
+                "output": chosen.output,
+                "rationale": chosen.rationale,
+                "input_hash": text_hash(chosen.input),
+                "target_id": chosen.target_id,
+                "target_reason": "preference",
+                "meta": {
+                    "prompt": prompts.get(chosen.target_id or "", []),
+                    "chosen": item(chosen),
+                    "rejected": item(rejected),
+                },
+                "created_at": now,
+            }
+            for chosen, rejected in pairs
+        ],
+        ["job_id", "dedup_key"],
+    )
+
+
+def score_drafts(
+    session: Session, iteration: Iteration, ctx: JobContext, ports: Ports
+) -> list[ScoredDraft]:
+    """ARTE's student preference: each accepted draft scored by the student's accuracy on a
+    validation slice with that draft as its one in-context example."""
+    drafts = list(
+        session.scalars(
+            select(Example)
+            .join(GenerationBatch, GenerationBatch.id == Example.batch_id)
+            .where(
+                Example.iteration_id == iteration.id,
+                GenerationBatch.phase == "draft",
+                Example.status == "accepted",
+            )
+            .order_by(Example.dedup_key)
+        )
+    )
+    if not drafts:
+        return []
+    student = ports.make_student(ctx.spec.task, ctx.spec.student)
+    probe = _eval_rows(ctx.validation[: int(getattr(ctx.params, "score_rows", 32))])
+    scorer = getattr(student, "score_demonstration", None)
+    scored: list[ScoredDraft] = []
+    for ex in drafts:
+        demonstration = f"{ex.input}\n{ex.rationale or ''}\nAnswer: {ex.output}".strip()
+        if scorer is not None:
+            score = float(scorer(demonstration, probe))
+        else:
+            # A built-in classifier has no context window: its preference for a draft is its
+            # accuracy on the probe after training on the seed set plus that one draft.
+            fit = student.fit  # type: ignore[attr-defined]
+            fit(
+                [TrainRow(input=r.input, output=r.output) for r in ctx.train]
+                + [TrainRow(input=ex.input, output=ex.output or "")]
+            )
+            preds = student.predict(probe)
+            score = sum(bool(p.correct) for p in preds) / max(len(preds), 1)
+        ex.meta = {**(ex.meta or {}), "student_score": score}
+        scored.append(
+            ScoredDraft(
+                draft_id=ex.dedup_key,
+                target_id=ex.target_id,
+                input=ex.input,
+                output=ex.output or "",
+                rationale=ex.rationale,
+                score=score,
+            )
+        )
+    session.flush()
+    return scored

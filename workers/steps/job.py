@@ -1,0 +1,266 @@
+"""Job-level steps: start or resume a job, plan an iteration, decide, reconcile stuck work."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service import tasks
+from service.db import insert_ignore
+from service.domain.statuses import (
+    ITERATION_TERMINAL,
+    BatchStatus,
+    IterationStatus,
+    JobStatus,
+)
+from service.domain.strategies.base import GenerationTarget, IterationOutcome, PlanContext
+from service.jobs import transition_job
+from service.models import GenerationBatch, Iteration, Job, utcnow
+from workers.steps.context import (
+    JobContext,
+    best_iteration,
+    evaluated_rows,
+    load_job_context,
+)
+
+log = structlog.get_logger()
+
+
+def start_job(session: Session, job_id: uuid.UUID) -> None:
+    """Move a queued job to running and enqueue whatever its rows say comes next."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return
+    if job.status is JobStatus.queued:
+        transition_job(session, job, JobStatus.running)
+    if job.status is not JobStatus.running:
+        return  # paused, cancelled or finished: a redelivered start is a no-op
+    advance(session, job)
+
+
+def advance(session: Session, job: Job) -> None:
+    """Look at the job's rows and enqueue the next step; safe to call any number of times."""
+    job.heartbeat_at = utcnow()
+    latest = session.scalar(
+        select(Iteration).where(Iteration.job_id == job.id).order_by(Iteration.number.desc())
+    )
+    if latest is None:
+        baseline = Iteration(job_id=job.id, number=0, status=IterationStatus.pending)
+        session.add(baseline)
+        session.flush()
+        tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(baseline.id))
+        return
+    if latest.status in (IterationStatus.pending, IterationStatus.evaluating):
+        tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(latest.id))
+    elif latest.status in (IterationStatus.generating, IterationStatus.scoring):
+        pending = session.scalars(
+            select(GenerationBatch.id).where(
+                GenerationBatch.iteration_id == latest.id,
+                GenerationBatch.phase == latest.phase,
+                GenerationBatch.status.in_([BatchStatus.pending, BatchStatus.running]),
+            )
+        ).all()
+        for batch_id in pending:
+            tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
+        if not pending:
+            tasks.enqueue(session, tasks.PHASE_FINISH, str(latest.id), latest.phase or "")
+    elif latest.status is IterationStatus.training:
+        tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(latest.id))
+    elif latest.status in ITERATION_TERMINAL:
+        decide_and_continue(session, job)
+
+
+def history(session: Session, job: Job) -> list[IterationOutcome]:
+    rows = session.scalars(
+        select(Iteration)
+        .where(Iteration.job_id == job.id, Iteration.status == IterationStatus.completed)
+        .order_by(Iteration.number)
+    )
+    return [
+        IterationOutcome(
+            iteration=it.number,
+            metric=it.metric,
+            accepted=it.examples_accepted,
+            targets=it.targets_count,
+        )
+        for it in rows
+    ]
+
+
+def budget_reason(job: Job, ctx: JobContext) -> str | None:
+    budget = ctx.spec.budget
+    if budget.max_tokens is not None and job.tokens_in + job.tokens_out >= budget.max_tokens:
+        return "token budget reached"
+    if budget.max_cost_usd is not None and job.cost_usd >= budget.max_cost_usd:
+        return "cost budget reached"
+    if budget.max_examples is not None and job.examples_accepted >= budget.max_examples:
+        return "example budget reached"
+    return None
+
+
+def decide_and_continue(session: Session, job: Job) -> None:
+    """After an iteration completed: stop (and mark the best) or plan the next one."""
+    ctx = load_job_context(session, job)
+    past = history(session, job)
+    last = past[-1].iteration if past else 0
+    best = best_iteration(session, job)
+    plan_ctx = plan_context(session, job, ctx, last + 1, ctx.strategy.phases[0], best)
+    decision = ctx.strategy.decide(
+        past, stopping=ctx.spec.stopping, budget=ctx.spec.budget, ctx=plan_ctx
+    )
+    reason = decision.reason if decision.stop else budget_reason(job, ctx)
+    if decision.stop or reason:
+        finish_job(session, job, reason or "stopping rule")
+        return
+    plan_iteration(session, job, ctx, last + 1, plan_ctx)
+
+
+def finish_job(session: Session, job: Job, reason: str) -> None:
+    if transition_job(session, job, JobStatus.succeeded, reason=reason):
+        log.info("job.succeeded", job_id=str(job.id), reason=reason, best=job.best_iteration)
+
+
+def plan_context(
+    session: Session,
+    job: Job,
+    ctx: JobContext,
+    number: int,
+    phase: str,
+    best: Iteration | None,
+) -> PlanContext:
+    evaluated = evaluated_rows(session, best, ctx) if best is not None else []
+    report = None
+    if best is not None and best.metrics:
+        report = _report_from(best.metrics)
+    max_examples = ctx.spec.budget.max_examples_per_iteration
+    if ctx.spec.budget.max_examples is not None:
+        left = max(ctx.spec.budget.max_examples - job.examples_accepted, 0)
+        max_examples = left if max_examples is None else min(max_examples, left)
+    return PlanContext(
+        task=ctx.spec.task,
+        params=ctx.params,
+        iteration=number,
+        phase=phase,
+        seed=ctx.spec.seed,
+        labels=ctx.labels,
+        train_rows=ctx.train,
+        evaluated=evaluated,
+        report=report,
+        max_examples=max_examples,
+    )
+
+
+def _report_from(metrics: dict[str, object]) -> object:
+    from service.domain.metrics import ClassificationReport, QAReport
+
+    if "per_class" in metrics:
+        return ClassificationReport.model_validate(metrics)
+    return QAReport.model_validate(metrics)
+
+
+def plan_iteration(
+    session: Session, job: Job, ctx: JobContext, number: int, plan_ctx: PlanContext
+) -> None:
+    """Store the iteration's targets as batches BEFORE generating: a crash resumes with them."""
+    targets = ctx.strategy.plan(plan_ctx)
+    insert_ignore(
+        session,
+        Iteration,
+        [
+            {
+                "id": uuid.uuid4(),
+                "job_id": job.id,
+                "number": number,
+                "status": IterationStatus.generating.value,
+                "phase": plan_ctx.phase,
+                "started_at": utcnow(),
+                "created_at": utcnow(),
+                "updated_at": utcnow(),
+                "rejected_by_reason": {},
+                "timings": {},
+            }
+        ],
+        ["job_id", "number"],
+    )
+    iteration = session.scalar(
+        select(Iteration).where(Iteration.job_id == job.id, Iteration.number == number)
+    )
+    assert iteration is not None
+    job.current_iteration = number
+    store_batches(session, job, iteration, plan_ctx.phase, targets, ctx.spec.batch_size)
+
+
+def store_batches(
+    session: Session,
+    job: Job,
+    iteration: Iteration,
+    phase: str,
+    targets: Sequence[GenerationTarget],
+    batch_size: int,
+) -> None:
+    dumped = [t.model_dump(mode="json") for t in targets]
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "job_id": job.id,
+            "iteration_id": iteration.id,
+            "phase": phase,
+            "index": i // batch_size,
+            "status": BatchStatus.pending.value,
+            "targets": dumped[i : i + batch_size],
+            "attempts": 0,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        }
+        for i in range(0, len(dumped), batch_size)
+    ]
+    insert_ignore(session, GenerationBatch, rows, ["iteration_id", "phase", "index"])
+    iteration.phase = phase
+    iteration.status = IterationStatus.generating
+    iteration.targets_count = (iteration.targets_count or 0) + len(dumped)
+    iteration.batches_total = int(
+        session.scalar(select(func.count()).where(GenerationBatch.iteration_id == iteration.id))
+        or 0
+    )
+    session.flush()
+    if not rows:
+        tasks.enqueue(session, tasks.PHASE_FINISH, str(iteration.id), phase)
+        return
+    for batch_id in session.scalars(
+        select(GenerationBatch.id).where(
+            GenerationBatch.iteration_id == iteration.id,
+            GenerationBatch.phase == phase,
+            GenerationBatch.status == BatchStatus.pending,
+        )
+    ):
+        tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
+
+
+def reconcile(session: Session, stuck_after_s: int) -> int:
+    """Re-enqueue work of running jobs that made no progress past the deadline (lost messages,
+    killed workers). Every step is idempotent, so a spurious re-enqueue costs nothing."""
+    deadline = utcnow() - timedelta(seconds=stuck_after_s)
+    # Batches left running by a dead worker go back to pending.
+    session.execute(
+        update(GenerationBatch)
+        .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < deadline)
+        .values(status=BatchStatus.pending, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    stuck = session.scalars(
+        select(Job).where(
+            Job.status.in_([JobStatus.running, JobStatus.queued]),
+            func.coalesce(Job.heartbeat_at, Job.updated_at) < deadline,
+        )
+    ).all()
+    for job in stuck:
+        if job.status is JobStatus.queued:
+            tasks.enqueue(session, tasks.JOB_START, str(job.id))
+        else:
+            advance(session, job)
+    return len(stuck)

@@ -1,0 +1,658 @@
+"""The Teacher port and its OpenAI-compatible adapter: many requests in flight under shared limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import httpx2
+import jsonschema
+import openai
+import structlog
+
+from service.domain.teacher import (
+    StructuredMode,
+    TeacherCallStatus,
+    TeacherEndpoint,
+    TeacherRequest,
+    TeacherResult,
+)
+from workers.teacher.adaptive import AimdController, ConcurrencyWindow, VllmLoadMonitor
+from workers.teacher.limits import Lease, Limiter, TeacherQuota
+from workers.teacher.metrics import TeacherMetrics
+from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error
+from workers.teacher.structured import (
+    DEFAULT_CAPABILITIES,
+    CapabilityCache,
+    Reask,
+    check_output,
+    is_format_refusal,
+    render_messages,
+    response_format,
+    schema_info,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+_MODE_RANK = {StructuredMode.json_schema: 0, StructuredMode.json_object: 1, StructuredMode.text: 2}
+# The SDK's telemetry headers are half of what it sends, and its header handling costs time per
+# header on every request: without them a call takes about 10% less CPU (measured).
+_REQUEST_OPTIONS: openai.RequestOptions = {
+    "headers": {
+        name: openai.Omit()
+        for name in (
+            "X-Stainless-Lang",
+            "X-Stainless-Package-Version",
+            "X-Stainless-OS",
+            "X-Stainless-Arch",
+            "X-Stainless-Runtime",
+            "X-Stainless-Runtime-Version",
+            "X-Stainless-Async",
+            "X-Stainless-Retry-Count",
+            "X-Stainless-Read-Timeout",
+        )
+    }
+}
+
+
+def _always() -> bool:
+    return True
+
+
+class Teacher(Protocol):
+    """Sends generation requests to a teacher LLM and reports each one's final result."""
+
+    def stream(
+        self,
+        requests: Sequence[TeacherRequest],
+        *,
+        should_continue: Callable[[], bool] = _always,
+    ) -> AsyncIterator[TeacherResult]:
+        """Yield each result as soon as it is final, in completion order.
+
+        Stops dispatching once `should_continue()` is False (budget reached, job paused);
+        requests already sent finish and are yielded, the others are not yielded at all.
+        """
+        ...
+
+    async def generate(
+        self,
+        requests: Sequence[TeacherRequest],
+        *,
+        should_continue: Callable[[], bool] = _always,
+    ) -> list[TeacherResult]:
+        """All results in input order (requests never dispatched are omitted)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class BadResponseError(Exception):
+    """A 2xx answer that is not a chat completion (a proxy's HTML page, a cut-off body)."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request's journey through attempts and re-asks."""
+
+    index: int
+    request: TeacherRequest
+    fingerprint: str
+    mode: StructuredMode
+    started: float
+    body: dict[str, Any] = field(default_factory=dict)
+    estimated_input: int = 0
+    reask: Reask | None = None
+    reasks: int = 0
+    attempts: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    retry_causes: dict[str, int] = field(default_factory=dict)
+    # The lease this call holds right now; whoever gives it back clears it first.
+    lease: Lease | None = None
+
+    def count(self, cause: str) -> None:
+        self.retry_causes[cause] = self.retry_causes.get(cause, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class _DispatchEnd:
+    dispatched: int
+    error: BaseException | None = None
+
+
+def _sample_seed(fingerprint: str, reasks: int) -> int:
+    """The seed sent with a request: distinct per sample index and per re-ask, and reproducible.
+
+    The fingerprint covers the sample index and the caller's own seed, so sample k of a prompt
+    always gets the same seed (a resumed job asks the same question) while samples differ.
+    """
+    return (int(fingerprint[:8], 16) + 7919 * reasks) & 0x7FFFFFFF
+
+
+def _estimate_tokens(messages: list[dict[str, str]], schema_chars: int) -> int:
+    """Prompt tokens, estimated before sending (about 4 characters a token, plus framing)."""
+    chars = sum(len(m["content"]) for m in messages) + schema_chars
+    return chars // 4 + 4 * len(messages) + 3
+
+
+def _message_text(message: Any) -> str | None:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):  # content parts, as some servers send them
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict)) or None
+    return content if isinstance(content, str) else None
+
+
+class OpenAITeacher:
+    """Teacher over any OpenAI-compatible server: vLLM, llama.cpp, hosted APIs.
+
+    Transport: the official `openai.AsyncOpenAI` on its aiohttp transport (about twice the
+    requests per CPU second of the default httpx transport here, and a lower ratio in
+    bench/teacher_throughput.py, which measures both), with SDK retries off: retries are ours,
+    so that the wait between attempts happens after the concurrency slot is given back.
+    """
+
+    def __init__(
+        self,
+        endpoint: TeacherEndpoint,
+        *,
+        limiter: Limiter,
+        capabilities_cache: CapabilityCache | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+        backoff: BackoffPolicy | None = None,
+    ) -> None:
+        """`http_client` replaces the aiohttp transport (tests pass an httpx2 MockTransport)."""
+        self.endpoint = endpoint
+        self._limiter = limiter
+        self._capabilities = capabilities_cache or DEFAULT_CAPABILITIES
+        self._quota = TeacherQuota.for_endpoint(endpoint)
+        self._window = ConcurrencyWindow(endpoint.limits.max_concurrency)
+        self._metrics = TeacherMetrics.for_teacher(endpoint.limiter_key)
+        self._metrics.window.set(self._window.limit)
+        self._http_client = http_client
+        self._backoff = backoff or BackoffPolicy()
+        self._rng = random.Random()
+        self._client: openai.AsyncOpenAI | None = None
+        self._monitor: VllmLoadMonitor | None = None
+        # Absolute, so the SDK parses one URL per request instead of three (about 10% of its
+        # CPU, measured); it is exactly what the SDK builds from base_url + "/chat/completions".
+        self._completions_url = endpoint.base_url.rstrip("/") + "/chat/completions"
+
+    @property
+    def window(self) -> ConcurrencyWindow:
+        """The local adaptive concurrency window (below or at max_concurrency)."""
+        return self._window
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _openai(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            endpoint = self.endpoint
+            self._client = openai.AsyncOpenAI(
+                base_url=endpoint.base_url,
+                # Local servers (vLLM, llama.cpp) accept any key; the SDK insists on one.
+                api_key=endpoint.api_key or "EMPTY",
+                max_retries=0,
+                timeout=endpoint.timeout_s,
+                http_client=self._http_client or openai.DefaultAioHttpClient(),
+            )
+        return self._client
+
+    def _start_monitor(self) -> None:
+        endpoint = self.endpoint
+        if self._monitor is None and endpoint.limits.adaptive and endpoint.metrics_url:
+            self._monitor = VllmLoadMonitor(
+                str(endpoint.metrics_url), AimdController(self._window), model=endpoint.model
+            )
+            self._monitor.start()
+
+    async def aclose(self) -> None:
+        """Close connections and stop the load monitor; the limiter belongs to the caller."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            await monitor.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        elif self._http_client is not None:
+            await self._http_client.aclose()
+
+    # ---------------------------------------------------------------- public API
+
+    async def stream(
+        self,
+        requests: Sequence[TeacherRequest],
+        *,
+        should_continue: Callable[[], bool] = _always,
+    ) -> AsyncIterator[TeacherResult]:
+        async with contextlib.aclosing(self._stream_indexed(requests, should_continue)) as items:
+            async for _, result in items:
+                yield result
+
+    async def generate(
+        self,
+        requests: Sequence[TeacherRequest],
+        *,
+        should_continue: Callable[[], bool] = _always,
+    ) -> list[TeacherResult]:
+        results: dict[int, TeacherResult] = {}
+        async with contextlib.aclosing(self._stream_indexed(requests, should_continue)) as items:
+            async for index, result in items:
+                results[index] = result
+        return [results[i] for i in sorted(results)]
+
+    # ---------------------------------------------------------------- orchestration
+
+    async def _stream_indexed(
+        self, requests: Sequence[TeacherRequest], should_continue: Callable[[], bool]
+    ) -> AsyncGenerator[tuple[int, TeacherResult], None]:
+        self._openai()
+        self._start_monitor()
+        queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd] = asyncio.Queue()
+        tasks: dict[asyncio.Task[None], _Call] = {}
+        dispatcher = asyncio.create_task(self._dispatch(requests, should_continue, queue, tasks))
+        expected: int | None = None
+        error: BaseException | None = None
+        received = 0
+        try:
+            while expected is None or received < expected:
+                item = await queue.get()
+                if isinstance(item, _DispatchEnd):
+                    expected, error = item.dispatched, item.error
+                    continue
+                received += 1
+                yield item
+            if error is not None:
+                # Everything that was sent has been yielded (and can be stored); now say why
+                # the rest was not sent.
+                raise error
+        finally:
+            dispatcher.cancel()
+            running = dict(tasks)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(dispatcher, *running, return_exceptions=True)
+            # A task cancelled before its first step never ran its own cleanup.
+            for call in running.values():
+                await self._give_back(call)
+
+    async def _dispatch(
+        self,
+        requests: Sequence[TeacherRequest],
+        should_continue: Callable[[], bool],
+        queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd],
+        tasks: dict[asyncio.Task[None], _Call],
+    ) -> None:
+        dispatched = 0
+        try:
+            for index, request in enumerate(requests):
+                if not should_continue():
+                    break
+                call = self._new_call(index, request)
+                rejected = self._reject_before_sending(call)
+                if rejected is not None:
+                    queue.put_nowait((index, rejected))
+                    dispatched += 1
+                    continue
+                self._prepare(call)
+                lease = await self._acquire(call)
+                if not should_continue():  # the budget may have run out while we waited
+                    await self._release(lease, input_tokens=0, output_tokens=0)
+                    break
+                call.lease = lease
+                task = asyncio.create_task(self._run_and_report(call, queue))
+                tasks[task] = call
+                task.add_done_callback(tasks.pop)
+                dispatched += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the limiter (Redis) failed: stop sending, report the rest
+            log.error("teacher.dispatch_failed", error=str(exc), dispatched=dispatched)
+            queue.put_nowait(_DispatchEnd(dispatched, exc))
+            return
+        queue.put_nowait(_DispatchEnd(dispatched))
+
+    def _new_call(self, index: int, request: TeacherRequest) -> _Call:
+        call = _Call(
+            index=index,
+            request=request,
+            fingerprint=request.fingerprint(self.endpoint.model),
+            mode=self._capabilities.mode_for(self.endpoint),
+            started=time.perf_counter(),
+        )
+        return call
+
+    def _reject_before_sending(self, call: _Call) -> TeacherResult | None:
+        schema = call.request.response_schema
+        if schema is None:
+            return None
+        try:
+            schema_info(schema)
+        except jsonschema.SchemaError as exc:
+            return self._finish(
+                call,
+                TeacherCallStatus.failed,
+                error_code="invalid_schema",
+                error=f"response_schema is not a valid JSON schema: {exc.message}",
+            )
+        return None
+
+    def _prepare(self, call: _Call) -> None:
+        """(Re)build the body for the call's current mode and correction."""
+        request = call.request
+        params = request.params
+        messages = render_messages(request, call.mode, call.reask)
+        fmt = response_format(request, call.mode)
+        body: dict[str, Any] = {
+            "model": self.endpoint.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "max_tokens": params.max_tokens,
+            "seed": _sample_seed(call.fingerprint, call.reasks),
+        }
+        if params.top_p is not None:
+            body["top_p"] = params.top_p
+        if fmt is not None:
+            body["response_format"] = fmt
+        call.body = body
+        # Backends that decode under a schema also count it as prompt.
+        schema_chars = (
+            schema_info(request.response_schema).size_chars
+            if fmt is not None and request.response_schema is not None
+            else 0
+        )
+        call.estimated_input = _estimate_tokens(messages, schema_chars)
+
+    def _adopt_current_mode(self, call: _Call) -> None:
+        """Another request may have learnt that this backend refuses our mode meanwhile."""
+        current = self._capabilities.mode_for(self.endpoint)
+        if _MODE_RANK[current] > _MODE_RANK[call.mode]:
+            call.mode = current
+            self._prepare(call)
+
+    async def _acquire(self, call: _Call) -> Lease:
+        started = time.perf_counter()
+        await self._window.acquire()
+        try:
+            lease = await self._limiter.acquire(
+                self._quota,
+                input_tokens=call.estimated_input,
+                output_tokens=call.request.params.max_tokens,
+            )
+        except BaseException:
+            self._window.release()
+            raise
+        self._metrics.limiter_wait.observe(time.perf_counter() - started)
+        self._metrics.in_flight.inc()
+        return lease
+
+    async def _release(
+        self,
+        lease: Lease,
+        *,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        overloaded: bool = False,
+    ) -> None:
+        self._metrics.in_flight.dec()
+        window = self._window
+        if overloaded:
+            window.record_overload(window.in_use)
+            self._metrics.window.set(window.limit)
+        try:
+            await self._limiter.release(
+                lease, input_tokens=input_tokens, output_tokens=output_tokens
+            )
+        finally:
+            window.release()
+
+    async def _give_back(self, call: _Call) -> None:
+        """Return the lease of a call that was cancelled while holding it."""
+        lease, call.lease = call.lease, None
+        if lease is not None:
+            await self._release(lease, input_tokens=None, output_tokens=None)
+
+    async def _run_and_report(
+        self,
+        call: _Call,
+        queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd],
+    ) -> None:
+        try:
+            result = await self._run(call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never lose a request: report why it has no answer
+            log.error(
+                "teacher.request_crashed",
+                fingerprint=call.fingerprint,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            result = self._finish(
+                call,
+                TeacherCallStatus.failed,
+                error_code="internal_error",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        queue.put_nowait((call.index, result))
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        # `client.post` rather than `client.chat.completions.create`: the typed method walks
+        # every parameter (messages, the JSON schema) through the SDK's TypedDict transformer
+        # and builds pydantic models of the answer, about 60% of its CPU per request (profiled)
+        # for a body we build and an answer we read ourselves. Auth, base URL, timeouts and the
+        # mapping of HTTP errors to typed exceptions are still the SDK's.
+        async with asyncio.timeout(self.endpoint.timeout_s):
+            response = await self._openai().post(
+                self._completions_url, cast_to=httpx2.Response, body=body, options=_REQUEST_OPTIONS
+            )
+            try:
+                data = response.json()
+            except ValueError as exc:
+                raise BadResponseError(f"the answer is not JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise BadResponseError("the answer has no choices")
+        if not data["choices"] or not isinstance(data["choices"][0], dict):
+            raise BadResponseError("the answer has no choices")
+        return data
+
+    async def _run(self, call: _Call) -> TeacherResult:
+        endpoint = self.endpoint
+        metrics = self._metrics
+        schema = call.request.response_schema
+        tries = 0  # attempts of the current ask, bounded by max_attempts
+        try:
+            while True:
+                if call.lease is None:
+                    call.lease = await self._acquire(call)
+                # Prepared before its slot came: a refusal meanwhile may have changed the mode.
+                self._adopt_current_mode(call)
+                call.attempts += 1
+                tries += 1
+                sent_mode = call.mode
+                try:
+                    data = await self._post(call.body)
+                except (openai.APIError, BadResponseError, TimeoutError) as exc:
+                    verdict = (
+                        ErrorVerdict(True, "bad_response", str(exc))
+                        if isinstance(exc, BadResponseError)
+                        else classify_error(exc)
+                    )
+                    metrics.attempt(verdict.error_code)
+                    answered = verdict.status is not None
+                    releasing, call.lease = call.lease, None
+                    await self._release(
+                        releasing,
+                        input_tokens=None,
+                        # An HTTP error generated nothing; after a timeout it may have.
+                        output_tokens=0 if answered else None,
+                        overloaded=verdict.status == 429 and not verdict.permanent,
+                    )
+                    if schema is not None and is_format_refusal(
+                        verdict.status, verdict.message, sent_mode
+                    ):
+                        weaker = self._capabilities.downgrade(endpoint, sent_mode)
+                        if weaker is not None:
+                            log.info(
+                                "teacher.format_downgraded",
+                                teacher=endpoint.limiter_key,
+                                model=endpoint.model,
+                                refused=sent_mode.value,
+                                now=weaker.value,
+                                status=verdict.status,
+                            )
+                            call.mode = weaker
+                            self._prepare(call)
+                            call.count(f"format_{sent_mode.value}_refused")
+                            continue
+                    if verdict.retryable and tries < endpoint.max_attempts:
+                        call.count(verdict.error_code)
+                        metrics.retry(verdict.error_code)
+                        delay = self._backoff.delay(tries, verdict.retry_after_s, self._rng)
+                        log.info(
+                            "teacher.request_retried",
+                            teacher=endpoint.limiter_key,
+                            fingerprint=call.fingerprint,
+                            cause=verdict.error_code,
+                            attempt=tries,
+                            delay_s=round(delay, 3),
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    return self._finish(
+                        call,
+                        TeacherCallStatus.failed,
+                        error_code=verdict.error_code,
+                        error=verdict.message,
+                        permanent=verdict.permanent,
+                    )
+
+                choice = data["choices"][0]
+                text = _message_text(choice.get("message"))
+                finish_reason = choice.get("finish_reason")
+                usage = data.get("usage")
+                usage = usage if isinstance(usage, dict) else {}
+                used_in = usage.get("prompt_tokens")
+                used_out = usage.get("completion_tokens")
+                # A server that reports no usage still spends tokens: count our estimates.
+                tokens_in = used_in if isinstance(used_in, int) else call.estimated_input
+                tokens_out = used_out if isinstance(used_out, int) else len(text or "") // 4
+                call.tokens_in += tokens_in
+                call.tokens_out += tokens_out
+                metrics.attempt("200")
+                releasing, call.lease = call.lease, None
+                await self._release(releasing, input_tokens=tokens_in, output_tokens=tokens_out)
+                self._window.record_success()
+                # Let the freed slot's next request go out before this one's validation and
+                # bookkeeping: under a burst of answers that keeps the teacher busy.
+                await asyncio.sleep(0)
+
+                verdict_out = check_output(text, finish_reason, schema)
+                if verdict_out.ok:
+                    return self._finish(
+                        call,
+                        TeacherCallStatus.succeeded,
+                        text=text,
+                        parsed=verdict_out.parsed,
+                        finish_reason=finish_reason,
+                    )
+                reason = verdict_out.error_code or "invalid"
+                if call.reasks < endpoint.max_reasks:
+                    call.reasks += 1
+                    call.count(f"reask_{reason}")
+                    metrics.reask(reason)
+                    log.info(
+                        "teacher.request_reasked",
+                        teacher=endpoint.limiter_key,
+                        fingerprint=call.fingerprint,
+                        reason=reason,
+                        reask=call.reasks,
+                    )
+                    call.reask = Reask(text, reason, verdict_out.error or reason)
+                    self._prepare(call)
+                    tries = 0
+                    continue
+                return self._finish(
+                    call,
+                    TeacherCallStatus.invalid,
+                    text=text,
+                    error_code=reason,
+                    error=verdict_out.error,
+                    finish_reason=finish_reason,
+                )
+        finally:
+            await self._give_back(call)
+
+    def _finish(
+        self,
+        call: _Call,
+        status: TeacherCallStatus,
+        *,
+        text: str | None = None,
+        parsed: Any = None,
+        error_code: str | None = None,
+        error: str | None = None,
+        permanent: bool = False,
+        finish_reason: str | None = None,
+    ) -> TeacherResult:
+        latency = time.perf_counter() - call.started
+        cost = self.endpoint.prices.cost(call.tokens_in, call.tokens_out)
+        metrics = self._metrics
+        metrics.outcome(status.value)
+        metrics.latency.observe(latency)
+        if call.tokens_in:
+            metrics.tokens_in.inc(call.tokens_in)
+        if call.tokens_out:
+            metrics.tokens_out.inc(call.tokens_out)
+        if cost:
+            metrics.cost.inc(cost)
+        if status is TeacherCallStatus.succeeded:
+            log.debug(
+                "teacher.request_succeeded",
+                teacher=self.endpoint.limiter_key,
+                fingerprint=call.fingerprint,
+                tokens_in=call.tokens_in,
+                tokens_out=call.tokens_out,
+                latency_s=round(latency, 3),
+                attempts=call.attempts,
+            )
+        else:
+            log.warning(
+                "teacher.request_failed"
+                if status is TeacherCallStatus.failed
+                else "teacher.request_invalid",
+                teacher=self.endpoint.limiter_key,
+                fingerprint=call.fingerprint,
+                error_code=error_code,
+                permanent=permanent,
+                attempts=call.attempts,
+                reasks=call.reasks,
+            )
+        return TeacherResult.model_construct(
+            fingerprint=call.fingerprint,
+            status=status,
+            text=text,
+            parsed=parsed,
+            error_code=error_code,
+            error=error,
+            permanent=permanent,
+            finish_reason=finish_reason,
+            tokens_in=call.tokens_in,
+            tokens_out=call.tokens_out,
+            latency_s=latency,
+            attempts=call.attempts,
+            reasks=call.reasks,
+            cost_usd=cost,
+            retry_causes=dict(call.retry_causes),
+        )
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Drive the async API from synchronous code (a Celery task): a fresh event loop per call."""
+    with asyncio.Runner() as runner:
+        return runner.run(coro)

@@ -1,0 +1,186 @@
+"""Classification of teacher errors into retryable or permanent, and backoff honouring Retry-After."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import math
+import random
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import openai
+
+# Statuses a server uses for "try again": timeout, conflict, rate limit, and any 5xx.
+RETRYABLE_STATUSES: Final = frozenset({408, 409, 429})
+# The teacher itself refuses us: the whole job should fail fast rather than retry later.
+JOB_PERMANENT_STATUSES: Final = frozenset({401, 403, 404})
+
+_CONTEXT_LENGTH_RE: Final = re.compile(
+    r"context[ _]length|context window|maximum context|too many tokens|prompt is too long",
+    re.IGNORECASE,
+)
+_DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_BARE_NUMBER_RE: Final = re.compile(r"\d+(?:\.\d+)?")
+_DURATION_UNITS: Final = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ns": 1e-9,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorVerdict:
+    """What a failed attempt means for the request and for the job."""
+
+    retryable: bool
+    error_code: str  # stable short code: "timeout", "connection", "http_429", "context_length", ...
+    message: str
+    permanent: bool = False  # the teacher refuses this job (bad key, unknown model, no quota)
+    status: int | None = None
+    retry_after_s: float | None = None  # what the server asked us to wait, if it said so
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration ("1s", "6m0s", "250ms", "1h2m3.5s") or a bare number."""
+    text = text.strip()
+    if not text:
+        return None
+    if _BARE_NUMBER_RE.fullmatch(text):
+        return float(text)
+    total = 0.0
+    position = 0
+    for match in _DURATION_PART_RE.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total if position == len(text) else None
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait, from the headers OpenAI-compatible servers send.
+
+    Precedence: `retry-after-ms` (most precise), `Retry-After` (seconds or an HTTP date), then the
+    later of `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens` (OpenAI's bucket resets).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    raw_ms = lowered.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value / 1000.0
+    raw = lowered.get("retry-after")
+    if raw is not None:
+        seconds = _parse_retry_after_value(raw, now=now)
+        if seconds is not None:
+            return seconds
+    resets = [
+        parsed
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        if (value_text := lowered.get(name)) is not None
+        and (parsed := parse_duration(value_text)) is not None
+    ]
+    return max(resets) if resets else None
+
+
+def _parse_retry_after_value(raw: str, *, now: float | None) -> float | None:
+    raw = raw.strip()
+    with contextlib.suppress(ValueError):  # delta-seconds, else an HTTP date below
+        seconds = float(raw)
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    reference = time.time() if now is None else now
+    return max(0.0, when.timestamp() - reference)
+
+
+def _error_fields(exc: openai.APIStatusError) -> tuple[str, str | None, str | None]:
+    """(message, code, type) from an OpenAI-style error body, tolerant of other shapes."""
+    body: Any = exc.body
+    message: str | None = None
+    if isinstance(body, Mapping):
+        raw_message = body.get("message") or body.get("detail") or body.get("error")
+        if isinstance(raw_message, str):
+            message = raw_message
+    elif isinstance(body, str) and body:
+        message = body
+    code = exc.code if isinstance(exc.code, str) else None
+    kind = exc.type if isinstance(exc.type, str) else None
+    return message or exc.message, code, kind
+
+
+def _refused_connection(exc: BaseException) -> BaseException | None:
+    """The ConnectionError (refused, reset) behind an exception, if any. The SDK's aiohttp
+    transport reports a refused connection as a connect *timeout*; the cause chain tells."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, ConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def classify_error(exc: BaseException) -> ErrorVerdict:
+    """Map an exception raised by one attempt to a retry decision and a result error code."""
+    refused = _refused_connection(exc)
+    if refused is not None:
+        return ErrorVerdict(True, "connection", f"connection error: {refused}")
+    if isinstance(exc, openai.APITimeoutError | TimeoutError):
+        return ErrorVerdict(True, "timeout", "the teacher did not answer within the timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return ErrorVerdict(True, "connection", f"connection error: {exc.__cause__ or exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message, code, kind = _error_fields(exc)
+        retry_after = parse_retry_after(exc.response.headers)
+        if "insufficient_quota" in (code, kind):
+            # OpenAI answers 429 for an empty account too; waiting does not refill it.
+            return ErrorVerdict(False, "insufficient_quota", message, True, status)
+        if status in RETRYABLE_STATUSES or status >= 500:
+            return ErrorVerdict(True, f"http_{status}", message, False, status, retry_after)
+        if status in JOB_PERMANENT_STATUSES:
+            return ErrorVerdict(False, f"http_{status}", message, True, status)
+        if code == "context_length_exceeded" or _CONTEXT_LENGTH_RE.search(message):
+            return ErrorVerdict(False, "context_length", message, False, status)
+        return ErrorVerdict(False, f"http_{status}", message, False, status)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return ErrorVerdict(True, "bad_response", str(exc))
+    return ErrorVerdict(False, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """Exponential backoff with full jitter; a server's Retry-After is a floor, never shortened.
+
+    Full jitter (AWS architecture blog, "Exponential Backoff And Jitter") spreads retries of a
+    burst that failed together, so they do not hit the teacher together again.
+    """
+
+    base_s: float = 0.25
+    cap_s: float = 20.0
+    max_retry_after_s: float = 300.0  # a server asking for longer is treated as asking for this
+    retry_after_jitter: float = 0.1  # fraction of Retry-After added at random on top of it
+
+    def delay(self, retry_number: int, retry_after_s: float | None, rng: random.Random) -> float:
+        """Seconds to wait before retry `retry_number` (1 for the first retry)."""
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** max(0, retry_number - 1))
+        backoff = rng.uniform(0.0, ceiling)
+        if retry_after_s is None:
+            return backoff
+        floor = min(max(0.0, retry_after_s), self.max_retry_after_s)
+        return floor + rng.uniform(0.0, floor * self.retry_after_jitter)

@@ -1,0 +1,318 @@
+"""Structured output: response_format per backend capability, tolerant JSON extraction, re-asks."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jsonschema
+from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+
+from service.domain.teacher import StructuredMode, TeacherEndpoint, TeacherRequest
+
+# Fallback order in `auto` mode: constrained decoding first, then weaker forms of it.
+_NEXT_MODE: Final = {
+    StructuredMode.json_schema: StructuredMode.json_object,
+    StructuredMode.json_object: StructuredMode.text,
+}
+_MODE_RANK: Final = {
+    StructuredMode.json_schema: 0,
+    StructuredMode.json_object: 1,
+    StructuredMode.text: 2,
+}
+# How backends phrase "I do not support this response_format" (llama.cpp answers 500 with
+# "response_format type must be one of ...", OpenAI 400 with "Invalid parameter: response_format").
+_FORMAT_REFUSAL_RE: Final = re.compile(
+    r"response_format|json_schema|json schema|json_object|guided|grammar|structured output",
+    re.IGNORECASE,
+)
+_FORMAT_REFUSAL_STATUSES: Final = frozenset({400, 422, 500, 501})
+_FENCE_RE: Final = re.compile(r"```(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.DOTALL)
+_THINK_RE: Final = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_SCHEMA_NAME_RE: Final = re.compile(r"[^a-zA-Z0-9_-]")
+_MAX_CANDIDATES: Final = 64
+_MAX_ECHO_CHARS: Final = 8000  # the invalid answer quoted back in a re-ask, at most
+
+
+class CapabilityCache:
+    """Which structured mode works for each (base_url, model), learnt within this process.
+
+    Shared by every OpenAITeacher in the process (module-level default), so one refusal of
+    json_schema by a llama.cpp server downgrades all later requests to it at once.
+    """
+
+    def __init__(self) -> None:
+        self._modes: dict[tuple[str, str], StructuredMode] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(endpoint: TeacherEndpoint) -> tuple[str, str]:
+        return endpoint.base_url.rstrip("/"), endpoint.model
+
+    def mode_for(self, endpoint: TeacherEndpoint) -> StructuredMode:
+        if endpoint.structured_mode is not StructuredMode.auto:
+            return endpoint.structured_mode
+        return self._modes.get(self._key(endpoint), StructuredMode.json_schema)
+
+    def downgrade(
+        self, endpoint: TeacherEndpoint, refused: StructuredMode
+    ) -> StructuredMode | None:
+        """The mode to use after `refused` was refused; None when there is nothing weaker."""
+        if endpoint.structured_mode is not StructuredMode.auto:
+            return None
+        key = self._key(endpoint)
+        with self._lock:
+            current = self._modes.get(key, StructuredMode.json_schema)
+            if _MODE_RANK[current] > _MODE_RANK[refused]:
+                return current  # another request already stepped down past it
+            weaker = _NEXT_MODE.get(refused)
+            if weaker is not None:
+                self._modes[key] = weaker
+            return weaker
+
+    def clear(self) -> None:
+        with self._lock:
+            self._modes.clear()
+
+
+DEFAULT_CAPABILITIES: Final = CapabilityCache()
+
+
+def is_format_refusal(status: int | None, message: str, mode: StructuredMode) -> bool:
+    """Whether an HTTP error means "this backend does not do this response_format"."""
+    return (
+        mode is not StructuredMode.text
+        and status in _FORMAT_REFUSAL_STATUSES
+        and _FORMAT_REFUSAL_RE.search(message) is not None
+    )
+
+
+# --------------------------------------------------------------------------- request side
+
+
+def _strict_compatible(schema: Any) -> bool:
+    """OpenAI's strict mode needs closed objects with every property required."""
+    if isinstance(schema, list):
+        return all(_strict_compatible(item) for item in schema)
+    if not isinstance(schema, dict):
+        return True
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and (
+        schema.get("additionalProperties") is not False
+        or set(schema.get("required", ())) != set(properties)
+    ):
+        return False
+    return all(_strict_compatible(value) for value in schema.values())
+
+
+def response_format(request: TeacherRequest, mode: StructuredMode) -> dict[str, Any] | None:
+    """The `response_format` body field for this mode, or None to send none."""
+    schema = request.response_schema
+    if schema is None or mode is StructuredMode.text:
+        return None
+    if mode is StructuredMode.json_object:
+        # llama.cpp compiles `schema` into a grammar; OpenAI and vLLM ignore it and rely on
+        # the schema we also put in the prompt.
+        return {"type": "json_object", "schema": schema}
+    spec: dict[str, Any] = {
+        "name": _SCHEMA_NAME_RE.sub("_", request.schema_name)[:64] or "output",
+        "schema": schema,
+    }
+    if schema_info(schema).strict:
+        spec["strict"] = True
+    return {"type": "json_schema", "json_schema": spec}
+
+
+@dataclass(frozen=True, slots=True)
+class Reask:
+    """What was wrong with the previous answer, to be corrected by the next one."""
+
+    answer: str | None
+    reason: str  # OutputVerdict.error_code
+    detail: str
+
+
+def render_messages(
+    request: TeacherRequest, mode: StructuredMode, reask: Reask | None = None
+) -> list[dict[str, str]]:
+    """The chat messages for one ask: a pure function of (request, mode, last correction)."""
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    schema = request.response_schema
+    # json_schema constrains decoding by itself; weaker modes need the schema in the prompt.
+    # It goes into the last user message: some chat templates (Gemma) drop system messages.
+    instruction = (
+        schema_info(schema).instruction
+        if schema is not None and mode is not StructuredMode.json_schema
+        else None
+    )
+    if instruction is not None:
+        _append_to_last_user(messages, instruction)
+    if reask is None:
+        return messages
+    correction = _correction_text(reask, request.response_schema is not None)
+    if instruction is not None:
+        correction += "\n\n" + instruction
+    if reask.answer and reask.reason != "truncated":
+        messages.append({"role": "assistant", "content": reask.answer[:_MAX_ECHO_CHARS]})
+        messages.append({"role": "user", "content": correction})
+    else:
+        # No answer worth quoting: extend the user turn, keeping roles alternating (Mistral's
+        # and Gemma's templates reject two user turns in a row).
+        _append_to_last_user(messages, correction)
+    return messages
+
+
+def _append_to_last_user(messages: list[dict[str, str]], text: str) -> None:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            message["content"] = f"{message['content']}\n\n{text}"
+            return
+    messages.append({"role": "user", "content": text})
+
+
+def _correction_text(reask: Reask, structured: bool) -> str:
+    if reask.reason == "truncated":
+        return (
+            "Your previous answer was cut off at the length limit. Answer again, complete and "
+            "more concise."
+        )
+    if reask.reason in ("empty", "content_filter"):
+        return "Your previous answer was empty. Answer the request above."
+    target = "a single valid JSON value matching the schema" if structured else "a valid answer"
+    return f"Your previous answer was invalid ({reask.detail}). Reply again with {target} only."
+
+
+# --------------------------------------------------------------------------- answer side
+
+
+class ExtractionError(ValueError):
+    """No JSON value could be found in the text."""
+
+
+def _json_type_for(schema: dict[str, Any] | None) -> type | None:
+    kind = None if schema is None else schema.get("type")
+    return {"object": dict, "array": list}.get(kind) if isinstance(kind, str) else None
+
+
+def extract_json(text: str, *, expect: type | None = None) -> Any:
+    """The JSON value in a model's answer: the whole text, a fenced block, or the first
+    balanced object/array in it (prose around it, a <think> block before it, are ignored).
+
+    `expect` (dict or list) skips candidates of the other kind.
+    """
+    cleaned = _THINK_RE.sub("", text).strip()
+    for candidate in (cleaned, *(block.strip() for block in _FENCE_RE.findall(cleaned))):
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if expect is None or isinstance(value, expect):
+            return value
+    openers = "{" if expect is dict else "[" if expect is list else "{["
+    decoder = json.JSONDecoder()
+    tried = 0
+    for index, char in enumerate(cleaned):
+        if char not in openers:
+            continue
+        tried += 1
+        if tried > _MAX_CANDIDATES:
+            break
+        try:
+            value, _ = decoder.raw_decode(cleaned, index)
+        except ValueError:
+            continue
+        if expect is None or isinstance(value, expect):
+            return value
+    raise ExtractionError("no JSON value found in the answer")
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaInfo:
+    """Everything derived from one response schema, computed once per distinct schema."""
+
+    validator: Validator
+    strict: bool  # usable with OpenAI's strict structured outputs
+    instruction: str  # the schema as a prompt instruction, for modes without constrained decoding
+    size_chars: int  # its serialized length, for estimating prompt tokens
+    expect: type | None  # dict or list when the schema pins the top-level type
+
+
+_SCHEMAS: dict[str, SchemaInfo] = {}
+_SCHEMAS_LOCK = threading.Lock()
+_SCHEMAS_MAX = 1024  # a long-lived worker sees many templates over time
+
+
+_last_schema: tuple[dict[str, Any], SchemaInfo] | None = None
+
+
+def schema_info(schema: dict[str, Any]) -> SchemaInfo:
+    """Cached facts about `schema`; raises jsonschema.SchemaError if it is not a schema."""
+    global _last_schema
+    last = _last_schema
+    # One request asks several times in a row for the same dict: skip serializing it again.
+    if last is not None and last[0] is schema:
+        return last[1]
+    key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    info = _SCHEMAS.get(key)
+    if info is None:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        info = SchemaInfo(
+            validator=cls(schema),
+            strict=_strict_compatible(schema),
+            instruction=(
+                "Reply with one JSON value that conforms to this JSON schema, and nothing "
+                "else:\n```json\n" + key + "\n```"
+            ),
+            size_chars=len(key),
+            expect=_json_type_for(schema),
+        )
+        with _SCHEMAS_LOCK:
+            if len(_SCHEMAS) >= _SCHEMAS_MAX:
+                _SCHEMAS.clear()
+            _SCHEMAS[key] = info
+    _last_schema = (schema, info)
+    return info
+
+
+@dataclass(frozen=True, slots=True)
+class OutputVerdict:
+    """Whether one answer is usable; `error_code` None means valid."""
+
+    parsed: Any = None
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+def check_output(
+    text: str | None, finish_reason: str | None, schema: dict[str, Any] | None
+) -> OutputVerdict:
+    """Judge one answer: truncated, filtered, empty, unparseable or schema-invalid is invalid."""
+    if finish_reason == "length":
+        return OutputVerdict(None, "truncated", "the answer hit max_tokens (finish_reason=length)")
+    if finish_reason == "content_filter":
+        return OutputVerdict(None, "content_filter", "the answer was withheld by a content filter")
+    if text is None or not text.strip():
+        return OutputVerdict(None, "empty", "the answer was empty")
+    if schema is None:
+        return OutputVerdict()
+    info = schema_info(schema)
+    try:
+        value = extract_json(text, expect=info.expect)
+    except ExtractionError as exc:
+        return OutputVerdict(None, "invalid_json", str(exc))
+    if info.validator.is_valid(value):
+        return OutputVerdict(value)
+    error = best_match(info.validator.iter_errors(value))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return OutputVerdict(value, "schema_invalid", f"at {where}: {error.message}")
+    return OutputVerdict(value)
