@@ -1,0 +1,71 @@
+"""Embedded steps on real Postgres: the API and the in-process executor share one database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.app import create_app
+from service.auth import create_api_key, get_or_create_tenant
+from service.cli import upgrade_database
+from service.db import make_engine, session_factory
+from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
+from tests.conftest import fresh_database
+from tests.fake_teacher.client import FakeTeacherProcess
+from workers import runtime
+from workers.inline import InlineTaskSender
+
+
+@dataclass
+class InlineStack:
+    client: TestClient
+    auth: dict[str, str]
+    sender: InlineTaskSender
+    sessions: sessionmaker[Session]
+    teacher: FakeTeacherProcess
+
+    def upload(self, data: bytes, name: str = "data") -> str:
+        resp = self.client.post(
+            "/v1/datasets",
+            params={"name": name},
+            content=data,
+            headers={**self.auth, "Content-Type": "application/x-ndjson"},
+        )
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}", headers=self.auth).json()
+        return body
+
+
+@pytest.fixture
+def inline_stack() -> Iterator[InlineStack]:
+    with fresh_database("distill_inline") as url, FakeTeacherProcess() as teacher:
+        upgrade_database(url)
+        engine = make_engine(url)
+        sessions = session_factory(engine)
+        sender = InlineTaskSender()
+        runtime.configure(sessions=sessions, sender=sender)
+        settings = Settings(
+            database=DatabaseSettings(url=url),
+            broker=BrokerSettings(url=None),
+            api=ApiSettings(allow_private_teacher_urls=True),
+        )
+        app = create_app(settings, sessions=sessions, task_sender=sender)
+        with sessions() as s:
+            _, key = create_api_key(s, get_or_create_tenant(s, "t"))
+            s.commit()
+        try:
+            with TestClient(app) as client:
+                yield InlineStack(
+                    client, {"Authorization": f"Bearer {key}"}, sender, sessions, teacher
+                )
+        finally:
+            runtime.reset()
+            engine.dispose()

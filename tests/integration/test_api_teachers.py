@@ -1,0 +1,82 @@
+"""Teachers over REST: keys are write-only, the SSRF guard, updates and deletion."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.settings import Settings
+
+PUBLIC = {"name": "hosted", "base_url": "https://93.184.215.14/v1", "model": "gpt-x"}
+
+
+def test_create_never_returns_the_key(client: TestClient, auth: dict[str, str]) -> None:
+    resp = client.post("/v1/teachers", json={**PUBLIC, "api_key": "sk-secret"}, headers=auth)
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["has_api_key"] is True
+    assert "sk-secret" not in resp.text
+    assert "api_key" not in body
+    got = client.get(f"/v1/teachers/{body['id']}", headers=auth)
+    assert "sk-secret" not in got.text
+    assert got.json()["limits"]["max_concurrency"] == 16
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/v1",
+        "http://169.254.169.254/latest",
+        "http://10.0.0.5/v1",
+        "http://localhost:9/v1",
+        "ftp://example.org/v1",
+    ],
+)
+def test_tenants_cannot_point_a_teacher_at_private_addresses(
+    client: TestClient, auth: dict[str, str], url: str
+) -> None:
+    resp = client.post("/v1/teachers", json={**PUBLIC, "base_url": url}, headers=auth)
+    assert resp.status_code == 422
+    assert resp.json()["error"]["details"][0]["field"] == "base_url"
+
+
+def test_operator_setting_allows_private_addresses(
+    client: TestClient, auth: dict[str, str], settings: Settings
+) -> None:
+    settings.api.allow_private_teacher_urls = True
+    resp = client.post(
+        "/v1/teachers", json={**PUBLIC, "base_url": "http://127.0.0.1:8000/v1"}, headers=auth
+    )
+    assert resp.status_code == 201
+
+
+def test_validation_errors_name_the_field(client: TestClient, auth: dict[str, str]) -> None:
+    resp = client.post(
+        "/v1/teachers", json={**PUBLIC, "limits": {"max_concurrency": 0}}, headers=auth
+    )
+    assert resp.status_code == 422
+    assert resp.json()["error"]["details"][0]["field"] == "limits.max_concurrency"
+
+
+def test_update_list_delete_and_tenancy(
+    client: TestClient, auth: dict[str, str], other_auth: dict[str, str]
+) -> None:
+    teacher = client.post("/v1/teachers", json=PUBLIC, headers=auth).json()
+    assert teacher["has_api_key"] is False
+    patched = client.patch(
+        f"/v1/teachers/{teacher['id']}",
+        json={"model": "gpt-y", "prices": {"input_per_million": 1.5, "output_per_million": 6}},
+        headers=auth,
+    )
+    assert patched.status_code == 200
+    assert patched.json()["model"] == "gpt-y"
+    assert patched.json()["prices"]["output_per_million"] == 6
+    dup = client.post("/v1/teachers", json=PUBLIC, headers=auth)
+    assert dup.status_code == 409
+    assert [t["id"] for t in client.get("/v1/teachers", headers=auth).json()["items"]] == [
+        teacher["id"]
+    ]
+    assert client.get(f"/v1/teachers/{teacher['id']}", headers=other_auth).status_code == 404
+    assert client.delete(f"/v1/teachers/{teacher['id']}", headers=other_auth).status_code == 404
+    assert client.delete(f"/v1/teachers/{teacher['id']}", headers=auth).status_code == 204
+    assert client.get(f"/v1/teachers/{teacher['id']}", headers=auth).status_code == 404

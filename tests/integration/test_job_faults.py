@@ -1,0 +1,182 @@
+"""A teacher's faults never kill a job silently: retried, recorded, or failed fast with a reason."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+
+from service.models import Example, TeacherCall
+from tests.e2e.conftest import trec_slice, wait_for
+from tests.integration.conftest import InlineStack
+
+
+def _job(st: InlineStack, *, teacher: dict[str, Any], **changes: Any) -> str:
+    train, val = trec_slice(per_class=5, val_per_class=5)
+    spec: dict[str, Any] = {
+        "name": "faults",
+        "strategy": "pgkd",
+        "task": {"instructions": "Classify the question."},
+        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
+        "teacher": teacher,
+        "student": {"type": "builtin", "model": "tfidf"},
+        "budget": {"max_iterations": 1},
+        "batch_size": 4,
+        **changes,
+    }
+    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def test_wrong_key_fails_the_job_fast_with_the_reason(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(api_key="right-key")
+    job_id = _job(
+        st,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "api_key_env": "DISTILL_TEST_NO_SUCH_KEY",
+        },
+    )
+    started = time.monotonic()
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "failed"
+    assert "401" in job["status_reason"]
+    assert time.monotonic() - started < 30
+
+
+def test_unknown_model_fails_the_job_fast(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    job_id = _job(st, teacher={"base_url": st.teacher.base_url, "model": "no-such-model"})
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "failed"
+    assert "404" in job["status_reason"]
+
+
+def test_unavailable_teacher_backs_off_and_resumes_by_itself(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(down=True)
+    job_id = _job(
+        st,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 4},
+        },
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(
+            lambda: st.job(job_id)["status_reason"] == "teacher unavailable",
+            120,
+            "the job to report the teacher unavailable",
+        )
+        assert st.job(job_id)["status"] == "running"
+        st.teacher.configure(down=False)
+        job = wait_for(
+            lambda: (j := st.job(job_id))["status"] == "succeeded" and j,
+            180,
+            "the job to resume and finish",
+        )
+        assert job["status_reason"] != "teacher unavailable"
+        assert job["examples_accepted"] > 0
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+
+
+def test_malformed_output_is_kept_as_rejected_with_raw_text(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(malformed_rate=1.0)
+    job_id = _job(st, teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"})
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    with st.sessions() as session:
+        calls = session.scalars(select(TeacherCall)).all()
+        invalid = [c for c in calls if c.status == "invalid"]
+        assert invalid, "with every answer malformed some calls must stay invalid after re-asks"
+        for call in invalid:
+            example = session.scalar(select(Example).where(Example.teacher_call_id == call.id))
+            assert example is not None, "invalid teacher output must be stored, not dropped"
+            assert example.status == "rejected"
+            assert example.rejection_reason == call.error_code
+            assert example.input == (call.text or "")[:4000]
+            assert example.input  # the raw text is kept
+        assert all(c.reasks > 0 for c in invalid)
+        n_accepted = session.scalar(
+            select(func.count()).select_from(Example).where(Example.status == "accepted")
+        )
+        n_valid = sum(c.status == "succeeded" for c in calls)
+        assert (n_accepted or 0) > 0 if n_valid else n_accepted == 0
+
+
+def test_token_budget_stops_generation_cleanly(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    job_id = _job(
+        st,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 1},
+        },
+        budget={"max_iterations": 5, "max_tokens": 3000},
+    )
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "succeeded"
+    assert job["status_reason"] == "token budget reached"
+    spent = job["tokens_in"] + job["tokens_out"]
+    assert 3000 <= spent < 3000 + 3000  # at most one call in flight past the budget
+
+
+def test_pause_takes_effect_within_a_batch_and_resume_finishes(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(latency_ms=150)
+    job_id = _job(
+        st,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 1},
+        },
+        budget={"max_iterations": 2},
+    )
+
+    def calls() -> int:
+        with st.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
+
+    stop = threading.Event()
+    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: calls() >= 2, 60, "generation to start")
+        paused = st.client.post(f"/v1/jobs/{job_id}/pause", headers=st.auth)
+        assert paused.status_code == 202
+        time.sleep(2.0)  # the running batch notices within its status poll and stops
+        frozen = calls()
+        time.sleep(1.5)
+        assert calls() == frozen, "no teacher call may start while the job is paused"
+        assert st.job(job_id)["status"] == "paused"
+        resumed = st.client.post(f"/v1/jobs/{job_id}/resume", headers=st.auth)
+        assert resumed.json()["status"] == "running"
+        job = wait_for(
+            lambda: (j := st.job(job_id))["status"] == "succeeded" and j,
+            180,
+            "the resumed job to finish",
+        )
+        iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
+        assert [it["number"] for it in iterations] == [0, 1, 2]
+        assert all(it["teacher_calls"] == it["targets_count"] for it in iterations[1:])
+        assert job["examples_accepted"] > 0
+    finally:
+        stop.set()
+        runner.join(timeout=30)

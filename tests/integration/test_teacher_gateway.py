@@ -1,0 +1,368 @@
+"""The teacher gateway end to end: the fake teacher as a real process, limits in real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from service.domain.teacher import (
+    ChatMessage,
+    GenerationParams,
+    StructuredMode,
+    TeacherCallStatus,
+    TeacherEndpoint,
+    TeacherLimits,
+    TeacherRequest,
+    TeacherResult,
+)
+from tests.fake_teacher.client import FakeTeacherProcess
+from workers.teacher import (
+    BackoffPolicy,
+    CapabilityCache,
+    Limiter,
+    LocalLimiter,
+    OpenAITeacher,
+    RedisLimiter,
+    TeacherQuota,
+    run_sync,
+)
+
+REDIS_URL = os.environ.get("DISTILL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["positive", "negative"]},
+        "text": {"type": "string", "maxLength": 400},
+    },
+    "required": ["label", "text"],
+    "additionalProperties": False,
+}
+FAST = BackoffPolicy(base_s=0.01, cap_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def teacher_server() -> Iterator[FakeTeacherProcess]:
+    with FakeTeacherProcess(latency_ms=30, api_key="sk-test") as proc:
+        yield proc
+
+
+@pytest.fixture
+def fake(teacher_server: FakeTeacherProcess) -> FakeTeacherProcess:
+    teacher_server.configure(
+        latency_ms=30,
+        jitter_ms=0,
+        max_concurrency=0,
+        retry_after_s=1.0,
+        error_rate=0.0,
+        malformed_rate=0.0,
+        truncate_rate=0.0,
+        hang_rate=0.0,
+        faults_first_attempt_only=False,
+        no_json_schema=False,
+    )
+    teacher_server.reset()
+    return teacher_server
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = f"distill-test:{uuid.uuid4().hex}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{value}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def requests(n: int, tag: str = "") -> list[TeacherRequest]:
+    return [
+        TeacherRequest(
+            template_id="review",
+            template_version="1",
+            messages=[
+                ChatMessage(role="user", content=f"Write movie review number {i} {tag}".strip())
+            ],
+            params=GenerationParams(max_tokens=120),
+            response_schema=SCHEMA,
+            sample_index=i,
+        )
+        for i in range(n)
+    ]
+
+
+def endpoint(fake: FakeTeacherProcess, **overrides: Any) -> TeacherEndpoint:
+    values: dict[str, Any] = {
+        "base_url": fake.base_url,
+        "model": "fake-teacher",
+        "api_key": "sk-test",
+        "limits": TeacherLimits(max_concurrency=8),
+        "timeout_s": 5.0,
+        "max_attempts": 5,
+        "limiter_key": f"teacher-{uuid.uuid4().hex[:8]}",
+    }
+    values.update(overrides)
+    return TeacherEndpoint(**values)
+
+
+async def run_all(
+    ep: TeacherEndpoint, limiter: Limiter, batch: list[TeacherRequest]
+) -> list[TeacherResult]:
+    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache(), backoff=FAST)
+    try:
+        return await teacher.generate(batch)
+    finally:
+        await teacher.aclose()
+
+
+def statuses(results: list[TeacherResult]) -> Counter[str]:
+    return Counter(r.status.value for r in results)
+
+
+# --------------------------------------------------------------------------- shared limits
+
+
+def test_two_gateways_sharing_redis_never_exceed_the_cap(
+    fake: FakeTeacherProcess, prefix: str
+) -> None:
+    fake.configure(max_concurrency=6)  # the server refuses with 429 past 6
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=6))
+
+    async def scenario() -> list[list[TeacherResult]]:
+        # Two limiters on one prefix: two worker processes, as far as Redis can tell.
+        first, second = RedisLimiter(REDIS_URL, prefix), RedisLimiter(REDIS_URL, prefix)
+        try:
+            return list(
+                await asyncio.gather(
+                    run_all(ep, first, requests(60, "a")), run_all(ep, second, requests(60, "b"))
+                )
+            )
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    a, b = run_sync(scenario())
+    assert statuses(a + b) == {"succeeded": 120}
+    stats = fake.stats()
+    assert stats["max_in_flight"] <= 6
+    assert stats["by_status"] == {"200": 120}  # not one 429: the limit held client-side
+    assert stats["duplicate_successes"] == 0
+
+
+def test_requests_per_minute_are_shared_through_redis(
+    fake: FakeTeacherProcess, prefix: str
+) -> None:
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=8, requests_per_minute=300))
+
+    async def scenario() -> float:
+        limiter = RedisLimiter(REDIS_URL, prefix)
+        quota = TeacherQuota.for_endpoint(ep)
+        try:
+            for _ in range(300):  # drain the minute's bucket
+                lease = await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+                await limiter.release(lease)
+            started = time.perf_counter()
+            await run_all(ep, limiter, requests(3))
+            return time.perf_counter() - started
+        finally:
+            await limiter.aclose()
+
+    # 5 requests a second once drained: three need about 0.6 s of refill, less what came back
+    # while draining.
+    assert run_sync(scenario()) >= 0.3
+
+
+def test_output_token_reservation_is_refunded_in_redis(prefix: str) -> None:
+    quota = TeacherQuota("refund", max_concurrency=4, output_tokens_per_minute=6000)
+
+    async def scenario() -> tuple[float, float]:
+        limiter = RedisLimiter(REDIS_URL, prefix)
+        try:
+            lease = await limiter.acquire(quota, input_tokens=0, output_tokens=6000)
+            await limiter.release(lease, input_tokens=0, output_tokens=0)
+            started = time.perf_counter()
+            lease = await limiter.acquire(quota, input_tokens=0, output_tokens=6000)
+            refunded = time.perf_counter() - started
+            await limiter.release(lease, input_tokens=0, output_tokens=6000)
+            started = time.perf_counter()
+            await limiter.acquire(quota, input_tokens=0, output_tokens=60)
+            return refunded, time.perf_counter() - started
+        finally:
+            await limiter.aclose()
+
+    refunded, waited = run_sync(scenario())
+    assert refunded < 0.1
+    assert 0.4 <= waited <= 1.5
+
+
+def test_a_killed_holders_slots_come_back_after_the_lease_ttl(prefix: str) -> None:
+    quota = TeacherQuota("lease", max_concurrency=1)
+
+    async def scenario() -> float:
+        dead = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=0.4)
+        await dead.acquire(quota, input_tokens=0, output_tokens=0)
+        await dead.aclose()  # stops renewing without releasing: what SIGKILL leaves behind
+        alive = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=0.4, poll_s=0.05)
+        try:
+            started = time.perf_counter()
+            await asyncio.wait_for(alive.acquire(quota, input_tokens=0, output_tokens=0), 3)
+            return time.perf_counter() - started
+        finally:
+            await alive.aclose()
+
+    assert 0.2 <= run_sync(scenario()) <= 1.5
+
+
+def test_a_live_holder_renews_its_lease_past_the_ttl(prefix: str) -> None:
+    quota = TeacherQuota("renew", max_concurrency=1)
+
+    async def scenario() -> bool:
+        holder = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=0.3)
+        other = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=0.3, poll_s=0.05)
+        try:
+            lease = await holder.acquire(quota, input_tokens=0, output_tokens=0)
+            try:
+                await asyncio.wait_for(other.acquire(quota, input_tokens=0, output_tokens=0), 1.0)
+            except TimeoutError:
+                blocked = True
+            else:
+                blocked = False
+            await holder.release(lease)
+            await asyncio.wait_for(other.acquire(quota, input_tokens=0, output_tokens=0), 1.0)
+            return blocked
+        finally:
+            await holder.aclose()
+            await other.aclose()
+
+    assert run_sync(scenario()) is True
+
+
+def test_a_redis_limiter_serves_successive_event_loops(
+    fake: FakeTeacherProcess, prefix: str
+) -> None:
+    limiter = RedisLimiter(REDIS_URL, prefix)  # one per worker process, run_sync per task
+    ep = endpoint(fake)
+    first = run_sync(run_all(ep, limiter, requests(4, "one")))
+    second = run_sync(run_all(ep, limiter, requests(4, "two")))
+    assert statuses(first + second) == {"succeeded": 8}
+
+
+# --------------------------------------------------------------------------- retries and errors
+
+
+def test_over_the_cap_429s_are_retried_and_the_window_adapts(fake: FakeTeacherProcess) -> None:
+    fake.configure(max_concurrency=4, retry_after_s=0.1)
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=12))
+    teacher = OpenAITeacher(ep, limiter=LocalLimiter(), capabilities_cache=CapabilityCache())
+
+    async def scenario() -> list[TeacherResult]:
+        try:
+            return await teacher.generate(requests(40))
+        finally:
+            await teacher.aclose()
+
+    results = run_sync(scenario())
+    assert statuses(results) == {"succeeded": 40}
+    stats = fake.stats()
+    assert stats["by_status"].get("429", 0) > 0
+    assert stats["by_status"]["200"] == 40
+    assert sum(r.retry_causes.get("http_429", 0) for r in results) == stats["by_status"]["429"]
+    assert teacher.window.limit < 12  # it learnt that the server takes fewer
+
+
+def test_faults_are_retried_and_reasked_without_duplicates(fake: FakeTeacherProcess) -> None:
+    fake.configure(
+        error_rate=0.2, malformed_rate=0.2, truncate_rate=0.1, faults_first_attempt_only=True
+    )
+    ep = endpoint(fake, max_reasks=3)
+    results = run_sync(run_all(ep, LocalLimiter(), requests(50)))
+    assert statuses(results) == {"succeeded": 50}
+    causes: Counter[str] = Counter()
+    for result in results:
+        causes.update(result.retry_causes)
+    assert causes["http_500"] > 0
+    assert causes["reask_invalid_json"] + causes["reask_truncated"] > 0
+    stats = fake.stats()
+    assert stats["duplicate_successes"] == 0
+    assert stats["by_status"]["500"] == causes["http_500"]
+    assert all(r.parsed["label"] in ("positive", "negative") for r in results)
+
+
+def test_a_hung_request_times_out_and_is_retried(fake: FakeTeacherProcess) -> None:
+    fake.configure(hang_rate=0.3, hang_s=30, faults_first_attempt_only=True)
+    ep = endpoint(fake, timeout_s=0.5)
+    results = run_sync(run_all(ep, LocalLimiter(), requests(10)))
+    assert statuses(results) == {"succeeded": 10}
+    assert sum(r.retry_causes.get("timeout", 0) for r in results) > 0
+
+
+def test_wrong_key_fails_fast_and_permanently(fake: FakeTeacherProcess) -> None:
+    ep = endpoint(fake, api_key="sk-wrong")
+    results = run_sync(run_all(ep, LocalLimiter(), requests(3)))
+    assert {(r.status, r.error_code, r.permanent, r.attempts) for r in results} == {
+        (TeacherCallStatus.failed, "http_401", True, 1)
+    }
+    assert results[0].error == "Incorrect API key provided."
+    assert fake.stats()["requests_total"] == 3
+
+
+def test_unknown_model_fails_fast_and_permanently(fake: FakeTeacherProcess) -> None:
+    ep = endpoint(fake, model="no-such-model")
+    (result,) = run_sync(run_all(ep, LocalLimiter(), requests(1)))
+    assert (result.status, result.error_code, result.permanent) == (
+        TeacherCallStatus.failed,
+        "http_404",
+        True,
+    )
+    assert result.error is not None and "no-such-model" in result.error
+
+
+def test_a_server_without_json_schema_gets_json_object(fake: FakeTeacherProcess) -> None:
+    fake.configure(no_json_schema=True)
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=1))
+    results = run_sync(run_all(ep, LocalLimiter(), requests(5)))
+    assert statuses(results) == {"succeeded": 5}
+    assert fake.stats()["by_status"] == {"200": 5, "500": 1}  # refused once, then remembered
+
+
+def test_fixed_text_mode_extracts_json(fake: FakeTeacherProcess) -> None:
+    ep = endpoint(fake, structured_mode=StructuredMode.text)
+    results = run_sync(run_all(ep, LocalLimiter(), requests(5)))
+    assert statuses(results) == {"succeeded": 5}
+
+
+# --------------------------------------------------------------------------- dispatch control
+
+
+def test_should_continue_stops_dispatch(fake: FakeTeacherProcess, prefix: str) -> None:
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=4))
+    seen: list[TeacherResult] = []
+
+    async def scenario() -> None:
+        limiter = RedisLimiter(REDIS_URL, prefix)
+        teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
+        spent = [0]
+        try:
+            async for result in teacher.stream(
+                requests(100), should_continue=lambda: spent[0] < 500
+            ):
+                seen.append(result)
+                spent[0] += result.tokens_in + result.tokens_out
+        finally:
+            await teacher.aclose()
+            await limiter.aclose()
+
+    run_sync(scenario())
+    assert 0 < len(seen) < 100
+    assert fake.stats()["requests_total"] == len(seen)  # every request sent was reported
+    assert sum(r.tokens_in + r.tokens_out for r in seen[:-4]) < 500  # stopped promptly

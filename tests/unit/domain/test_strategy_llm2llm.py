@@ -1,0 +1,401 @@
+"""LLM2LLM planning, parsing and stopping on fixed inputs; the strategy registry."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import Any, Literal
+
+import pytest
+
+from service.domain.spec import Budget, Stopping, TaskKind, TaskSpec
+from service.domain.strategies import (
+    LLM2LLM,
+    STRATEGIES,
+    EvaluatedRow,
+    ExampleKind,
+    GenerationTarget,
+    IterationOutcome,
+    LabelledRow,
+    LLM2LLMParams,
+    PlanContext,
+    get_strategy,
+    validate_params,
+)
+
+LABELS = ["billing", "shipping", "refund"]
+CLASSIFICATION = TaskSpec(kind=TaskKind.classification, instructions="Route it.", labels=LABELS)
+QA = TaskSpec(kind=TaskKind.qa, instructions="Solve the word problem.")
+GENERATION = TaskSpec(kind=TaskKind.generation, instructions="Summarise in one line.")
+DATA_RE = re.compile(r"<data>\n(.*?)\n</data>", re.DOTALL)
+
+
+def _seeds(n: int = 8) -> list[LabelledRow]:
+    return [
+        LabelledRow(row_id=f"s{i}", input=f"seed text {i}", output=LABELS[i % 3]) for i in range(n)
+    ]
+
+
+def _verdict(
+    row: LabelledRow, predicted: str, split: Literal["train", "validation"] = "train"
+) -> EvaluatedRow:
+    return EvaluatedRow(
+        row_id=row.row_id,
+        split=split,
+        input=row.input,
+        gold=row.output,
+        predicted=predicted,
+        confidence=0.8,
+        correct=predicted == row.output,
+    )
+
+
+def _ctx(
+    seeds: list[LabelledRow],
+    wrong: set[str],
+    *,
+    task: TaskSpec = CLASSIFICATION,
+    params: dict[str, Any] | None = None,
+    extra: list[EvaluatedRow] | None = None,
+    iteration: int = 1,
+    seed: int = 0,
+    max_examples: int | None = None,
+) -> PlanContext:
+    evaluated = [
+        _verdict(row, "refund" if row.output != "refund" else "billing")
+        if row.row_id in wrong
+        else _verdict(row, row.output)
+        for row in seeds
+    ]
+    return PlanContext(
+        task=task,
+        params=validate_params("llm2llm", params or {}),
+        iteration=iteration,
+        phase="generate",
+        seed=seed,
+        labels=task.labels,
+        train_rows=seeds,
+        evaluated=evaluated + (extra or []),
+        max_examples=max_examples,
+    )
+
+
+def _data(target: GenerationTarget) -> list[dict[str, Any]]:
+    blocks = DATA_RE.findall(target.request.messages[1].content)
+    return [json.loads(line) for block in blocks for line in block.split("\n")]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_one_target_per_wrong_seed_row() -> None:
+    seeds = _seeds()
+    targets = LLM2LLM().plan(_ctx(seeds, {"s1", "s4"}))
+    assert [t.target_id for t in targets] == ["err:s1", "err:s4"]
+    first = targets[0]
+    assert first.reason == "wrong_seed"
+    assert first.source_row_id == "s1"
+    assert first.expected_label == "shipping"
+    assert first.n_examples == 3
+    assert first.kind is ExampleKind.augmented
+    assert first.request.template_id == "llm2llm"
+    assert first.request.response_schema is not None
+    examples = first.request.response_schema["properties"]["examples"]
+    assert examples["minItems"] == examples["maxItems"] == 3
+    assert examples["items"]["properties"]["label"]["enum"] == LABELS
+    assert _data(first) == [
+        {"text": "seed text 1", "label": "shipping", "student_prediction": "refund"}
+    ]
+    assert 'Write 3 new examples like it, each labelled "shipping".' in (
+        first.request.messages[1].content
+    )
+
+
+def test_no_wrong_seed_rows_means_no_targets() -> None:
+    assert LLM2LLM().plan(_ctx(_seeds(), set())) == []
+
+
+def test_synthetic_and_validation_errors_never_seed_new_data() -> None:
+    seeds = _seeds(3)
+    synthetic = LabelledRow(row_id="gen-1", input="a synthetic example", output="billing")
+    held_out = LabelledRow(row_id="v1", input="a validation row", output="billing")
+    extra = [_verdict(synthetic, "refund"), _verdict(held_out, "refund", split="validation")]
+    targets = LLM2LLM().plan(_ctx(seeds, {"s2"}, extra=extra))
+    assert [t.source_row_id for t in targets] == ["s2"]
+
+
+def test_the_seed_row_not_the_evaluation_supplies_input_and_gold() -> None:
+    seeds = _seeds(3)
+    tampered = EvaluatedRow(
+        row_id="s0",
+        split="train",
+        input="other text",
+        gold="refund",
+        predicted="shipping",
+        confidence=0.9,
+        correct=False,
+    )
+    ctx = _ctx(seeds, set()).model_copy(update={"evaluated": [tampered]})
+    (target,) = LLM2LLM().plan(ctx)
+    assert _data(target)[0]["text"] == "seed text 0"
+    assert target.expected_label == "billing"
+
+
+def test_errors_are_capped_and_sampled_deterministically_in_seed_order() -> None:
+    seeds = _seeds(20)
+    wrong = {row.row_id for row in seeds}
+    ctx = _ctx(seeds, wrong, params={"max_errors_per_iteration": 5})
+    first = LLM2LLM().plan(ctx)
+    assert len(first) == 5
+    order = [int(t.source_row_id.removeprefix("s")) for t in first if t.source_row_id]
+    assert order == sorted(order)
+    again = LLM2LLM().plan(ctx)
+    assert [t.model_dump() for t in again] == [t.model_dump() for t in first]
+    other_seeds = {
+        tuple(
+            t.source_row_id
+            for t in LLM2LLM().plan(
+                _ctx(seeds, wrong, seed=s, params={"max_errors_per_iteration": 5})
+            )
+        )
+        for s in range(5)
+    }
+    assert len(other_seeds) > 1, "the job seed drives the sample"
+
+
+def test_plan_does_not_depend_on_the_order_rows_were_loaded_in() -> None:
+    seeds = _seeds(12)
+    ctx = _ctx(seeds, {"s1", "s3", "s7", "s8"}, params={"max_errors_per_iteration": 2})
+    shuffled = list(ctx.evaluated)
+    random.Random(3).shuffle(shuffled)
+    reordered = ctx.model_copy(update={"evaluated": shuffled})
+    assert [t.model_dump() for t in LLM2LLM().plan(reordered)] == [
+        t.model_dump() for t in LLM2LLM().plan(ctx)
+    ]
+
+
+def test_a_context_rebuilt_from_json_plans_the_same() -> None:
+    ctx = _ctx(_seeds(), {"s1", "s2"}, params={"examples_per_error": 4})
+    rebuilt = PlanContext.model_validate_json(ctx.model_dump_json())
+    assert rebuilt.params == {"examples_per_error": 4, "max_errors_per_iteration": 64}
+    assert [t.model_dump() for t in LLM2LLM().plan(rebuilt)] == [
+        t.model_dump() for t in LLM2LLM().plan(ctx)
+    ]
+
+
+def test_budget_trims_the_plan() -> None:
+    seeds = _seeds()
+    targets = LLM2LLM().plan(_ctx(seeds, {"s0", "s1", "s2", "s3"}, max_examples=7))
+    assert [t.n_examples for t in targets] == [3, 3, 1]
+    last_schema = targets[-1].request.response_schema
+    assert last_schema is not None
+    assert last_schema["properties"]["examples"]["maxItems"] == 1
+    assert LLM2LLM().plan(_ctx(seeds, {"s0"}, max_examples=0)) == []
+
+
+def test_a_seed_still_wrong_next_iteration_gets_a_fresh_request() -> None:
+    seeds = _seeds(3)
+    first = LLM2LLM().plan(_ctx(seeds, {"s1"}, iteration=1))[0]
+    second = LLM2LLM().plan(_ctx(seeds, {"s1"}, iteration=2))[0]
+    assert first.request.messages == second.request.messages
+    assert first.request.fingerprint("m") != second.request.fingerprint("m")
+
+
+def test_qa_targets_ask_for_the_same_skill_with_new_answers() -> None:
+    seeds = [
+        LabelledRow(row_id="q1", input="Tom has 3 apples and buys 4.", output="3+4=7\n#### 7"),
+        LabelledRow(row_id="q2", input="Ann has 10 pens and loses 2.", output="10-2=8\n#### 8"),
+    ]
+    evaluated = [
+        EvaluatedRow(
+            row_id="q1",
+            split="train",
+            input=seeds[0].input,
+            gold="7",
+            predicted="12",
+            correct=False,
+        ),
+        EvaluatedRow(
+            row_id="q2", split="train", input=seeds[1].input, gold="8", predicted="8", correct=True
+        ),
+    ]
+    ctx = PlanContext(
+        task=QA,
+        params=LLM2LLMParams(examples_per_error=2),
+        iteration=1,
+        phase="generate",
+        train_rows=seeds,
+        evaluated=evaluated,
+    )
+    (target,) = LLM2LLM().plan(ctx)
+    assert target.expected_label is None
+    assert _data(target) == [
+        {"question": seeds[0].input, "answer": "3+4=7\n#### 7", "student_prediction": "12"}
+    ]
+    schema = target.request.response_schema
+    assert schema is not None
+    item = schema["properties"]["examples"]["items"]
+    assert list(item["properties"]) == ["question", "rationale", "answer"]
+
+
+def test_generation_tasks_get_free_text_outputs() -> None:
+    seeds = [LabelledRow(row_id="g1", input="A long text.", output="Short.")]
+    evaluated = [
+        EvaluatedRow(
+            row_id="g1",
+            split="train",
+            input="A long text.",
+            gold="Short.",
+            predicted="Long.",
+            correct=False,
+        )
+    ]
+    ctx = PlanContext(
+        task=GENERATION,
+        params=LLM2LLMParams(),
+        iteration=1,
+        phase="generate",
+        train_rows=seeds,
+        evaluated=evaluated,
+    )
+    (target,) = LLM2LLM().plan(ctx)
+    schema = target.request.response_schema
+    assert schema is not None
+    item = schema["properties"]["examples"]["items"]
+    assert item["properties"] == {"input": {"type": "string"}, "output": {"type": "string"}}
+
+
+def test_unknown_phase_is_refused() -> None:
+    ctx = _ctx(_seeds(), {"s1"}).model_copy(update={"phase": "final"})
+    with pytest.raises(ValueError, match="unknown phase"):
+        LLM2LLM().plan(ctx)
+
+
+# --------------------------------------------------------------------------- parse
+
+
+def _target(n: int = 3) -> GenerationTarget:
+    targets = LLM2LLM().plan(_ctx(_seeds(), {"s1"}, params={"examples_per_error": n}))
+    return targets[0]
+
+
+def test_parse_keeps_good_items_and_skips_malformed_ones() -> None:
+    target = _target(3)
+    output = {
+        "examples": [
+            {"text": "  Where is my parcel?  ", "label": "shipping"},
+            "not an object",
+            {"text": "missing label"},
+            {"text": None, "label": "shipping"},
+            {"text": "Label outside the set", "label": "weather"},
+            {"text": "Another label", "label": "billing"},
+            {"text": "Past the requested count", "label": "shipping"},
+        ]
+    }
+    candidates = LLM2LLM().parse(target, output, _ctx(_seeds(), {"s1"}))
+    assert [(c.input, c.output) for c in candidates] == [
+        ("Where is my parcel?", "shipping"),
+        ("Label outside the set", "weather"),
+        ("Another label", "billing"),
+    ]
+    assert all(c.kind is ExampleKind.augmented for c in candidates)
+    assert candidates[0].meta == {"item_index": 0, "expected_label": "shipping"}
+    assert candidates[1].meta["item_index"] == 4
+
+
+@pytest.mark.parametrize("output", [None, [], "text", {"items": []}, {"examples": {"a": 1}}])
+def test_parse_raises_only_on_a_wrong_top_level_shape(output: Any) -> None:
+    with pytest.raises(ValueError):
+        LLM2LLM().parse(_target(), output, _ctx(_seeds(), {"s1"}))
+
+
+def test_parse_of_an_empty_list_is_empty() -> None:
+    assert LLM2LLM().parse(_target(), {"examples": []}, _ctx(_seeds(), {"s1"})) == []
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def _history(*metrics: float | None) -> list[IterationOutcome]:
+    return [
+        IterationOutcome(iteration=i, metric=m, accepted=5, targets=2)
+        for i, m in enumerate(metrics)
+    ]
+
+
+def test_decide_stops_when_no_seed_example_is_wrong() -> None:
+    seeds = _seeds()
+    decision = LLM2LLM().decide(
+        _history(0.5, 0.6),
+        stopping=Stopping(),
+        budget=Budget(max_iterations=5),
+        ctx=_ctx(seeds, set()),
+    )
+    assert (decision.stop, decision.reason, decision.best_iteration) == (True, "no_errors", 1)
+
+
+def test_decide_continues_while_seed_errors_remain() -> None:
+    decision = LLM2LLM().decide(
+        _history(0.5, 0.6),
+        stopping=Stopping(),
+        budget=Budget(max_iterations=5),
+        ctx=_ctx(_seeds(), {"s3"}),
+    )
+    assert (decision.stop, decision.reason) == (False, None)
+
+
+def test_decide_without_an_evaluation_keeps_going() -> None:
+    ctx = _ctx(_seeds(), set()).model_copy(update={"evaluated": []})
+    decision = LLM2LLM().decide(
+        _history(0.5, 0.6), stopping=Stopping(), budget=Budget(max_iterations=5), ctx=ctx
+    )
+    assert decision.stop is False
+
+
+def test_decide_stops_after_max_iterations() -> None:
+    decision = LLM2LLM().decide(
+        _history(0.5, 0.6, 0.7),
+        stopping=Stopping(),
+        budget=Budget(max_iterations=2),
+        ctx=_ctx(_seeds(), {"s3"}),
+    )
+    assert (decision.stop, decision.reason, decision.best_iteration) == (
+        True,
+        "max_iterations",
+        2,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_names_every_strategy() -> None:
+    assert sorted(STRATEGIES) == ["arte", "llm2llm", "pgkd", "random", "rationales"]
+    for name, cls in STRATEGIES.items():
+        strategy = get_strategy(name)
+        assert isinstance(strategy, cls)
+        assert strategy.name == name
+        assert strategy.mining_split in ("train", "validation")
+        assert isinstance(validate_params(name, {}), cls.Params)
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        get_strategy("nope")
+
+
+def test_validate_params_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match=r"params\.examples_per_error: .*greater than or equal"):
+        validate_params("llm2llm", {"examples_per_error": 0})
+    with pytest.raises(ValueError, match=r"params\.examples_per_eror: Extra inputs"):
+        validate_params("llm2llm", {"examples_per_eror": 3})
+    assert validate_params("llm2llm", {"examples_per_error": 5}) == LLM2LLMParams(
+        examples_per_error=5
+    )
+
+
+def test_validate_params_checks_the_task_kind_when_given() -> None:
+    with pytest.raises(ValueError, match=r"task\.kind: strategy pgkd supports classification"):
+        validate_params("pgkd", {}, task=QA)
+    validate_params("llm2llm", {}, task=GENERATION)

@@ -1,0 +1,130 @@
+"""In-process limiter semantics: concurrency slots, request and token buckets, refunds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from workers.teacher import LocalLimiter, TeacherQuota, run_sync
+
+
+def test_concurrency_slots_are_granted_in_order_and_given_back() -> None:
+    async def scenario() -> list[int]:
+        limiter = LocalLimiter()
+        quota = TeacherQuota("t", max_concurrency=2)
+        first = await limiter.acquire(quota, input_tokens=1, output_tokens=1)
+        await limiter.acquire(quota, input_tokens=1, output_tokens=1)
+        order: list[int] = []
+
+        async def wait(i: int) -> None:
+            await limiter.acquire(quota, input_tokens=1, output_tokens=1)
+            order.append(i)
+
+        waiters = [asyncio.create_task(wait(i)) for i in range(2)]
+        await asyncio.sleep(0.02)
+        assert order == []  # both slots are taken
+        await limiter.release(first)
+        await asyncio.wait_for(waiters[0], 1)
+        assert order == [0]
+        assert not waiters[1].done()
+        waiters[1].cancel()
+        return order
+
+    assert run_sync(scenario()) == [0]
+
+
+def test_requests_per_minute_bucket_makes_the_next_request_wait() -> None:
+    async def scenario() -> float:
+        limiter = LocalLimiter()
+        quota = TeacherQuota("t", max_concurrency=100, requests_per_minute=600)  # 10 a second
+        for _ in range(600):  # the bucket starts full: a minute's worth at once
+            await limiter.release(await limiter.acquire(quota, input_tokens=0, output_tokens=0))
+        started = time.perf_counter()
+        await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+        return time.perf_counter() - started
+
+    assert 0.07 <= run_sync(scenario()) <= 0.5
+
+
+def test_unused_output_reservation_is_refunded() -> None:
+    async def scenario() -> tuple[float, float]:
+        limiter = LocalLimiter()
+        quota = TeacherQuota("t", max_concurrency=10, output_tokens_per_minute=6000)
+        # Reserve the whole minute (max_tokens), generate nothing: all of it comes back.
+        lease = await limiter.acquire(quota, input_tokens=0, output_tokens=6000)
+        await limiter.release(lease, input_tokens=0, output_tokens=0)
+        started = time.perf_counter()
+        lease = await limiter.acquire(quota, input_tokens=0, output_tokens=6000)
+        refunded = time.perf_counter() - started
+        # This time all of it is used: the next 60 tokens must wait for the refill (100/s).
+        await limiter.release(lease, input_tokens=0, output_tokens=6000)
+        started = time.perf_counter()
+        await limiter.acquire(quota, input_tokens=0, output_tokens=60)
+        return refunded, time.perf_counter() - started
+
+    refunded, waited = run_sync(scenario())
+    assert refunded < 0.05
+    assert 0.5 <= waited <= 1.2
+
+
+def test_input_underestimate_is_charged_afterwards() -> None:
+    async def scenario() -> float:
+        limiter = LocalLimiter()
+        quota = TeacherQuota("t", max_concurrency=10, input_tokens_per_minute=6000)
+        lease = await limiter.acquire(quota, input_tokens=100, output_tokens=0)
+        await limiter.release(lease, input_tokens=5950, output_tokens=0)  # far more than guessed
+        started = time.perf_counter()
+        await limiter.acquire(quota, input_tokens=60, output_tokens=0)
+        return time.perf_counter() - started
+
+    assert 0.05 <= run_sync(scenario()) <= 1.0
+
+
+def test_a_reservation_larger_than_the_budget_is_capped_so_it_can_ever_pass() -> None:
+    quota = TeacherQuota("t", max_concurrency=1, output_tokens_per_minute=500)
+    assert quota.clamp(10, 4096) == (10, 500)
+
+    async def scenario() -> int:
+        limiter = LocalLimiter()
+        lease = await asyncio.wait_for(
+            limiter.acquire(quota, input_tokens=10, output_tokens=4096), 1
+        )
+        return lease.output_tokens
+
+    assert run_sync(scenario()) == 500
+
+
+def test_a_limiter_outlives_its_event_loop() -> None:
+    limiter = LocalLimiter()
+    quota = TeacherQuota("t", max_concurrency=1)
+
+    async def cycle() -> None:
+        lease = await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+        await limiter.release(lease)
+
+    run_sync(cycle())
+    run_sync(cycle())  # a second run_sync: new loop, same limits
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_many_waiters_never_exceed_the_cap(concurrency: int) -> None:
+    async def scenario() -> int:
+        limiter = LocalLimiter()
+        quota = TeacherQuota("t", max_concurrency=concurrency)
+        running = peak = 0
+
+        async def work() -> None:
+            nonlocal running, peak
+            lease = await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.001)
+            running -= 1
+            await limiter.release(lease)
+
+        await asyncio.gather(*(work() for _ in range(30)))
+        return peak
+
+    assert run_sync(scenario()) == concurrency

@@ -1,0 +1,232 @@
+"""Structured output: response_format per mode, JSON extraction, validation, re-ask messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from service.domain.teacher import (
+    ChatMessage,
+    StructuredMode,
+    TeacherEndpoint,
+    TeacherRequest,
+)
+from workers.teacher.structured import (
+    CapabilityCache,
+    ExtractionError,
+    Reask,
+    check_output,
+    extract_json,
+    is_format_refusal,
+    render_messages,
+    response_format,
+    schema_info,
+)
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["pos", "neg"]},
+        "score": {"type": "number"},
+    },
+    "required": ["label", "score"],
+    "additionalProperties": False,
+}
+
+
+def make_request(schema: dict[str, Any] | None = SCHEMA, **kw: Any) -> TeacherRequest:
+    return TeacherRequest(
+        template_id="review",
+        template_version="3",
+        messages=[
+            ChatMessage(role="system", content="You write reviews."),
+            ChatMessage(role="user", content="Write one."),
+        ],
+        response_schema=schema,
+        schema_name="review output",
+        **kw,
+    )
+
+
+def endpoint(mode: StructuredMode = StructuredMode.auto) -> TeacherEndpoint:
+    return TeacherEndpoint(
+        base_url="http://llama.test/v1", model="m", structured_mode=mode, limiter_key="t"
+    )
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"label": "pos", "score": 1}',
+        '  {"label": "pos", "score": 1}\n',
+        'Sure! ```json\n{"label": "pos", "score": 1}\n``` Hope that helps.',
+        '```\n{"label": "pos", "score": 1}\n```',
+        'Here it is: {"label": "pos", "score": 1} -- done',
+        '<think>maybe {"label": "neg"}</think>{"label": "pos", "score": 1}',
+        'Note {not json} then {"label": "pos", "score": 1}',
+    ],
+)
+def test_extract_json_finds_the_object(text: str) -> None:
+    assert extract_json(text, expect=dict) == {"label": "pos", "score": 1}
+
+
+def test_extract_json_handles_braces_inside_strings() -> None:
+    text = 'Answer: {"label": "pos", "note": "a } and a { inside", "score": 2} trailing }'
+    assert extract_json(text)["note"] == "a } and a { inside"
+
+
+def test_extract_json_respects_the_expected_kind() -> None:
+    text = 'Items [1, 2] and then {"a": 1}'
+    assert extract_json(text) == [1, 2]
+    assert extract_json(text, expect=dict) == {"a": 1}
+    assert extract_json('{"a": 1} [3]', expect=list) == [3]
+
+
+@pytest.mark.parametrize("text", ["", "no json here", '{"label": "pos", "score"', "{{{"])
+def test_extract_json_raises_when_there_is_none(text: str) -> None:
+    with pytest.raises(ExtractionError):
+        extract_json(text, expect=dict)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_check_output_accepts_a_valid_answer() -> None:
+    verdict = check_output('{"label": "neg", "score": 0.2}', "stop", SCHEMA)
+    assert verdict.ok
+    assert verdict.parsed == {"label": "neg", "score": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "code"),
+    [
+        ('{"label": "neg", "score": 0.2}', "length", "truncated"),
+        ('{"label": "neg", "sc', "length", "truncated"),
+        ("", "stop", "empty"),
+        (None, "stop", "empty"),
+        ("whatever", "content_filter", "content_filter"),
+        ('{"label": "neg", "score": ', "stop", "invalid_json"),
+        ('{"label": "maybe", "score": 1}', "stop", "schema_invalid"),
+        ('{"label": "pos"}', "stop", "schema_invalid"),
+    ],
+)
+def test_check_output_rejects(text: str | None, finish: str, code: str) -> None:
+    verdict = check_output(text, finish, SCHEMA)
+    assert not verdict.ok
+    assert verdict.error_code == code
+    assert verdict.error
+
+
+def test_schema_errors_name_the_place() -> None:
+    verdict = check_output('{"label": "maybe", "score": 1}', "stop", SCHEMA)
+    assert verdict.error is not None and verdict.error.startswith("at label:")
+
+
+def test_free_text_needs_no_json() -> None:
+    assert check_output("just prose", "stop", None).ok
+    assert check_output("cut mid-senten", "length", None).error_code == "truncated"
+
+
+def test_invalid_schema_is_refused() -> None:
+    import jsonschema
+
+    with pytest.raises(jsonschema.SchemaError):
+        schema_info({"type": "no-such-type"})
+
+
+# --------------------------------------------------------------------------- request side
+
+
+def test_response_format_per_mode() -> None:
+    request = make_request()
+    fmt = response_format(request, StructuredMode.json_schema)
+    assert fmt == {
+        "type": "json_schema",
+        "json_schema": {"name": "review_output", "schema": SCHEMA, "strict": True},
+    }
+    assert response_format(request, StructuredMode.json_object) == {
+        "type": "json_object",
+        "schema": SCHEMA,
+    }
+    assert response_format(request, StructuredMode.text) is None
+    assert response_format(make_request(None), StructuredMode.json_schema) is None
+
+
+def test_strict_only_for_closed_schemas() -> None:
+    open_schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    fmt = response_format(make_request(open_schema), StructuredMode.json_schema)
+    assert fmt is not None and "strict" not in fmt["json_schema"]
+
+
+def test_schema_goes_into_the_prompt_only_without_constrained_decoding() -> None:
+    request = make_request()
+    plain = render_messages(request, StructuredMode.json_schema)
+    assert plain == [
+        {"role": "system", "content": "You write reviews."},
+        {"role": "user", "content": "Write one."},
+    ]
+    for mode in (StructuredMode.json_object, StructuredMode.text):
+        messages = render_messages(request, mode)
+        assert len(messages) == 2
+        assert messages[-1]["content"].startswith("Write one.\n\n")
+        assert "JSON schema" in messages[-1]["content"]
+        assert json.dumps(SCHEMA, sort_keys=True, separators=(",", ":")) in messages[-1]["content"]
+    assert request.messages[-1].content == "Write one."  # the request itself is untouched
+
+
+def test_reask_quotes_the_bad_answer_and_corrects_it() -> None:
+    request = make_request()
+    reask = Reask('{"label": "maybe"}', "schema_invalid", "at label: 'maybe' is not one of")
+    messages = render_messages(request, StructuredMode.json_schema, reask)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == '{"label": "maybe"}'
+    assert "invalid (at label: 'maybe' is not one of)" in messages[3]["content"]
+    # Deterministic: the same failure gives the same re-ask, so it is cacheable and repeatable.
+    assert messages == render_messages(request, StructuredMode.json_schema, reask)
+
+
+def test_reask_after_truncation_keeps_roles_alternating() -> None:
+    request = make_request()
+    reask = Reask('{"label": "po', "truncated", "hit max_tokens")
+    messages = render_messages(request, StructuredMode.text, reask)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "cut off" in messages[-1]["content"]
+    assert messages[-1]["content"].count("JSON schema") == 2  # prompt and correction
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def test_auto_mode_steps_down_one_level_at_a_time() -> None:
+    cache = CapabilityCache()
+    ep = endpoint()
+    assert cache.mode_for(ep) is StructuredMode.json_schema
+    assert cache.downgrade(ep, StructuredMode.json_schema) is StructuredMode.json_object
+    assert cache.mode_for(ep) is StructuredMode.json_object
+    # A request that was still in json_schema learns where the others already are.
+    assert cache.downgrade(ep, StructuredMode.json_schema) is StructuredMode.json_object
+    assert cache.downgrade(ep, StructuredMode.json_object) is StructuredMode.text
+    assert cache.downgrade(ep, StructuredMode.text) is None
+    other_model = ep.model_copy(update={"model": "other"})
+    assert cache.mode_for(other_model) is StructuredMode.json_schema
+
+
+def test_a_fixed_mode_never_changes() -> None:
+    cache = CapabilityCache()
+    ep = endpoint(StructuredMode.json_object)
+    assert cache.mode_for(ep) is StructuredMode.json_object
+    assert cache.downgrade(ep, StructuredMode.json_object) is None
+
+
+def test_format_refusals_are_recognised() -> None:
+    llama = 'response_format type must be one of "text" or "json_object", but got: json_schema'
+    assert is_format_refusal(500, llama, StructuredMode.json_schema)
+    assert is_format_refusal(400, "Invalid parameter: response_format", StructuredMode.json_object)
+    assert not is_format_refusal(500, "The server had an error", StructuredMode.json_schema)
+    assert not is_format_refusal(429, "response_format", StructuredMode.json_schema)
+    assert not is_format_refusal(500, "response_format", StructuredMode.text)
