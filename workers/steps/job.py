@@ -243,15 +243,42 @@ def store_batches(
 
 def reconcile(session: Session, stuck_after_s: int) -> int:
     """Re-enqueue work of running jobs that made no progress past the deadline (lost messages,
-    killed workers). Every step is idempotent, so a spurious re-enqueue costs nothing."""
+    killed workers). Every step is idempotent, so a spurious re-enqueue costs nothing.
+
+    Work a dead worker left claimed is released and re-enqueued here, whatever the state of
+    its job: a job whose other batches are still running looks alive, and would otherwise wait
+    for those to finish and for its own heartbeat to go stale before anyone noticed."""
     deadline = utcnow() - timedelta(seconds=stuck_after_s)
-    # Batches left running by a dead worker go back to pending.
-    session.execute(
+    # Batches left running by a dead worker go back to pending and are sent out again.
+    released = session.execute(
         update(GenerationBatch)
         .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < deadline)
         .values(status=BatchStatus.pending, updated_at=utcnow())
+        .returning(GenerationBatch.id, GenerationBatch.job_id)
         .execution_options(synchronize_session=False)
+    ).all()
+    # An evaluation left claimed by a dead worker is ready to evaluate again.
+    abandoned = session.execute(
+        update(Iteration)
+        .where(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < deadline)
+        .values(status=IterationStatus.pending, updated_at=utcnow())
+        .returning(Iteration.id, Iteration.job_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    owners = {job_id for _, job_id in (*released, *abandoned)}
+    running = set(
+        session.scalars(select(Job.id).where(Job.id.in_(owners), Job.status == JobStatus.running))
+        if owners
+        else ()
     )
+    for batch_id, job_id in released:
+        if job_id in running:
+            tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
+    for iteration_id, job_id in abandoned:
+        if job_id in running:
+            tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(iteration_id))
+    if released or abandoned:
+        log.warning("reconcile.released", batches=len(released), evaluations=len(abandoned))
     stuck = session.scalars(
         select(Job).where(
             Job.status.in_([JobStatus.running, JobStatus.queued]),
