@@ -93,6 +93,9 @@ class Config:
     faults_first_attempt_only: bool = False
     api_key: str | None = None
     no_json_schema: bool = False
+    # Body fields answered with a 400 as OpenAI words it (a backend that does not take `seed`,
+    # a reasoning model that wants max_completion_tokens or only the default temperature).
+    refuse_params: list[str] = field(default_factory=list)
     down: bool = False
 
     def update(self, changes: Mapping[str, Any]) -> None:
@@ -132,6 +135,10 @@ def _coerce(key: str, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise ValueError("api_key must be a string or null")
         return value or None
+    if key == "refuse_params":
+        if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+            raise ValueError("refuse_params must be a list of parameter names")
+        return list(value)
     if key == "models":
         names = [value] if isinstance(value, str) else value
         if (
@@ -655,14 +662,40 @@ def generate_from_schema(schema: Any, rng: random.Random, ctx: PromptContext) ->
 class RequestError(Exception):
     """A request the server refuses, carried to the handler as (status, OpenAI error body)."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str | int | None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | int | None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = error_body(message, type_, code)
+        self.body = error_body(message, type_, code, param)
 
 
-def error_body(message: str, type_: str, code: str | int | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def error_body(
+    message: str, type_: str, code: str | int | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def refusal_message(name: str, value: Any) -> tuple[str, str]:
+    """(message, code) in OpenAI's words for a body field this server does not take."""
+    if name == "max_tokens":
+        return (
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "unsupported_parameter",
+        )
+    if name in ("temperature", "top_p"):
+        return (
+            f"Unsupported value: '{name}' does not support {value} with this model. "
+            "Only the default (1) value is supported.",
+            "unsupported_value",
+        )
+    return f"Unrecognized request argument supplied: {name}", "unsupported_parameter"
 
 
 @dataclass(slots=True)
@@ -863,6 +896,10 @@ class TeacherState:
                     "invalid_request_error",
                     "invalid_value",
                 )
+            for name in cfg.refuse_params:
+                if name in body:
+                    message, code = refusal_message(name, body[name])
+                    raise RequestError(400, message, "invalid_request_error", code, param=name)
             if body.get("stream"):
                 raise RequestError(
                     400,

@@ -67,6 +67,7 @@ def fake(teacher_server: FakeTeacherProcess) -> FakeTeacherProcess:
         hang_rate=0.0,
         faults_first_attempt_only=False,
         no_json_schema=False,
+        refuse_params=[],
     )
     teacher_server.reset()
     return teacher_server
@@ -333,6 +334,30 @@ def test_a_server_without_json_schema_gets_json_object(fake: FakeTeacherProcess)
     results = run_sync(run_all(ep, LocalLimiter(), requests(5)))
     assert statuses(results) == {"succeeded": 5}
     assert fake.stats()["by_status"] == {"200": 5, "500": 1}  # refused once, then remembered
+
+
+def test_refused_optional_parameters_are_dropped_or_renamed_and_remembered(
+    fake: FakeTeacherProcess,
+) -> None:
+    # A hosted reasoning model: no seed, and max_completion_tokens instead of max_tokens.
+    fake.configure(refuse_params=["seed", "max_tokens"])
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=1))
+    results = run_sync(run_all(ep, LocalLimiter(), requests(6)))
+    assert statuses(results) == {"succeeded": 6}
+    # Each field refused once, then never sent again.
+    assert fake.stats()["by_status"] == {"200": 6, "400": 2}
+    causes: Counter[str] = Counter()
+    for r in results:
+        causes.update(r.retry_causes)
+    assert causes == {"param_seed_refused": 1, "param_max_tokens_refused": 1}
+
+
+def test_a_refused_max_completion_tokens_is_dropped_too(fake: FakeTeacherProcess) -> None:
+    fake.configure(refuse_params=["max_tokens", "max_completion_tokens"])
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=1))
+    results = run_sync(run_all(ep, LocalLimiter(), requests(3)))
+    assert statuses(results) == {"succeeded": 3}
+    assert fake.stats()["by_status"] == {"200": 3, "400": 2}
 
 
 def test_fixed_text_mode_extracts_json(fake: FakeTeacherProcess) -> None:

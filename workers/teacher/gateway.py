@@ -32,6 +32,7 @@ from workers.teacher.structured import (
     Reask,
     check_output,
     is_format_refusal,
+    refused_param,
     render_messages,
     response_format,
     schema_info,
@@ -360,6 +361,7 @@ class OpenAITeacher:
             body["top_p"] = params.top_p
         if fmt is not None:
             body["response_format"] = fmt
+        self._capabilities.adapt_params(self.endpoint, body)
         call.body = body
         # Backends that decode under a schema also count it as prompt.
         schema_chars = (
@@ -375,6 +377,8 @@ class OpenAITeacher:
         if _MODE_RANK[current] > _MODE_RANK[call.mode]:
             call.mode = current
             self._prepare(call)
+        else:
+            self._capabilities.adapt_params(self.endpoint, call.body)
 
     async def _acquire(self, call: _Call) -> Lease:
         started = time.perf_counter()
@@ -493,6 +497,23 @@ class OpenAITeacher:
                         output_tokens=0 if answered else None,
                         overloaded=verdict.status == 429 and not verdict.permanent,
                     )
+                    refused = refused_param(
+                        verdict.status, verdict.message, verdict.param, call.body
+                    )
+                    if refused is not None:
+                        # Bounded: a dropped field is never sent again, and there are few.
+                        self._capabilities.refuse_param(endpoint, refused)
+                        log.warning(
+                            "teacher.parameter_dropped",
+                            teacher=endpoint.limiter_key,
+                            model=endpoint.model,
+                            param=refused,
+                            status=verdict.status,
+                            message=verdict.message[:300],
+                        )
+                        self._prepare(call)
+                        call.count(f"param_{refused}_refused")
+                        continue
                     if schema is not None and is_format_refusal(
                         verdict.status, verdict.message, sent_mode
                     ):

@@ -46,6 +46,7 @@ class ErrorVerdict:
     permanent: bool = False  # the teacher refuses this job (bad key, unknown model, no quota)
     status: int | None = None
     retry_after_s: float | None = None  # what the server asked us to wait, if it said so
+    param: str | None = None  # the request parameter the server named, if it named one
 
 
 def parse_duration(text: str) -> float | None:
@@ -157,7 +158,8 @@ def classify_error(exc: BaseException) -> ErrorVerdict:
             return ErrorVerdict(False, f"http_{status}", message, True, status)
         if code == "context_length_exceeded" or _CONTEXT_LENGTH_RE.search(message):
             return ErrorVerdict(False, "context_length", message, False, status)
-        return ErrorVerdict(False, f"http_{status}", message, False, status)
+        param = exc.param if isinstance(getattr(exc, "param", None), str) else None
+        return ErrorVerdict(False, f"http_{status}", message, False, status, param=param)
     if isinstance(exc, openai.APIResponseValidationError):
         return ErrorVerdict(True, "bad_response", str(exc))
     return ErrorVerdict(False, "internal_error", f"{type(exc).__name__}: {exc}")

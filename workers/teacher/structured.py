@@ -31,6 +31,21 @@ _FORMAT_REFUSAL_RE: Final = re.compile(
     re.IGNORECASE,
 )
 _FORMAT_REFUSAL_STATUSES: Final = frozenset({400, 422, 500, 501})
+# Body fields a request can do without. A backend that refuses one gets requests without it from
+# then on (max_tokens is renamed, as OpenAI's reasoning models ask: "Use 'max_completion_tokens'
+# instead"); model, messages and response_format are never dropped here.
+OPTIONAL_PARAMS: Final = ("seed", "top_p", "temperature", "max_tokens", "max_completion_tokens")
+_PARAM_REPLACEMENT: Final = {"max_tokens": "max_completion_tokens"}
+# How servers say "I do not take this field": OpenAI ("Unrecognized request argument supplied",
+# "Unsupported parameter", "Unsupported value: 'temperature' does not support 0.2"), pydantic
+# servers (422 "Extra inputs are not permitted", "extra_forbidden"), others ("unknown field").
+_PARAM_REFUSAL_RE: Final = re.compile(
+    r"unrecogni[sz]ed|unsupported|not supported|does not support|unknown (?:parameter|field|"
+    r"argument|key|name)|extra[ _](?:inputs?|fields?|forbidden)|not permitted|not allowed|"
+    r"unexpected (?:keyword|parameter|field|argument)",
+    re.IGNORECASE,
+)
+_PARAM_REFUSAL_STATUSES: Final = frozenset({400, 422})
 _FENCE_RE: Final = re.compile(r"```(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.DOTALL)
 _THINK_RE: Final = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _SCHEMA_NAME_RE: Final = re.compile(r"[^a-zA-Z0-9_-]")
@@ -47,6 +62,7 @@ class CapabilityCache:
 
     def __init__(self) -> None:
         self._modes: dict[tuple[str, str], StructuredMode] = {}
+        self._refused: dict[tuple[str, str], frozenset[str]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -74,9 +90,28 @@ class CapabilityCache:
                 self._modes[key] = weaker
             return weaker
 
+    def refuse_param(self, endpoint: TeacherEndpoint, name: str) -> None:
+        """Remember that this backend refuses the optional body field `name`."""
+        key = self._key(endpoint)
+        with self._lock:
+            self._refused[key] = self._refused.get(key, frozenset()) | {name}
+
+    def adapt_params(self, endpoint: TeacherEndpoint, body: dict[str, Any]) -> None:
+        """Drop (or rename) in place the optional fields this backend is known to refuse."""
+        refused = self._refused.get(self._key(endpoint))
+        if not refused:
+            return
+        for name in OPTIONAL_PARAMS:
+            if name in refused and name in body:
+                value = body.pop(name)
+                replacement = _PARAM_REPLACEMENT.get(name)
+                if replacement is not None and replacement not in refused:
+                    body.setdefault(replacement, value)
+
     def clear(self) -> None:
         with self._lock:
             self._modes.clear()
+            self._refused.clear()
 
 
 DEFAULT_CAPABILITIES: Final = CapabilityCache()
@@ -89,6 +124,29 @@ def is_format_refusal(status: int | None, message: str, mode: StructuredMode) ->
         and status in _FORMAT_REFUSAL_STATUSES
         and _FORMAT_REFUSAL_RE.search(message) is not None
     )
+
+
+def refused_param(
+    status: int | None, message: str, param: str | None, body: dict[str, Any]
+) -> str | None:
+    """The optional body field an HTTP error says the backend does not take, if it says so.
+
+    Only fields that were sent count, and only a refusal ("unsupported", "unrecognized", "extra
+    inputs are not permitted"...): "Invalid 'max_tokens': must be at least 1" is our own bad
+    value and stays an error. When the server names the field (OpenAI's `param`) that wins;
+    otherwise the first sent field the message names.
+    """
+    if status not in _PARAM_REFUSAL_STATUSES or not _PARAM_REFUSAL_RE.search(message):
+        return None
+    sent = [name for name in OPTIONAL_PARAMS if name in body]
+    if param in sent:
+        return param
+    named = [
+        (match.start(), name)
+        for name in sent
+        if (match := re.search(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])", message))
+    ]
+    return min(named)[1] if named else None
 
 
 # --------------------------------------------------------------------------- request side

@@ -20,6 +20,7 @@ from workers.teacher.structured import (
     check_output,
     extract_json,
     is_format_refusal,
+    refused_param,
     render_messages,
     response_format,
     schema_info,
@@ -230,3 +231,68 @@ def test_format_refusals_are_recognised() -> None:
     assert not is_format_refusal(500, "The server had an error", StructuredMode.json_schema)
     assert not is_format_refusal(429, "response_format", StructuredMode.json_schema)
     assert not is_format_refusal(500, "response_format", StructuredMode.text)
+
+
+_SENT = {"model": "m", "messages": [], "temperature": 0.2, "max_tokens": 64, "seed": 7}
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "param", "expected"),
+    [
+        # OpenAI, reasoning models
+        (
+            400,
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "max_tokens",
+            "max_tokens",
+        ),
+        (
+            400,
+            "Unsupported value: 'temperature' does not support 0.2 with this model. "
+            "Only the default (1) value is supported.",
+            "temperature",
+            "temperature",
+        ),
+        # Azure OpenAI, older API versions: no `param`, the name in the text
+        (400, "Unrecognized request argument supplied: seed", None, "seed"),
+        # a pydantic (FastAPI) server that forbids extra fields, as the SDK words its 422
+        (
+            422,
+            "Error code: 422 - {'detail': [{'type': 'extra_forbidden', 'loc': ['body', 'seed'], "
+            "'msg': 'Extra inputs are not permitted', 'input': 7}]}",
+            None,
+            "seed",
+        ),
+        (400, "unknown field `seed`, expected one of `model`, `messages`", None, "seed"),
+        # not refusals: our own bad values, other errors, fields we did not send
+        (400, "Invalid 'max_tokens': integer below minimum value.", "max_tokens", None),
+        (400, "temperature must be between 0 and 2", None, None),
+        (500, "Unrecognized request argument supplied: seed", None, None),
+        (400, "Unrecognized request argument supplied: top_p", None, None),
+        (400, "Unrecognized request argument supplied: response_format", None, None),
+    ],
+)
+def test_refused_parameters_are_recognised(
+    status: int, message: str, param: str | None, expected: str | None
+) -> None:
+    assert refused_param(status, message, param, dict(_SENT)) == expected
+
+
+def test_refused_parameters_are_dropped_or_renamed_per_backend() -> None:
+    cache = CapabilityCache()
+    ep = TeacherEndpoint(base_url="http://a/v1", model="m", limiter_key="a")
+    other = TeacherEndpoint(base_url="http://b/v1", model="m", limiter_key="b")
+    cache.refuse_param(ep, "seed")
+    cache.refuse_param(ep, "max_tokens")
+    body = dict(_SENT)
+    cache.adapt_params(ep, body)
+    assert "seed" not in body and "max_tokens" not in body
+    assert body["max_completion_tokens"] == 64 and body["temperature"] == 0.2
+    untouched = dict(_SENT)
+    cache.adapt_params(other, untouched)
+    assert untouched == _SENT
+    cache.refuse_param(ep, "max_completion_tokens")
+    body = dict(_SENT)
+    cache.adapt_params(ep, body)
+    assert "max_tokens" not in body and "max_completion_tokens" not in body
