@@ -533,6 +533,46 @@ def test_cli_serves_until_interrupted(
         DIRECT.open(f"{base_url}/models", timeout=5)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_cli_leaves_no_server_behind(
+    fake_llama: Callable[[str], None], tmp_path: Path
+) -> None:
+    fake_llama("ok")
+    script = tmp_path / "cli.py"
+    script.write_text(_CLI_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "m.gguf"), "local", "--home", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    printed = ""
+    try:
+        for line in process.stdout:
+            printed += line
+            if line.startswith("Ctrl-C stops it."):
+                break
+        base_url = printed.split("base_url ", 1)[1].split()[0]
+        with DIRECT.open(f"{base_url}/models", timeout=5) as response:
+            assert response.status == 200
+        process.kill()  # SIGKILL: no handler of the CLI runs
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            DIRECT.open(f"{base_url}/models", timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.2)
+    pytest.fail("the server outlived the SIGKILLed CLI")
+
+
 # --------------------------------------------------------------------------- the real thing
 
 ANSWER_SCHEMA: dict[str, Any] = {

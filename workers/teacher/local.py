@@ -248,6 +248,27 @@ def _new_group_kwargs() -> dict[str, Any]:
     return {"start_new_session": True}
 
 
+# Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL (which
+# no handler of ours can see), so a killed `distill run` leaves no server holding its port and
+# memory. A launcher sets it and then becomes the server with exec, which keeps the setting;
+# it is used rather than Popen's preexec_fn, which is unsafe in a process with threads.
+# PR_SET_PDEATHSIG follows the *thread* that forked: both callers start servers from the main
+# thread. If the parent died before prctl ran, the launcher's parent is no longer it: stop.
+_EXIT_WITH_PARENT: Final = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _exit_with_parent(command: list[str], python: str) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [python, "-c", _EXIT_WITH_PARENT, str(os.getpid()), *command]
+
+
 def _exit_hint(returncode: int) -> str:
     if sys.platform != "win32" and returncode == -signal.SIGILL:
         return (
@@ -478,7 +499,7 @@ class LocalTeacherServer:
         self._log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n".encode())
         self._log_file.flush()
         self._proc = subprocess.Popen(
-            command,
+            _exit_with_parent(command, self.python),
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
