@@ -791,6 +791,27 @@ def malform(content: str, variant: float) -> str:
 # --------------------------------------------------------------------------- server state
 
 
+_TOKEN_RE: Final = re.compile(r"\w+|\s+|[^\w\s]")
+
+
+def fake_logprobs(content: str, rng: random.Random) -> dict[str, Any]:
+    """OpenAI's `logprobs` object for `content`: tokens that spell it exactly, word tokens
+    uncertain (logprob in [-2, 0)), punctuation and spaces near-certain; deterministic."""
+    items = []
+    for token in _TOKEN_RE.findall(content):
+        word = token[0].isalnum() or token[0] == "_"
+        logprob = -rng.uniform(0.0, 2.0) if word else -rng.uniform(0.0, 0.01)
+        items.append(
+            {
+                "token": token,
+                "logprob": round(logprob, 6),
+                "bytes": list(token.encode()),
+                "top_logprobs": [],
+            }
+        )
+    return {"content": items, "refusal": None}
+
+
 def _uniforms(digest: bytes) -> list[float]:
     return [int.from_bytes(digest[i : i + 8], "big") / 2**64 for i in range(0, len(digest), 8)]
 
@@ -1082,7 +1103,11 @@ class TeacherState:
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": (
+                        fake_logprobs(content, random.Random(content_key + b"lp" + bytes([index])))
+                        if body.get("logprobs")
+                        else None
+                    ),
                     "finish_reason": finish,
                 }
             )

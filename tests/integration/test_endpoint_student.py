@@ -56,7 +56,7 @@ def server() -> Iterator[FakeTeacherProcess]:
 def fake(server: FakeTeacherProcess) -> Iterator[FakeTeacherProcess]:
     server.reset()
     yield server
-    server.configure(no_json_schema=False, down=False, latency_ms=0.0)
+    server.configure(no_json_schema=False, down=False, latency_ms=0.0, refuse_params=[])
 
 
 def student(
@@ -87,6 +87,27 @@ def test_classification_returns_labels_from_the_set(fake: FakeTeacherProcess) ->
     assert all(p.correct == (p.predicted == r.gold) for p, r in zip(predictions, rows, strict=True))
     assert [p.correct for p in predictions[: len(NAMED)]] == [True] * len(NAMED)
     assert fake.stats()["by_status"] == {"200": len(rows)}
+
+
+def test_classification_confidence_comes_from_the_label_tokens(
+    fake: FakeTeacherProcess,
+) -> None:
+    with student(fake) as s:
+        predictions = s.predict(NAMED + UNNAMED)
+    for p in predictions:
+        assert p.confidence is not None and 0.0 < p.confidence <= 1.0, p
+    # The probability of one word token: from the fake's logprobs in [-2, 0).
+    assert all(p.confidence is not None and p.confidence > 0.13 for p in predictions)
+    assert len({p.confidence for p in predictions}) > 1  # per answer, not a constant
+
+
+def test_a_server_without_logprobs_is_asked_without_them(fake: FakeTeacherProcess) -> None:
+    fake.configure(refuse_params=["logprobs"])
+    with student(fake, max_concurrency=1) as s:
+        predictions = s.predict(NAMED)
+    assert [p.predicted for p in predictions] == ["sports", "weather", "cooking"]
+    assert all(p.confidence is None for p in predictions)
+    assert fake.stats()["by_status"] == {"200": 3, "400": 1}  # refused once, then remembered
 
 
 def test_concurrency_is_bounded(fake: FakeTeacherProcess) -> None:

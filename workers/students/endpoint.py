@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -103,6 +104,38 @@ def map_label(answer: str, labels: Sequence[str]) -> str | None:
 class _Reply:
     content: str
     finish_reason: str | None
+    tokens: tuple[tuple[str, float], ...] = ()  # (token text, logprob), when the server gave them
+
+
+def _token_logprobs(choice: Any) -> tuple[tuple[str, float], ...]:
+    """(token, logprob) pairs of a choice's content, or () when the server sent none."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None) or ()
+    pairs = []
+    for item in content:
+        token, logprob = getattr(item, "token", None), getattr(item, "logprob", None)
+        if not isinstance(token, str) or not isinstance(logprob, int | float):
+            return ()
+        pairs.append((token, float(logprob)))
+    return tuple(pairs)
+
+
+def label_confidence(reply: _Reply, label: str) -> float | None:
+    """The probability the student gave its answer: exp of the summed logprobs of the tokens
+    that spell the label in the reply (the last place it appears, which is the answer in both
+    `{"label": "X"}` and free text). None without logprobs, or when the tokens do not spell the
+    reply (a server that reports logprobs of something else)."""
+    if not reply.tokens or "".join(t for t, _ in reply.tokens) != reply.content:
+        return None
+    start = reply.content.lower().rfind(label.lower())  # the label as map_label found it
+    if start < 0:
+        return None
+    end = start + len(label)
+    total, position = 0.0, 0
+    for token, logprob in reply.tokens:
+        if position < end and position + len(token) > start:
+            total += logprob
+        position += len(token)
+    return min(1.0, max(0.0, math.exp(total)))
 
 
 def _refuses_format(exc: openai.APIStatusError, mode: StructuredMode) -> bool:
@@ -110,6 +143,11 @@ def _refuses_format(exc: openai.APIStatusError, mode: StructuredMode) -> bool:
     # teacher and student agree on what a refusal looks like.
     message = f"{exc.message} {json.dumps(exc.body, default=str)}"
     return is_format_refusal(exc.status_code, message, mode)
+
+
+def _refuses_logprobs(exc: openai.APIStatusError) -> bool:
+    message = f"{exc.message} {json.dumps(exc.body, default=str)}"
+    return exc.status_code in (400, 422) and "logprobs" in message.lower()
 
 
 class EndpointStudent:
@@ -160,6 +198,9 @@ class EndpointStudent:
         )
         self._auto = structured_mode is StructuredMode.auto
         self._mode_lock = threading.Lock()
+        # Classification asks for token logprobs, so mistakes carry a confidence (PGKD mines
+        # confident mistakes); a server that refuses the field is asked without it from then on.
+        self._logprobs = task.kind is TaskKind.classification
         self._owns_client = client is None
         self._client = client or OpenAI(
             base_url=base_url,
@@ -233,6 +274,10 @@ class EndpointStudent:
             try:
                 completion = self._create(messages, mode)
             except openai.APIStatusError as exc:
+                if self._logprobs and _refuses_logprobs(exc):
+                    self._logprobs = False
+                    log.warning("student.logprobs_refused", model=self.model, error=exc.message)
+                    continue
                 if self._sends_format(mode) and _refuses_format(exc, mode):
                     self._downgrade(mode, exc)
                     continue
@@ -240,7 +285,9 @@ class EndpointStudent:
             if not completion.choices:
                 return _Reply("", None)
             choice = completion.choices[0]
-            return _Reply(choice.message.content or "", choice.finish_reason)
+            return _Reply(
+                choice.message.content or "", choice.finish_reason, _token_logprobs(choice)
+            )
 
     def _sends_format(self, mode: StructuredMode) -> bool:
         return self.task.kind is TaskKind.classification and mode is not StructuredMode.text
@@ -252,6 +299,8 @@ class EndpointStudent:
             "temperature": 0.0,
             "max_tokens": self.max_tokens,
         }
+        if self._logprobs:
+            common["logprobs"] = True
         if not self._sends_format(mode):
             return self._client.chat.completions.create(**common)
         schema: dict[str, object] = {
@@ -316,6 +365,7 @@ class EndpointStudent:
             return Prediction(
                 row_id=row.row_id,
                 predicted=label,
+                confidence=label_confidence(reply, label),
                 raw=reply.content,
                 correct=None if row.gold is None else label == row.gold,
             )

@@ -613,3 +613,18 @@ def test_endpoint_student_refuses_tasks_it_cannot_check() -> None:
 )
 def test_map_label(answer: str, expected: str | None) -> None:
     assert map_label(answer, LABELS) == expected
+
+
+def test_label_confidence_sums_the_logprobs_of_the_label_tokens() -> None:
+    import math
+
+    from workers.students.endpoint import _Reply, label_confidence
+
+    tokens = (('{"', -0.01), ("label", -0.02), ('":"', -0.01), ("Weat", -0.5), ("her", -0.1))
+    tokens += (('"}', -0.01),)
+    reply = _Reply('{"label":"Weather"}', "stop", tokens)
+    assert label_confidence(reply, "weather") == pytest.approx(math.exp(-0.6))
+    # No logprobs, logprobs of some other text, a label that is not in the reply.
+    assert label_confidence(_Reply('{"label":"Weather"}', "stop"), "weather") is None
+    assert label_confidence(_Reply("Weather", "stop", (("Sun", -0.1),)), "weather") is None
+    assert label_confidence(reply, "sports") is None
