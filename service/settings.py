@@ -37,7 +37,9 @@ class BrokerSettings(BaseModel):
         7200, ge=5, description="Redis redelivery timeout; longer than the longest task."
     )
     key_prefix: str = Field(
-        "", description="Prefix of every broker key (queues), to share one Redis safely."
+        "",
+        description="Prefix of every Redis key (queues, teacher limits), to share one Redis "
+        "safely between deployments.",
     )
 
 
@@ -59,6 +61,12 @@ class ApiSettings(BaseModel):
 class WorkerSettings(BaseModel):
     reconcile_interval_s: int = Field(60, ge=1)
     stuck_after_s: int = Field(900, ge=1, description="Work older than this is re-enqueued.")
+    teacher_lease_ttl_s: float = Field(
+        30.0,
+        ge=1,
+        description="A teacher concurrency slot held by a worker that died comes back after "
+        "this long (live holders renew theirs).",
+    )
     cache_dir: Path | None = Field(None, description="Embedding cache; default DISTILL_HOME/cache.")
 
 

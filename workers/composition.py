@@ -22,7 +22,11 @@ def build_ports(settings: Settings) -> Ports:
     # One limiter per process: in production it shares each teacher's limits with every
     # other worker through Redis; embedded, all tasks run in this process anyway.
     limiter = (
-        RedisLimiter(settings.broker.url, prefix="distill:limits:")
+        RedisLimiter(
+            settings.broker.url,
+            prefix=f"{settings.broker.key_prefix}distill:limits:",
+            lease_ttl_s=settings.worker.teacher_lease_ttl_s,
+        )
         if settings.broker.url
         else LocalLimiter()
     )

@@ -105,6 +105,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             "DATABASE_URL": url,
             "REDIS_URL": REDIS_URL,
             "DISTILL_BROKER__KEY_PREFIX": prefix,
+            # A killed worker's teacher slots come back sooner than in production.
+            "DISTILL_WORKER__TEACHER_LEASE_TTL_S": "5",
             "DISTILL_HOME": str(tmp_path / "home"),
             "DISTILL_LOG_LEVEL": "WARNING",
             "HF_HUB_OFFLINE": "1",
