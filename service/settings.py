@@ -6,7 +6,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "dev-secret"}
@@ -50,6 +50,11 @@ class ApiSettings(BaseModel):
         False,
         description="Let tenants point teachers at private/loopback addresses (SSRF guard off). "
         "Operators always can, through the CLI.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="When set, /metrics answers only `Authorization: Bearer <this token>` "
+        "(its labels name teachers). Unset: open, for a scraper inside the cluster.",
     )
     allow_trainer_commands: bool = Field(
         False,

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
 from service.api.routes import datasets, exports, health, jobs, teachers
 from service.db import session_factory
 from service.settings import Settings, get_settings
 from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
+
+
+def _bearer_only(inner: ASGIApp, token: str) -> ASGIApp:
+    """Wrap an ASGI app so that it answers only `Authorization: Bearer <token>`."""
+    expected = f"Bearer {token}".encode()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, expected):
+                response = JSONResponse(
+                    {
+                        "error": {
+                            "code": "unauthorized",
+                            "message": "/metrics needs Authorization: Bearer <metrics token>",
+                            "details": None,
+                        }
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await inner(scope, receive, send)
+
+    return app
 
 
 def create_app(
@@ -44,7 +74,12 @@ def create_app(
     # steps make here; workers serve theirs with `distill worker --metrics-port`).
     from prometheus_client import make_asgi_app
 
-    app.mount("/metrics", make_asgi_app())
+    metrics_app = make_asgi_app()
+    token = settings.api.metrics_token
+    app.mount(
+        "/metrics",
+        metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value()),
+    )
     for router in (health.router, datasets.router, teachers.router, jobs.router, exports.router):
         app.include_router(router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -143,3 +144,24 @@ def test_health_and_readiness(client: TestClient) -> None:
     metrics = client.get("/metrics/")
     assert metrics.status_code == 200
     assert "python_info" in metrics.text or "process_" in metrics.text
+
+
+def test_metrics_token_guards_metrics_only(tmp_path: Path) -> None:
+    from service.api.app import create_app
+    from service.db import make_engine, session_factory
+    from service.settings import ApiSettings, DatabaseSettings, Settings
+
+    url = f"sqlite:///{tmp_path}/m.db"
+    settings = Settings(database=DatabaseSettings(url=url), api=ApiSettings(metrics_token="s3cret"))
+    engine = make_engine(url)
+    app = create_app(settings, sessions=session_factory(engine))
+    with TestClient(app) as guarded:
+        refused = guarded.get("/metrics/")
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        wrong = guarded.get("/metrics/", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = guarded.get("/metrics/", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and "python_info" in ok.text
+        assert guarded.get("/healthz").status_code == 200
+    engine.dispose()
