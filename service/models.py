@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
@@ -144,6 +145,11 @@ class Teacher(IdMixin, TimestampMixin, Base):
     structured_mode: Mapped[str] = mapped_column(String(32), default="auto")
     timeout_s: Mapped[float] = mapped_column(Float, default=120.0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=6)
+    # Set by an operator (CLI, or DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS): workers may connect
+    # to private addresses for it. Otherwise they refuse to, whatever the name resolves to.
+    allow_private_network: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
 
 
 # --- jobs and iterations -------------------------------------------------------------------

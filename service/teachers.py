@@ -18,8 +18,9 @@ from service.models import Job, Teacher
 from service.secrets import encrypt_secret
 
 
-def _is_private(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
+def is_private_address(address: str) -> bool:
+    """Loopback, private, link-local (cloud metadata), reserved, multicast or unspecified."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id is not part of it
     return (
         ip.is_private
         or ip.is_loopback
@@ -48,7 +49,7 @@ def check_base_url(url: str, *, allow_private: bool) -> None:
             details=[{"field": "base_url", "message": str(exc)}],
         ) from exc
     for info in infos:
-        if _is_private(str(info[4][0])):
+        if is_private_address(str(info[4][0])):
             raise ValidationFailed(
                 "base_url points at a private, loopback or link-local address; only an "
                 "operator can configure such a teacher (distill teachers create, or "
@@ -89,6 +90,9 @@ def create_teacher(
         structured_mode=structured_mode,
         timeout_s=timeout_s,
         max_attempts=max_attempts,
+        # Workers hold a tenant's teacher to public addresses at connect time as well, so a
+        # name that resolves elsewhere later (DNS rebinding) or a redirect cannot reach inside.
+        allow_private_network=allow_private,
     )
     try:
         # Added inside the savepoint, so a rollback also expunges it from the session.
@@ -116,6 +120,7 @@ def update_teacher(
     if "base_url" in changes and changes["base_url"] is not None:
         check_base_url(changes["base_url"], allow_private=allow_private)
         teacher.base_url = changes["base_url"].rstrip("/")
+        teacher.allow_private_network = allow_private
     if "api_key" in changes:
         key = changes["api_key"]
         teacher.api_key_encrypted = encrypt_secret(key) if key else None

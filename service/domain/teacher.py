@@ -6,6 +6,7 @@ import hashlib
 import json
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, HttpUrl
 
@@ -31,6 +32,23 @@ class TeacherLimits(BaseModel):
         description="Adapt concurrency (AIMD) to the server's own queue, read from its "
         "Prometheus /metrics (vLLM never answers 429).",
     )
+    metrics_url: str | None = Field(
+        None,
+        description="Where `adaptive` reads the server's load; default: the base URL's server "
+        "root + /metrics (where vLLM serves it).",
+    )
+
+    def load_metrics_url(self, base_url: str) -> str | None:
+        """The URL `adaptive` polls, or None when the window is not adaptive."""
+        if not self.adaptive:
+            return None
+        if self.metrics_url:
+            return self.metrics_url
+        parts = urlsplit(base_url)
+        path = parts.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[: -len("/v1")]
+        return f"{parts.scheme}://{parts.netloc}{path}/metrics"
 
 
 class TeacherPrices(BaseModel):
@@ -66,6 +84,9 @@ class TeacherEndpoint(BaseModel):
     max_reasks: int = Field(2, ge=0, le=10)
     metrics_url: HttpUrl | None = None
     limiter_key: str = Field(..., description="Key under which limits are shared (the teacher id).")
+    public_only: bool = Field(
+        False, description="Connect only to public addresses (a tenant's teacher; SSRF guard)."
+    )
 
 
 class ChatMessage(BaseModel):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
+from service.models import Teacher
 from service.settings import Settings
+from workers.steps.generate import endpoint_for
 
 PUBLIC = {"name": "hosted", "base_url": "https://93.184.215.14/v1", "model": "gpt-x"}
 
@@ -41,13 +46,25 @@ def test_tenants_cannot_point_a_teacher_at_private_addresses(
 
 
 def test_operator_setting_allows_private_addresses(
-    client: TestClient, auth: dict[str, str], settings: Settings
+    client: TestClient, auth: dict[str, str], settings: Settings, db_session: Session
 ) -> None:
     settings.api.allow_private_teacher_urls = True
     resp = client.post(
         "/v1/teachers", json={**PUBLIC, "base_url": "http://127.0.0.1:8000/v1"}, headers=auth
     )
     assert resp.status_code == 201
+    teacher = db_session.get(Teacher, uuid.UUID(resp.json()["id"]))
+    assert teacher is not None and teacher.allow_private_network
+
+
+def test_a_tenants_teacher_is_held_to_public_addresses_at_connect_time(
+    client: TestClient, auth: dict[str, str], db_session: Session
+) -> None:
+    resp = client.post("/v1/teachers", json=PUBLIC, headers=auth)
+    assert resp.status_code == 201
+    teacher = db_session.get(Teacher, uuid.UUID(resp.json()["id"]))
+    assert teacher is not None and not teacher.allow_private_network
+    assert endpoint_for(teacher).public_only
 
 
 def test_validation_errors_name_the_field(client: TestClient, auth: dict[str, str]) -> None:

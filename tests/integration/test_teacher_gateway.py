@@ -360,6 +360,48 @@ def test_a_refused_max_completion_tokens_is_dropped_too(fake: FakeTeacherProcess
     assert fake.stats()["by_status"] == {"200": 3, "400": 2}
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_a_public_only_teacher_never_reaches_a_private_address(
+    fake: FakeTeacherProcess, host: str
+) -> None:
+    # What a tenant's teacher looks like after its name was re-pointed inside (DNS rebinding).
+    port = fake.base_url.split(":")[2].split("/")[0]
+    ep = endpoint(fake, base_url=f"http://{host}:{port}/v1", public_only=True)
+    results = run_sync(run_all(ep, LocalLimiter(), requests(2)))
+    assert statuses(results) == {"failed": 2}
+    assert {r.error_code for r in results} == {"private_address"}
+    assert all(r.permanent for r in results)
+    assert fake.stats()["requests_total"] == 0
+    # The same teacher configured by an operator connects.
+    ok = run_sync(
+        run_all(endpoint(fake, base_url=f"http://{host}:{port}/v1"), LocalLimiter(), requests(1))
+    )
+    assert statuses(ok) == {"succeeded": 1}
+
+
+def test_an_adaptive_teacher_reads_the_servers_load_from_its_metrics(
+    fake: FakeTeacherProcess,
+) -> None:
+    limits = TeacherLimits(max_concurrency=8, adaptive=True)
+    ep = endpoint(fake, limits=limits, metrics_url=limits.load_metrics_url(fake.base_url))
+    assert str(ep.metrics_url).endswith("/metrics") and "/v1" not in str(ep.metrics_url)
+
+    async def scenario() -> int:
+        teacher = OpenAITeacher(
+            ep, limiter=LocalLimiter(), capabilities_cache=CapabilityCache(), backoff=FAST
+        )
+        try:
+            results = await teacher.generate(requests(20))
+            assert statuses(results) == {"succeeded": 20}
+            monitor = teacher._monitor
+            assert monitor is not None
+            return monitor.polls
+        finally:
+            await teacher.aclose()
+
+    assert run_sync(scenario()) >= 1
+
+
 def test_fixed_text_mode_extracts_json(fake: FakeTeacherProcess) -> None:
     ep = endpoint(fake, structured_mode=StructuredMode.text)
     results = run_sync(run_all(ep, LocalLimiter(), requests(5)))

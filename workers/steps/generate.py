@@ -65,16 +65,19 @@ class TeacherUnavailable(Exception):
 
 
 def endpoint_for(row: TeacherRow) -> TeacherEndpoint:
+    limits = TeacherLimits.model_validate(row.limits or {})
     return TeacherEndpoint(
         base_url=row.base_url,
         model=row.model,
         api_key=resolve_api_key(row.api_key_encrypted, row.api_key_env),
-        limits=TeacherLimits.model_validate(row.limits or {}),
+        limits=limits,
+        metrics_url=limits.load_metrics_url(row.base_url),
         prices=TeacherPrices.model_validate(row.prices or {}),
         structured_mode=StructuredMode(row.structured_mode),
         timeout_s=row.timeout_s,
         max_attempts=row.max_attempts,
         limiter_key=str(row.id),
+        public_only=not row.allow_private_network,
     )
 
 

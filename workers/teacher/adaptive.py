@@ -166,8 +166,11 @@ class VllmLoadMonitor:
         model: str | None = None,
         interval_s: float = 0.5,
         timeout_s: float = 2.0,
+        public_only: bool = False,
     ) -> None:
         self.metrics_url = metrics_url
+        self.public_only = public_only
+        self.polls = 0  # load readings taken (for tests and debugging)
         self.controller = controller
         self.model = model
         self.interval_s = interval_s
@@ -180,13 +183,19 @@ class VllmLoadMonitor:
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = None
+        if self.public_only:  # a tenant's teacher: the same SSRF guard as its requests
+            from workers.teacher.network import PublicOnlyResolver
+
+            connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver())
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
                 try:
                     async with session.get(self.metrics_url) as response:
                         response.raise_for_status()
                         text = await response.text()
                     load = parse_vllm_load(text, self.model)
+                    self.polls += 1
                     if load is not None:
                         before = self.controller.window.limit
                         after = self.controller.observe(load)

@@ -25,6 +25,11 @@ from service.domain.teacher import (
 from workers.teacher.adaptive import AimdController, ConcurrencyWindow, VllmLoadMonitor
 from workers.teacher.limits import Lease, Limiter, TeacherQuota
 from workers.teacher.metrics import TeacherMetrics
+from workers.teacher.network import (
+    PrivateAddressError,
+    literal_private_host,
+    public_only_http_client,
+)
 from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error
 from workers.teacher.structured import (
     DEFAULT_CAPABILITIES,
@@ -184,6 +189,10 @@ class OpenAITeacher:
         # Absolute, so the SDK parses one URL per request instead of three (about 10% of its
         # CPU, measured); it is exactly what the SDK builds from base_url + "/chat/completions".
         self._completions_url = endpoint.base_url.rstrip("/") + "/chat/completions"
+        # aiohttp does not resolve an IP literal, so the public-only resolver never sees it.
+        self._refused_host = (
+            literal_private_host(endpoint.base_url) if endpoint.public_only else None
+        )
 
     @property
     def window(self) -> ConcurrencyWindow:
@@ -201,15 +210,27 @@ class OpenAITeacher:
                 api_key=endpoint.api_key or "EMPTY",
                 max_retries=0,
                 timeout=endpoint.timeout_s,
-                http_client=self._http_client or openai.DefaultAioHttpClient(),
+                http_client=self._http_client
+                or (
+                    public_only_http_client()
+                    if endpoint.public_only
+                    else openai.DefaultAioHttpClient()
+                ),
             )
         return self._client
 
     def _start_monitor(self) -> None:
         endpoint = self.endpoint
         if self._monitor is None and endpoint.limits.adaptive and endpoint.metrics_url:
+            url = str(endpoint.metrics_url)
+            if endpoint.public_only and literal_private_host(url) is not None:
+                log.warning("teacher.metrics_url_refused", teacher=endpoint.limiter_key, url=url)
+                return
             self._monitor = VllmLoadMonitor(
-                str(endpoint.metrics_url), AimdController(self._window), model=endpoint.model
+                url,
+                AimdController(self._window),
+                model=endpoint.model,
+                public_only=endpoint.public_only,
             )
             self._monitor.start()
 
@@ -451,6 +472,11 @@ class OpenAITeacher:
         # and builds pydantic models of the answer, about 60% of its CPU per request (profiled)
         # for a body we build and an answer we read ourselves. Auth, base URL, timeouts and the
         # mapping of HTTP errors to typed exceptions are still the SDK's.
+        if self._refused_host is not None:
+            raise PrivateAddressError(
+                f"{self._refused_host} is a private address: refused for a teacher a tenant "
+                "configured (an operator can allow it)"
+            )
         async with asyncio.timeout(self.endpoint.timeout_s):
             response = await self._openai().post(
                 self._completions_url, cast_to=httpx2.Response, body=body, options=_REQUEST_OPTIONS
@@ -481,7 +507,12 @@ class OpenAITeacher:
                 sent_mode = call.mode
                 try:
                     data = await self._post(call.body)
-                except (openai.APIError, BadResponseError, TimeoutError) as exc:
+                except (
+                    openai.APIError,
+                    BadResponseError,
+                    TimeoutError,
+                    PrivateAddressError,
+                ) as exc:
                     verdict = (
                         ErrorVerdict(True, "bad_response", str(exc))
                         if isinstance(exc, BadResponseError)

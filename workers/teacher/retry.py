@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import openai
 
+from workers.teacher.network import private_address_error
+
 # Statuses a server uses for "try again": timeout, conflict, rate limit, and any 5xx.
 RETRYABLE_STATUSES: Final = frozenset({408, 409, 429})
 # The teacher itself refuses us: the whole job should fail fast rather than retry later.
@@ -138,6 +140,9 @@ def _refused_connection(exc: BaseException) -> BaseException | None:
 
 def classify_error(exc: BaseException) -> ErrorVerdict:
     """Map an exception raised by one attempt to a retry decision and a result error code."""
+    private = private_address_error(exc)
+    if private is not None:  # the job's teacher points inside: no retry will change that
+        return ErrorVerdict(False, "private_address", str(private), True)
     refused = _refused_connection(exc)
     if refused is not None:
         return ErrorVerdict(True, "connection", f"connection error: {refused}")
