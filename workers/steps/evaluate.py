@@ -26,6 +26,7 @@ from service.models import Prediction as PredictionRow
 from workers.ports import Ports
 from workers.steps.context import JobContext, best_iteration, load_job_context, training_rows
 from workers.steps.generate import refresh_iteration_counters, refresh_job_counters
+from workers.steps.heartbeat import heartbeat, interval_for
 from workers.steps.job import decide_and_continue, plan_context, store_batches
 from workers.students.base import StudentConfigurationError, StudentUnavailableError
 
@@ -78,7 +79,14 @@ def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) 
         session.commit()
         return
     try:
-        _train_and_evaluate(session, job, iteration, ctx, ports)
+        with heartbeat(
+            session.get_bind(),
+            Iteration,
+            iteration.id,
+            IterationStatus.evaluating,
+            every_s=interval_for(ports.settings.worker.stuck_after_s),
+        ):
+            _train_and_evaluate(session, job, iteration, ctx, ports)
     except StudentConfigurationError as exc:
         # The student refuses every request the same way (bad key, unknown model, a failing
         # trainer command): scoring rows as wrong would poison the loop, so fail with the reason.

@@ -52,6 +52,7 @@ from service.models import Teacher as TeacherRow
 from service.secrets import resolve_api_key
 from workers.ports import Ports
 from workers.steps.context import JobContext, load_job_context
+from workers.steps.heartbeat import heartbeat, interval_for
 
 log = structlog.get_logger()
 
@@ -218,7 +219,14 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
 
     to_call = _uncached(session, teacher_row, requests, fingerprints)
     session.commit()
-    outcome = _call_teacher(session, ports, teacher_row, job, batch, ctx, to_call)
+    with heartbeat(
+        session.get_bind(),
+        GenerationBatch,
+        batch.id,
+        BatchStatus.running,
+        every_s=interval_for(ports.settings.worker.stuck_after_s),
+    ):
+        outcome = _call_teacher(session, ports, teacher_row, job, batch, ctx, to_call)
     session.expire_all()
     job = session.get(Job, batch.job_id)
     batch = session.get(GenerationBatch, batch_id)
