@@ -17,6 +17,7 @@ from service.auth import get_or_create_tenant
 from service.cli import upgrade_database
 from service.datasets import create_dataset, parse_jsonl
 from service.db import make_engine, session_factory
+from service.domain.statuses import ExampleStatus
 from service.jobs import create_job, parse_spec
 from service.models import Example, Iteration, Job
 from service.tasks import SENDER
@@ -93,6 +94,22 @@ def test_example_runs_to_completion(
                 ).all()
             )
             assert sum(kinds.values()) > 0, kinds
+            accepted = dict(
+                session.execute(
+                    select(Example.kind, func.count())
+                    .where(Example.job_id == job_id, Example.status == ExampleStatus.accepted)
+                    .group_by(Example.kind)
+                ).all()
+            )
+            reasons = dict(
+                session.execute(
+                    select(Example.rejection_reason, func.count())
+                    .where(Example.job_id == job_id, Example.status == ExampleStatus.rejected)
+                    .group_by(Example.rejection_reason)
+                ).all()
+            )
+            # Every example spec produces training data, not only rejections.
+            assert sum(accepted.values()) > 0, (accepted, reasons)
             if job.strategy == "arte":
                 assert kinds.get("preference_pair", 0) > 0
                 dpo = export_job(session, job_id, fmt="dpo", out_dir=tmp_path)
@@ -106,7 +123,7 @@ def test_example_runs_to_completion(
                         pair["rejected"][0]["content"]
                     )
             if job.strategy == "rationales":
-                assert kinds.get("rationale", 0) > 0
+                assert accepted.get("rationale", 0) > 0, reasons
             export = export_job(session, job_id, out_dir=tmp_path)
             session.commit()
             assert Path(export.path or "").read_text().count("\n") == export.row_count

@@ -25,6 +25,8 @@ from service.domain.filters import (
     FilterConfig,
     FilterContext,
     Verdict,
+    check_contamination,
+    check_length,
     filter_candidates,
     reject,
     text_hash,
@@ -35,7 +37,12 @@ from service.domain.statuses import (
     ExampleStatus,
     JobStatus,
 )
-from service.domain.strategies.base import CandidateExample, GenerationTarget, PlanContext
+from service.domain.strategies.base import (
+    CandidateExample,
+    ExampleKind,
+    GenerationTarget,
+    PlanContext,
+)
 from service.domain.teacher import (
     GenerationParams,
     StructuredMode,
@@ -460,7 +467,8 @@ def _candidate_rows(
                 )
             )
     golds = {row["dedup_key"]: row["meta"]["gold"] for row, _ in pending if "gold" in row["meta"]}
-    verdicts = _filter(session, job, ctx, [c for _, c in pending], golds)
+    kinds = [row["kind"] for row, _ in pending]
+    verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds)
     for (row, _), verdict in zip(pending, verdicts, strict=True):
         if verdict.output is not None:
             row["output"] = verdict.output  # the filter maps e.g. "hum" to the canonical "HUM"
@@ -539,12 +547,49 @@ def _answer_check(ctx: JobContext, golds: dict[str, str]) -> Check:
     return check
 
 
+def _rationale_text(text: str, rationale: str | None) -> str:
+    return f"{text}\n\n{rationale or ''}"
+
+
 def _filter(
     session: Session,
     job: Job,
     ctx: JobContext,
     candidates: list[Candidate],
     golds: dict[str, str],
+    kinds: list[str],
+) -> list[Verdict]:
+    if not candidates:
+        return []
+    if any(kind == ExampleKind.rationale.value for kind in kinds):
+        # A rationale example's input is its seed row's own text, by design: judged on the
+        # input alone it would always be a duplicate of that seed. It is a duplicate when its
+        # rationale repeats one already accepted for the same text, so it is judged on
+        # input + rationale against the job's other rationales (never against the seeds), and
+        # the length and contamination checks, which are about generated inputs, do not apply.
+        verdicts: dict[str, Verdict] = {}
+        plain = [c for c, k in zip(candidates, kinds, strict=True) if k != "rationale"]
+        for verdict in _filter_kind(session, job, ctx, plain, golds, rationale=False):
+            verdicts[verdict.key] = verdict
+        combined = [
+            c.model_copy(update={"input": _rationale_text(c.input, c.rationale)})
+            for c, k in zip(candidates, kinds, strict=True)
+            if k == "rationale"
+        ]
+        for verdict in _filter_kind(session, job, ctx, combined, golds, rationale=True):
+            verdicts[verdict.key] = verdict
+        return [verdicts[c.key] for c in candidates]
+    return _filter_kind(session, job, ctx, candidates, golds, rationale=False)
+
+
+def _filter_kind(
+    session: Session,
+    job: Job,
+    ctx: JobContext,
+    candidates: list[Candidate],
+    golds: dict[str, str],
+    *,
+    rationale: bool,
 ) -> list[Verdict]:
     if not candidates:
         return []
@@ -556,19 +601,29 @@ def _filter(
         near_duplicate_threshold=spec.filters.near_duplicate_threshold,
         contamination_threshold=spec.filters.contamination_threshold,
     )
-    dedup, guard = _indexes(session, job, ctx, config)
+    indexes = _indexes(session, job, ctx, config)
     checks: list[Check] = list(DEFAULT_CHECKS)
+    if rationale:
+        checks = [c for c in checks if c not in (check_length, check_contamination)]
     if golds:
         checks.insert(2, _answer_check(ctx, golds))  # after schema and label validity
-    verdicts = filter_candidates(candidates, config=config, dedup=dedup, guard=guard, checks=checks)
-    _INDEXES[job.id].keys.update(v.key for v in verdicts if v.accepted)
+    dedup = indexes.rationales if rationale else indexes.dedup
+    verdicts = filter_candidates(
+        candidates,
+        config=config,
+        dedup=dedup,
+        guard=None if rationale else indexes.guard,
+        checks=checks,
+    )
+    indexes.keys.update(v.key for v in verdicts if v.accepted)
     return verdicts
 
 
 @dataclass
 class _JobIndexes:
     config: FilterConfig
-    dedup: DedupIndex
+    dedup: DedupIndex  # seed inputs and accepted generated inputs
+    rationales: DedupIndex  # accepted rationale examples, as input + rationale
     guard: ContaminationGuard | None
     keys: set[str]
 
@@ -580,15 +635,14 @@ _INDEXES: OrderedDict[uuid.UUID, _JobIndexes] = OrderedDict()
 _MAX_CACHED_JOBS = 8
 
 
-def _indexes(
-    session: Session, job: Job, ctx: JobContext, config: FilterConfig
-) -> tuple[DedupIndex, ContaminationGuard | None]:
+def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) -> _JobIndexes:
     cached = _INDEXES.get(job.id)
     if cached is None or cached.config != config:
         seeds = {f"seed:{r.row_id}": r.input for r in ctx.train}
         cached = _JobIndexes(
             config=config,
             dedup=DedupIndex.build(seeds, config),
+            rationales=DedupIndex.build({}, config),
             guard=ContaminationGuard.build(ctx.protected_texts, config)
             if ctx.protected_texts
             else None,
@@ -598,15 +652,18 @@ def _indexes(
         while len(_INDEXES) > _MAX_CACHED_JOBS:
             _INDEXES.popitem(last=False)
     _INDEXES.move_to_end(job.id)
-    for key, text in session.execute(
-        select(Example.dedup_key, Example.input).where(
+    for key, text, kind, rationale in session.execute(
+        select(Example.dedup_key, Example.input, Example.kind, Example.rationale).where(
             Example.job_id == job.id, Example.status == ExampleStatus.accepted
         )
     ):
         if key not in cached.keys:
-            cached.dedup.add(key, text)
+            if kind == ExampleKind.rationale.value:
+                cached.rationales.add(key, _rationale_text(text, rationale))
+            else:
+                cached.dedup.add(key, text)
             cached.keys.add(key)
-    return cached.dedup, cached.guard
+    return cached
 
 
 def _close_batch(
