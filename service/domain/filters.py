@@ -394,14 +394,21 @@ def _case_insensitive_matches(output: str, labels: Sequence[str]) -> list[str]:
     return [label for label in labels if label.casefold() == folded]
 
 
+# Quotes and sentence punctuation a teacher may wrap a label in ("positive.", "'LOC'").
+_LABEL_WRAPPING = " \t\n\r.,;:!?\"'`*_()[]{}«»“”\u2018\u2019"
+
+
 def canonical_label(output: str, labels: Sequence[str]) -> str | None:
-    """The label `output` names: exactly after stripping, else the one label equal ignoring
-    case. None when there is no such label or several (e.g. "yes" and "Yes" are both labels)."""
-    stripped = output.strip()
-    if stripped in labels:
-        return stripped
-    matches = _case_insensitive_matches(stripped, labels)
-    return matches[0] if len(matches) == 1 else None
+    """The label `output` names: exactly after stripping whitespace, else the one label equal
+    ignoring case, else the same after stripping surrounding quotes and punctuation. None when
+    there is no such label or several (e.g. "yes" and "Yes" are both labels)."""
+    for candidate in (output.strip(), output.strip(_LABEL_WRAPPING)):
+        if candidate in labels:
+            return candidate
+        matches = _case_insensitive_matches(candidate, labels)
+        if matches:
+            return matches[0] if len(matches) == 1 else None
+    return None
 
 
 def check_schema(candidate: Candidate, ctx: FilterContext) -> Verdict | None:

@@ -288,11 +288,83 @@ def extract_json(text: str, *, expect: type | None = None) -> Any:
     raise ExtractionError("no JSON value found in the answer")
 
 
+# What an answer is checked against locally is the schema's *shape* (types, required keys,
+# nesting). Value rules are left to the per-item filters, which reject one bad item with its
+# reason instead of the whole answer: a label in the wrong case or wrapped in punctuation is
+# mapped to the label set, an extra key is ignored, a sixth example beyond maxItems is not
+# paid for. Constrained decoding still gets the full schema.
+_VALUE_KEYWORDS: Final = frozenset(
+    {
+        "enum",
+        "const",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+    }
+)
+_SCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+
+
+def shape_schema(schema: Any) -> Any:
+    """`schema` without its value rules and without `additionalProperties: false`."""
+    if isinstance(schema, list):
+        return [shape_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    shaped: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _VALUE_KEYWORDS or (key == "additionalProperties" and value is False):
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            shaped[key] = {name: shape_schema(sub) for name, sub in value.items()}
+        else:
+            shaped[key] = shape_schema(value)
+    return shaped
+
+
+def _fold(name: str) -> str:
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def align_keys(value: Any, schema: Any) -> Any:
+    """Rename keys that name a schema property in another case or spelling ("Label",
+    "input_text" for "inputText"), when exactly one key matches; nested objects and arrays too."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [align_keys(item, schema["items"]) for item in value]
+    properties = schema.get("properties")
+    if not isinstance(value, dict) or not isinstance(properties, dict):
+        return value
+    aligned = dict(value)
+    for name in properties:
+        if name in aligned:
+            continue
+        matches = [key for key in aligned if key not in properties and _fold(key) == _fold(name)]
+        if len(matches) == 1:
+            aligned[name] = aligned.pop(matches[0])
+    return {
+        key: align_keys(item, properties[key]) if key in properties else item
+        for key, item in aligned.items()
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class SchemaInfo:
     """Everything derived from one response schema, computed once per distinct schema."""
 
-    validator: Validator
+    validator: Validator  # the answer's shape (see `shape_schema`)
     strict: bool  # usable with OpenAI's strict structured outputs
     instruction: str  # the schema as a prompt instruction, for modes without constrained decoding
     size_chars: int  # its serialized length, for estimating prompt tokens
@@ -320,7 +392,7 @@ def schema_info(schema: dict[str, Any]) -> SchemaInfo:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         info = SchemaInfo(
-            validator=cls(schema),
+            validator=cls(shape_schema(schema)),
             strict=_strict_compatible(schema),
             instruction=(
                 "Reply with one JSON value that conforms to this JSON schema, and nothing "
@@ -367,6 +439,7 @@ def check_output(
         value = extract_json(text, expect=info.expect)
     except ExtractionError as exc:
         return OutputVerdict(None, "invalid_json", str(exc))
+    value = align_keys(value, schema)
     if info.validator.is_valid(value):
         return OutputVerdict(value)
     error = best_match(info.validator.iter_errors(value))

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from service.domain.answers import answers_match, extract_answer, gold_answer
+from service.domain.filters import canonical_label
 from service.domain.prompts import build_request, item_fields, rationale_schema
 from service.domain.spec import TaskKind, TaskSpec
 from service.domain.strategies.base import (
@@ -78,7 +79,9 @@ def answer_matches(task: TaskSpec, candidate_output: str, gold: str) -> bool:
     """
     expected = final_answer(task, gold)
     if task.kind is TaskKind.classification:
-        return candidate_output.strip() == expected
+        # The filter maps an answer to its canonical label first; verification answers arrive
+        # as written ("Positive", "positive."), so they are mapped the same way here.
+        return canonical_label(candidate_output, task.labels or [expected]) == expected
     if answers_match(candidate_output.strip(), expected):
         return True
     if task.kind is TaskKind.qa or task.answer_pattern is not None:

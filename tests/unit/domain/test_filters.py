@@ -166,6 +166,17 @@ def test_label_invalid_when_the_case_insensitive_mapping_is_ambiguous() -> None:
     assert verdicts[1].accepted and verdicts[1].output == "Yes"
 
 
+def test_labels_wrapped_in_quotes_or_punctuation_are_canonicalized() -> None:
+    assert canonical_label("LOC.", TREC_LABELS) == "LOC"
+    assert canonical_label('"hum"', TREC_LABELS) == "HUM"
+    assert canonical_label("**NUM**", TREC_LABELS) == "NUM"
+    assert canonical_label("\u201cDESC\u201d", TREC_LABELS) == "DESC"
+    assert canonical_label("LOCATION", TREC_LABELS) is None
+    assert canonical_label("L.O.C", TREC_LABELS) is None
+    # A label that itself ends in punctuation is matched as written first.
+    assert canonical_label("N/A.", ["N/A.", "N/A"]) == "N/A."
+
+
 def test_too_short_and_too_long() -> None:
     config = FilterConfig(labels=TREC_LABELS, min_chars=10, max_chars=40)
     verdicts = _run(

@@ -211,8 +211,14 @@ def test_parse_accepts_a_numeric_answer() -> None:
 def test_answer_matches_classification_by_label() -> None:
     assert answer_matches(CLASSIFICATION, "spam", "spam")
     assert answer_matches(CLASSIFICATION, " spam\n", "spam")
-    assert not answer_matches(CLASSIFICATION, "Spam", "spam")
+    # As the filter reads labels: case, quotes and punctuation around the label do not matter...
+    assert answer_matches(CLASSIFICATION, "Spam", "spam")
+    assert answer_matches(CLASSIFICATION, '"spam."', "spam")
     assert not answer_matches(CLASSIFICATION, "ham", "spam")
+    assert not answer_matches(CLASSIFICATION, "spammy", "spam")
+    # ...unless the label set itself tells them apart.
+    cased = CLASSIFICATION.model_copy(update={"labels": ["spam", "Spam", "ham"]})
+    assert not answer_matches(cased, "Spam", "spam")
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,8 @@ def test_check_output_accepts_a_valid_answer() -> None:
         (None, "stop", "empty"),
         ("whatever", "content_filter", "content_filter"),
         ('{"label": "neg", "score": ', "stop", "invalid_json"),
-        ('{"label": "maybe", "score": 1}', "stop", "schema_invalid"),
+        ('{"label": "pos", "score": "high"}', "stop", "schema_invalid"),
+        ('{"score": 1}', "stop", "schema_invalid"),
         ('{"label": "pos"}', "stop", "schema_invalid"),
     ],
 )
@@ -124,8 +125,38 @@ def test_check_output_rejects(text: str | None, finish: str, code: str) -> None:
 
 
 def test_schema_errors_name_the_place() -> None:
-    verdict = check_output('{"label": "maybe", "score": 1}', "stop", SCHEMA)
+    verdict = check_output('{"label": 3, "score": 1}', "stop", SCHEMA)
     assert verdict.error is not None and verdict.error.startswith("at label:")
+
+
+def test_only_the_shape_is_checked_and_keys_are_aligned() -> None:
+    # A label outside the enum, an extra key, a key in another case: the answer is usable, and
+    # the per-item filters judge the label (with its reason) instead of losing the whole answer.
+    verdict = check_output('{"Label": "MAYBE", "score": 1, "note": "x"}', "stop", SCHEMA)
+    assert verdict.ok
+    assert verdict.parsed == {"label": "MAYBE", "score": 1, "note": "x"}
+    nested = {
+        "type": "object",
+        "properties": {
+            "examples": {
+                "type": "array",
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string", "maxLength": 5}},
+                    "required": ["text"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["examples"],
+    }
+    answer = '{"Examples": [{"TEXT": "a long text"}, {"text": "b"}, {"text": "c", "x": 1}]}'
+    verdict = check_output(answer, "stop", nested)
+    assert verdict.ok, verdict.error
+    assert [item["text"] for item in verdict.parsed["examples"]] == ["a long text", "b", "c"]
+    # Two keys that could both be "text": neither is guessed.
+    assert not check_output('{"examples": [{"Text": "a", "TEXT": "b"}]}', "stop", nested).ok
 
 
 def test_free_text_needs_no_json() -> None:
