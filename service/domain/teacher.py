@@ -125,6 +125,21 @@ class TeacherCallStatus(StrEnum):
     failed = "failed"  # no usable answer: permanent error or attempts exhausted
 
 
+# Failures that say nothing about the request itself (the teacher was slow, down, overloaded,
+# or answered garbage): worth asking again later. Any other failure (context length exceeded,
+# a 400 about this request) is this request's final outcome, recorded with its reason.
+_TRANSIENT_CODES = frozenset({"timeout", "connection", "bad_response", "http_408", "http_409"})
+
+
+def is_transient_failure(error_code: str | None) -> bool:
+    """Whether a failed call is worth calling again (see `_TRANSIENT_CODES`; 429 and 5xx too)."""
+    if error_code is None:
+        return True
+    if error_code in _TRANSIENT_CODES or error_code == "http_429":
+        return True
+    return error_code.startswith("http_5")
+
+
 class TeacherResult(BaseModel):
     """What came back for one request, with its accounting."""
 

@@ -96,6 +96,9 @@ class Config:
     # Body fields answered with a 400 as OpenAI words it (a backend that does not take `seed`,
     # a reasoning model that wants max_completion_tokens or only the default temperature).
     refuse_params: list[str] = field(default_factory=list)
+    # A context window (prompt + max_tokens, in the fake's tokens); 0 = unlimited. A request
+    # over it gets vLLM's 400, whatever else is configured.
+    context_tokens: int = 0
     down: bool = False
 
     def update(self, changes: Mapping[str, Any]) -> None:
@@ -125,11 +128,11 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be a boolean")
         return value
-    if key in ("max_concurrency", "seed"):
+    if key in ("max_concurrency", "seed", "context_tokens"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key} must be an integer")
-        if key == "max_concurrency" and value < 0:
-            raise ValueError("max_concurrency must be >= 0")
+        if key in ("max_concurrency", "context_tokens") and value < 0:
+            raise ValueError(f"{key} must be >= 0")
         return value
     if key == "api_key":
         if value is not None and not isinstance(value, str):
@@ -939,6 +942,19 @@ class TeacherState:
             max_tokens = _positive_int(body, "max_completion_tokens", None) or _positive_int(
                 body, "max_tokens", None
             )
+            if cfg.context_tokens:
+                prompt = sum(count_tokens(message_text(m)) for m in messages)
+                wanted = prompt + (max_tokens or 0)
+                if wanted > cfg.context_tokens:
+                    raise RequestError(
+                        400,
+                        f"This model's maximum context length is {cfg.context_tokens} tokens. "
+                        f"However, you requested {wanted} tokens ({prompt} in the messages, "
+                        f"{max_tokens or 0} in the completion). Please reduce the length of the "
+                        "messages or completion.",
+                        "BadRequestError",
+                        400,
+                    )
             ctx = PromptContext.from_messages(messages)
             mode = parse_output_mode(body, ctx, cfg.no_json_schema)
         except RequestError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -180,3 +181,41 @@ def test_pause_takes_effect_within_a_batch_and_resume_finishes(inline_stack: Inl
     finally:
         stop.set()
         runner.join(timeout=30)
+
+
+def test_a_request_over_the_context_window_is_recorded_not_retried_forever(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    train, val = trec_slice(per_class=3, val_per_class=4)
+    long_text = "Why is the sky blue " + "and very, very far away " * 400 + "?"
+    train += (json.dumps({"text": long_text, "label": "DESC"}) + "\n").encode()
+    st.teacher.configure(context_tokens=3000)
+    spec: dict[str, Any] = {
+        "name": "context",
+        "strategy": "rationales",
+        "task": {"instructions": "Classify the question."},
+        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
+        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
+        "student": {"type": "builtin", "model": "tfidf"},
+        "budget": {"max_iterations": 1},
+        "batch_size": 8,
+    }
+    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["id"]
+    st.sender.run_until_idle()  # returns: nothing is rescheduled for a request that cannot fit
+    job = st.job(job_id)
+    assert job["status"] == "succeeded", job
+    with st.sessions() as session:
+        failed = session.scalars(select(TeacherCall).where(TeacherCall.status == "failed")).all()
+        assert [c.error_code for c in failed] == ["context_length"]
+        assert failed[0].attempts == 1  # not retried: it can never succeed
+        row = session.scalar(select(Example).where(Example.teacher_call_id == failed[0].id))
+        assert row is not None and row.status == "rejected"
+        assert row.rejection_reason == "teacher_context_length"
+        assert row.rejection_detail is not None and "maximum context length" in row.rejection_detail
+        accepted = session.scalar(
+            select(func.count()).select_from(Example).where(Example.status == "accepted")
+        )
+        assert (accepted or 0) > 0  # the other rows went through

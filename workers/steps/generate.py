@@ -52,6 +52,7 @@ from service.domain.teacher import (
     TeacherPrices,
     TeacherRequest,
     TeacherResult,
+    is_transient_failure,
 )
 from service.jobs import transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall, utcnow
@@ -110,9 +111,14 @@ def _uncached(
     fingerprints: Sequence[str],
 ) -> list[tuple[TeacherRequest, str]]:
     """The fingerprint cache: a finished call (valid or invalid) is reused by any worker and
-    never paid twice; a failed one is forgotten, so it is called again."""
+    never paid twice; a transient failure is forgotten, so it is called again; a final one
+    (context length exceeded, a 400 about this request) stands."""
     known = _calls_by_fingerprint(session, teacher, fingerprints)
-    failed = [fp for fp, c in known.items() if c.status == TeacherCallStatus.failed.value]
+    failed = [
+        fp
+        for fp, c in known.items()
+        if c.status == TeacherCallStatus.failed.value and is_transient_failure(c.error_code)
+    ]
     if failed:
         session.execute(
             delete(TeacherCall).where(
@@ -250,7 +256,13 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
         rows = _verify(session, ports, teacher_row, job, batch, ctx, rows)
     _insert_examples(session, rows)
     missing = [fp for fp in fingerprints if fp not in calls]
-    failed = [fp for fp in fingerprints if fp in calls and calls[fp].status == "failed"]
+    failed = [
+        fp
+        for fp in fingerprints
+        if fp in calls
+        and calls[fp].status == TeacherCallStatus.failed.value
+        and is_transient_failure(calls[fp].error_code)
+    ]
     if (failed or missing) and not outcome.stopped:
         batch.status = BatchStatus.pending  # keep the claim off; the retry re-calls only these
         batch.error = f"{len(failed)} teacher calls failed transiently: {outcome.last_error}"
@@ -413,8 +425,12 @@ def _candidate_rows(
     pending: list[tuple[dict[str, Any], Candidate]] = []
     for target, fp in zip(targets, fingerprints, strict=True):
         call = calls.get(fp)
-        if call is None or call.status == TeacherCallStatus.failed.value:
+        if call is None:
             continue
+        if call.status == TeacherCallStatus.failed.value:
+            if not is_transient_failure(call.error_code):
+                rows.append(_failed_row(job, batch, ctx, target, call, fp))
+            continue  # a transient failure is called again by the batch's retry
         examples, problem = _candidate_examples(target, call, ctx, plan_ctx)
         base: dict[str, Any] = {
             "job_id": job.id,
@@ -479,6 +495,36 @@ def _candidate_rows(
         row["rejection_detail"] = verdict.detail
         rows.append(row)
     return rows
+
+
+def _failed_row(
+    job: Job,
+    batch: GenerationBatch,
+    ctx: JobContext,
+    target: GenerationTarget,
+    call: TeacherCall,
+    fp: str,
+) -> dict[str, Any]:
+    """A request that failed for good (e.g. its prompt exceeds the teacher's context) leaves a
+    rejected row with the teacher's reason, so it is visible next to the examples it cost."""
+    return {
+        "job_id": job.id,
+        "iteration_id": batch.iteration_id,
+        "batch_id": batch.id,
+        "teacher_call_id": call.id,
+        "source_row_id": ctx.row_uuid.get(target.source_row_id or ""),
+        "target_id": target.target_id,
+        "target_reason": target.reason,
+        "prompt_fingerprint": fp,
+        "dedup_key": f"{fp}:failed",
+        "kind": target.kind.value,
+        "status": ExampleStatus.rejected.value,
+        "rejection_reason": f"teacher_{call.error_code or 'error'}"[:64],
+        "rejection_detail": (call.error or "the teacher call failed")[:2000],
+        "input": "",
+        "output": None,
+        "meta": {"teacher_failed": True},
+    }
 
 
 def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
