@@ -34,6 +34,7 @@ from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error
 from workers.teacher.structured import (
     DEFAULT_CAPABILITIES,
     CapabilityCache,
+    OutputVerdict,
     Reask,
     check_output,
     is_format_refusal,
@@ -153,6 +154,17 @@ def _message_text(message: Any) -> str | None:
     if isinstance(content, list):  # content parts, as some servers send them
         return "".join(p.get("text", "") for p in content if isinstance(p, dict)) or None
     return content if isinstance(content, str) else None
+
+
+def _reasoning_text(message: Any) -> str | None:
+    """A reasoning model's thinking, where servers put it (vLLM, DeepSeek, OpenRouter)."""
+    if not isinstance(message, dict):
+        return None
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 class OpenAITeacher:
@@ -486,7 +498,11 @@ class OpenAITeacher:
             except ValueError as exc:
                 raise BadResponseError(f"the answer is not JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise BadResponseError("the answer has no choices")
+            said = data.get("error") if isinstance(data, dict) else None
+            if isinstance(said, dict):
+                said = said.get("message") or said
+            detail = f"; it says: {str(said)[:500]}" if said else ""
+            raise BadResponseError(f"the answer has no choices{detail}")
         if not data["choices"] or not isinstance(data["choices"][0], dict):
             raise BadResponseError("the answer has no choices")
         return data
@@ -605,6 +621,16 @@ class OpenAITeacher:
                 await asyncio.sleep(0)
 
                 verdict_out = check_output(text, finish_reason, schema)
+                if verdict_out.error_code == "empty":
+                    reasoning = _reasoning_text(choice.get("message"))
+                    if reasoning:
+                        verdict_out = OutputVerdict(
+                            None,
+                            "empty",
+                            f"no content, only reasoning_content ({len(reasoning)} characters): "
+                            "a reasoning model that did not reach its answer (raise max_tokens) "
+                            "or a server whose reasoning parser kept the answer",
+                        )
                 if verdict_out.ok:
                     return self._finish(
                         call,

@@ -118,6 +118,14 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str, str | None, str | No
         raw_message = body.get("message") or body.get("detail") or body.get("error")
         if isinstance(raw_message, str):
             message = raw_message
+        elif isinstance(raw_message, list) and raw_message:
+            # FastAPI/pydantic servers: {"detail": [{"loc": [...], "msg": ..., "type": ...}]}
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in item.get('loc', ()))}: {item.get('msg', item)}"
+                if isinstance(item, Mapping)
+                else str(item)
+                for item in raw_message[:5]
+            )
     elif isinstance(body, str) and body:
         message = body
     code = exc.code if isinstance(exc.code, str) else None

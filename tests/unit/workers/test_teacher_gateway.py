@@ -474,3 +474,47 @@ def test_metrics_count_outcomes_tokens_and_retries() -> None:
     assert sample("distill_teacher_http_attempts_total", result="200") == 1
     assert sample("distill_teacher_in_flight") == 0
     assert sample("distill_teacher_request_duration_seconds_count") == 1
+
+
+def test_an_answer_only_in_reasoning_content_is_invalid_with_the_reason() -> None:
+    def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        response = completion(None)
+        payload = json.loads(response.content)
+        payload["choices"][0]["message"]["reasoning_content"] = "Let me think... " * 20
+        return httpx2.Response(200, json=payload)
+
+    result = one(make_teacher(ScriptedServer(handler), max_reasks=0))
+    assert result.status is TeacherCallStatus.invalid
+    assert result.error_code == "empty"
+    assert result.error is not None and "reasoning_content" in result.error
+
+
+def test_an_error_in_a_200_is_retried_and_its_words_kept() -> None:
+    def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        return httpx2.Response(200, json={"error": {"message": "upstream model overloaded"}})
+
+    result = one(make_teacher(ScriptedServer(handler), max_attempts=2))
+    assert result.status is TeacherCallStatus.failed
+    assert result.error_code == "bad_response" and result.attempts == 2
+    assert result.error is not None and "upstream model overloaded" in result.error
+
+
+def test_a_pydantic_servers_422_names_the_field_and_the_field_is_dropped() -> None:
+    def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        if "seed" in body:
+            detail = [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ["body", "seed"],
+                    "msg": "Extra inputs are not permitted",
+                    "input": body["seed"],
+                }
+            ]
+            return httpx2.Response(422, json={"detail": detail})
+        return completion()
+
+    server = ScriptedServer(handler)
+    result = one(make_teacher(server))
+    assert result.status is TeacherCallStatus.succeeded
+    assert result.retry_causes == {"param_seed_refused": 1}
+    assert "seed" in server.bodies[0] and "seed" not in server.bodies[1]
