@@ -219,3 +219,34 @@ def test_a_request_over_the_context_window_is_recorded_not_retried_forever(
             select(func.count()).select_from(Example).where(Example.status == "accepted")
         )
         assert (accepted or 0) > 0  # the other rows went through
+
+
+def test_llm2llm_with_a_built_in_student_mines_out_of_fold_mistakes(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    job_id = _job(
+        st,
+        teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"},
+        strategy="llm2llm",
+    )
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "succeeded", job
+    iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
+    # In-sample, the student would score 100% on its own seeds and stop with nothing to mine.
+    assert [it["number"] for it in iterations] == [0, 1]
+    assert iterations[1]["targets_count"] > 0 and iterations[1]["teacher_calls"] > 0
+
+
+def test_an_unknown_built_in_model_fails_the_job_with_the_reason(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    job_id = _job(
+        st,
+        teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"},
+        student={"type": "builtin", "model": "tfidff"},
+    )
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "failed"
+    assert "student error" in job["status_reason"] and "tfidff" in job["status_reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -141,22 +142,80 @@ class StudentUnavailable(Exception):
 def _train_and_evaluate(
     session: Session, job: Job, iteration: Iteration, ctx: JobContext, ports: Ports
 ) -> None:
-    student = ports.make_student(ctx.spec.task, ctx.spec.student)
     try:
-        _fit_and_score(session, job, iteration, ctx, student)
+        student = ports.make_student(ctx.spec.task, ctx.spec.student)
+    except ValueError as exc:  # e.g. an unknown built-in model name: no retry will fix it
+        raise StudentConfigurationError(str(exc)) from exc
+    try:
+        _fit_and_score(
+            session,
+            job,
+            iteration,
+            ctx,
+            student,
+            lambda: ports.make_student(ctx.spec.task, ctx.spec.student),
+        )
     finally:
         close = getattr(student, "close", None)  # an endpoint student holds HTTP connections
         if close is not None:
             close()
 
 
+OUT_OF_FOLD_K = 5
+
+
+def out_of_fold_predictions(
+    make_student: Callable[[], Any],
+    seeds: list[LabelledRow],
+    extra: list[tuple[str, str]],
+    k: int = OUT_OF_FOLD_K,
+) -> list[Prediction]:
+    """Predictions on the seed rows by students that never saw them (k-fold, plus every
+    generated example), so mining the train split finds what the student cannot learn.
+
+    A built-in student scores its own training rows almost perfectly (logistic regression
+    memorises them), which would leave LLM2LLM and the rationale strategy with nothing to mine;
+    a fine-tuned LLM, the student those papers had, does not memorise that way. Folds are
+    assigned by position, which is content-stable: the same seeds give the same folds."""
+    k = max(2, min(k, len(seeds)))
+    by_id: dict[str, Prediction] = {}
+    for fold in range(k):
+        held = [r for i, r in enumerate(seeds) if i % k == fold]
+        kept = [
+            TrainRow(input=r.input, output=r.output) for i, r in enumerate(seeds) if i % k != fold
+        ] + [TrainRow(input=i, output=o) for i, o in extra]
+        if not held:
+            continue
+        if len({r.output for r in kept}) < 2:
+            # One class left: no classifier can be fitted; the rows count as unlearnable.
+            for r in held:
+                by_id[r.row_id] = Prediction(
+                    row_id=r.row_id,
+                    predicted=None,
+                    correct=False,
+                    error="out of fold: the other rows have a single class",
+                )
+            continue
+        student = make_student()
+        student.fit(kept)
+        for pred in student.predict(_eval_rows(held)):
+            by_id[pred.row_id] = pred
+    return [by_id[r.row_id] for r in seeds]
+
+
 def _fit_and_score(
-    session: Session, job: Job, iteration: Iteration, ctx: JobContext, student: Any
+    session: Session,
+    job: Job,
+    iteration: Iteration,
+    ctx: JobContext,
+    student: Any,
+    make_student: Callable[[], Any],
 ) -> None:
     started = time.monotonic()
     fit = getattr(student, "fit", None)
+    rows_for_fit = training_rows(session, job, ctx)
     if fit is not None:
-        fit([TrainRow(input=i, output=o) for i, o in training_rows(session, job, ctx)])
+        fit([TrainRow(input=i, output=o) for i, o in rows_for_fit])
     fitted = time.monotonic()
 
     splits: dict[str, list[LabelledRow]] = {"validation": ctx.validation}
@@ -167,7 +226,13 @@ def _fit_and_score(
     reports: dict[str, dict[str, Any]] = {}
     source = ctx.spec.student.type.value
     for split, rows in splits.items():
-        preds = student.predict(_eval_rows(rows))
+        # Built-in students only: an endpoint student retrained by a trainer command is an LLM
+        # that does not memorise, and each extra fit would be a whole training run.
+        builtin = ctx.spec.student.type is StudentType.builtin
+        if split == "train" and builtin and fit is not None and len(rows) >= 2:
+            preds = out_of_fold_predictions(make_student, rows, rows_for_fit[len(ctx.train) :])
+        else:
+            preds = student.predict(_eval_rows(rows))
         if ctx.spec.task.kind is TaskKind.qa:
             preds = [_check_qa(ctx, p, r) for p, r in zip(preds, rows, strict=True)]
         insert_ignore(
