@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
@@ -534,6 +535,12 @@ class OpenAITeacher:
                         if isinstance(exc, BadResponseError)
                         else classify_error(exc)
                     )
+                    if verdict.error_code == "timeout":
+                        verdict = dataclasses.replace(
+                            verdict,
+                            message=f"the teacher did not answer within timeout_s="
+                            f"{endpoint.timeout_s:g} s",
+                        )
                     metrics.attempt(verdict.error_code)
                     answered = verdict.status is not None
                     releasing, call.lease = call.lease, None

@@ -280,6 +280,16 @@ def test_a_hung_attempt_times_out_and_is_retried() -> None:
     assert result.latency_s < 2
 
 
+def test_a_timeout_that_lasts_names_the_limit() -> None:
+    async def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        await asyncio.sleep(5)
+        return completion()
+
+    result = one(make_teacher(ScriptedServer(handler), timeout_s=0.2, max_attempts=2))
+    assert result.status is TeacherCallStatus.failed and result.error_code == "timeout"
+    assert result.error == "the teacher did not answer within timeout_s=0.2 s"
+
+
 def test_a_non_json_200_is_retried() -> None:
     server = ScriptedServer(
         lambda b, n: httpx2.Response(200, text="<html>proxy</html>") if n == 1 else completion()
