@@ -250,3 +250,15 @@ def test_an_unknown_built_in_model_fails_the_job_with_the_reason(inline_stack: I
     job = st.job(job_id)
     assert job["status"] == "failed"
     assert "student error" in job["status_reason"] and "tfidff" in job["status_reason"]
+
+
+def test_a_job_that_accepted_nothing_says_so(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(truncate_rate=1.0)  # every answer cut off at max_tokens
+    job_id = _job(st, teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"})
+    st.sender.run_until_idle()
+    job = st.job(job_id)
+    assert job["status"] == "succeeded"
+    assert job["examples_accepted"] == 0
+    assert "no example accepted from" in job["status_reason"]
+    assert "truncated=" in job["status_reason"]

@@ -121,8 +121,26 @@ def decide_and_continue(session: Session, job: Job) -> None:
 
 
 def finish_job(session: Session, job: Job, reason: str) -> None:
+    calls, accepted, top = _yield_summary(session, job)
+    if calls and not accepted:
+        # Finished by its rules, but nothing the teacher wrote was usable: say so where the
+        # user looks first, instead of a bare "max_iterations".
+        reason = f"{reason}; no example accepted from {calls} teacher calls ({top})"
     if transition_job(session, job, JobStatus.succeeded, reason=reason):
         log.info("job.succeeded", job_id=str(job.id), reason=reason, best=job.best_iteration)
+
+
+def _yield_summary(session: Session, job: Job) -> tuple[int, int, str]:
+    """(teacher calls, accepted examples, the most common rejection reasons) of the job."""
+    iterations = session.scalars(select(Iteration).where(Iteration.job_id == job.id)).all()
+    calls = sum(it.teacher_calls for it in iterations)
+    accepted = sum(it.examples_accepted for it in iterations)
+    reasons: dict[str, int] = {}
+    for it in iterations:
+        for reason, count in (it.rejected_by_reason or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + int(count)
+    top = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    return calls, accepted, top or "no rejections recorded"
 
 
 def plan_context(
