@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
 
@@ -33,6 +33,18 @@ class TaskSpec(_Spec):
     answer_pattern: str | None = Field(
         None, description="Regex with one group extracting a QA answer; default GSM8K '#### N'."
     )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        # Data labels 0/1 or true/false are compared as their text ("0", "True"), so a spec
+        # may list them as written in the data.
+        if isinstance(value, list):
+            return [
+                str(v) if isinstance(v, bool | int | float) and not isinstance(v, str) else v
+                for v in value
+            ]
+        return value
 
     @model_validator(mode="after")
     def _labels_unique(self) -> TaskSpec:

@@ -1,4 +1,4 @@
-"""Teacher envelopes: limits and where an adaptive window reads the server's load."""
+"""Spec and teacher envelopes: limits, where an adaptive window reads load, label sets."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ def test_adaptive_limits_read_the_server_roots_metrics() -> None:
     explicit = TeacherLimits(adaptive=True, metrics_url="http://h:9/m")
     assert explicit.load_metrics_url("http://h/v1") == "http://h:9/m"
     assert TeacherLimits().load_metrics_url("http://h/v1") is None
+
+
+def test_spec_labels_may_be_written_as_in_the_data() -> None:
+    from service.domain.spec import TaskSpec
+
+    assert TaskSpec(instructions="x", labels=[0, 1]).labels == ["0", "1"]
+    assert TaskSpec(instructions="x", labels=[True, False]).labels == ["True", "False"]
+    assert TaskSpec(instructions="x", labels=["a", 2]).labels == ["a", "2"]
