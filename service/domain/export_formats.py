@@ -19,11 +19,14 @@ class ExportRow:
     example_id: str | None = None
     iteration: int | None = None
     source_row_id: str | None = None
+    typed_output: Any = None  # the label as the data wrote it (1, true), when not a string
 
 
 def _fields(task: TaskSpec, row: ExportRow) -> dict[str, Any]:
-    """The task's own field names, so the file drops into the user's training script."""
-    out: dict[str, Any] = {task.input_field: row.input, task.output_field: row.output}
+    """The task's own field names, so the file drops into the user's training script; a
+    label the data wrote as a number or a boolean is written back the same way."""
+    output = row.output if row.typed_output is None else row.typed_output
+    out: dict[str, Any] = {task.input_field: row.input, task.output_field: output}
     if row.rationale:
         out["rationale"] = row.rationale
     return out

@@ -262,3 +262,37 @@ def test_a_job_that_accepted_nothing_says_so(inline_stack: InlineStack) -> None:
     assert job["examples_accepted"] == 0
     assert "no example accepted from" in job["status_reason"]
     assert "truncated=" in job["status_reason"]
+
+
+def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    train, val = trec_slice(per_class=4, val_per_class=4)
+    codes = {"ABBR": 0, "DESC": 1, "ENTY": 2, "HUM": 3, "LOC": 4, "NUM": 5}
+
+    def numeric(data: bytes) -> bytes:
+        rows = [json.loads(line) for line in data.decode().splitlines()]
+        return "".join(
+            json.dumps({"text": r["text"], "label": codes[r["label"]]}) + "\n" for r in rows
+        ).encode()
+
+    spec: dict[str, Any] = {
+        "name": "numeric",
+        "strategy": "pgkd",
+        "task": {"instructions": "Classify the question type (0-5)."},
+        "datasets": {"train": st.upload(numeric(train)), "validation": st.upload(numeric(val))},
+        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
+        "student": {"type": "builtin", "model": "tfidf"},
+        "budget": {"max_iterations": 1},
+    }
+    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["id"]
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    export = st.client.post(f"/v1/jobs/{job_id}/exports", json={}, headers=st.auth).json()
+    st.sender.run_until_idle()
+    body = st.client.get(f"/v1/exports/{export['id']}/download", headers=st.auth)
+    assert body.status_code == 200
+    labels = [json.loads(line)["label"] for line in body.text.splitlines()]
+    assert labels and all(isinstance(label, int) for label in labels), labels[:5]
+    assert set(labels) <= set(codes.values())

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,17 +20,40 @@ from service.domain.export_formats import (
     render_lines,
     render_preference_lines,
 )
+from service.domain.spec import TaskKind
 from service.domain.statuses import ExampleStatus, ExportStatus
-from service.models import Example, Export, Iteration, Job, utcnow
+from service.models import DatasetRow, Example, Export, Iteration, Job, utcnow
 from service.settings import get_settings
-from workers.steps.context import load_job_context
+from workers.steps.context import JobContext, load_job_context
+
+
+def _typed_labels(session: Session, ctx: JobContext) -> dict[str, Any]:
+    """Labels the train data wrote as numbers or booleans, by their text ("1" → 1)."""
+    if ctx.spec.task.kind is not TaskKind.classification:
+        return {}
+    field = ctx.spec.task.output_field
+    uuids = list(ctx.row_uuid.values())
+    typed: dict[str, Any] = {}
+    for start in range(0, len(uuids), 1000):
+        for data in session.scalars(
+            select(DatasetRow.data).where(DatasetRow.id.in_(uuids[start : start + 1000]))
+        ):
+            value = data.get(field) if isinstance(data, dict) else None
+            if value is not None and not isinstance(value, str):
+                typed.setdefault(str(value), value)
+    return typed
 
 
 def best_dataset(session: Session, job: Job) -> list[ExportRow]:
     ctx = load_job_context(session, job)
+    typed = _typed_labels(session, ctx)
     rows = [
         ExportRow(
-            input=r.input, output=r.output, kind="seed", source_row_id=str(ctx.row_uuid[r.row_id])
+            input=r.input,
+            output=r.output,
+            kind="seed",
+            source_row_id=str(ctx.row_uuid[r.row_id]),
+            typed_output=typed.get(r.output),
         )
         for r in ctx.train
     ]
@@ -56,6 +80,7 @@ def best_dataset(session: Session, job: Job) -> list[ExportRow]:
                 example_id=str(example.id),
                 iteration=number,
                 source_row_id=str(example.source_row_id) if example.source_row_id else None,
+                typed_output=typed.get(example.output or ""),
             )
         )
     return rows
