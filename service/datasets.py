@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -15,11 +16,86 @@ from service.errors import NotFound, ValidationFailed
 from service.models import Dataset, DatasetRow
 
 MAX_REPORTED_ERRORS = 20
+MAX_NAME_CHARS = 200  # datasets.name is a VARCHAR(200)
 
 
-def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
-    """Parse JSONL; every bad line is reported with its 1-based number, nothing is kept on error."""
-    rows: list[dict[str, Any]] = []
+class ParsedRows(list[dict[str, Any]]):
+    """The rows of a JSONL upload, with the 1-based line of the file each one came from."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), lines: Iterable[int] = ()) -> None:
+        super().__init__(rows)
+        self.lines = list(lines)
+
+
+def _name(path: str) -> str:
+    # ASCII-escaped: the name may itself hold the character that cannot be stored.
+    return json.dumps(path or "$")
+
+
+def _child(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate (\\ud800-\\udfff), which is not valid Unicode"
+    return None
+
+
+def unstorable(value: Any) -> str | None:
+    """Why a parsed JSON value cannot be stored (a Postgres JSONB column), or None.
+
+    Every string (object keys too) and number at any depth: json.loads accepts NaN and
+    Infinity (and 1e999 becomes inf), "\\u0000" and lone surrogates, which JSONB refuses.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            problem = _string_problem(item)
+            if problem:
+                return f"{_name(path)} {problem}"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return (
+                f"{_name(path)} is NaN, Infinity or a number too large to store; "
+                "JSON has no such numbers (use null or a string)"
+            )
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                problem = _string_problem(key)
+                if problem:
+                    where = f" in {_name(path)}" if path else ""
+                    return f"the key {json.dumps(key)}{where} {problem}"
+                stack.append((_child(path, key), child))
+        elif isinstance(item, list):
+            stack.extend((_child(path, i), child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _parse_line(line: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    except ValueError as exc:  # an integer longer than Python converts (4300 digits)
+        return None, f"invalid JSON: {str(exc).split(': ', 1)[0]}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
+
+
+def parse_jsonl(data: bytes) -> ParsedRows:
+    """Parse JSONL; every bad line is reported with its 1-based number, nothing is kept on error.
+
+    Lines end at "\\n" only (a trailing "\\r" is dropped): JSON strings may hold U+2028,
+    U+0085 and the like raw, which `str.splitlines()` would also break at.
+    """
+    rows = ParsedRows()
     errors: list[dict[str, Any]] = []
     try:
         text = data.decode("utf-8-sig")
@@ -28,24 +104,25 @@ def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
             "the file is not UTF-8",
             details=[{"line": data.count(b"\n", 0, exc.start) + 1, "message": str(exc)}],
         ) from exc
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) carry no row
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(
-                {"line": number, "message": f"invalid JSON: {exc.msg} at column {exc.colno}"}
-            )
-        else:
+        value, problem = _parse_line(line)
+        if problem is None:
             if not isinstance(value, dict):
-                errors.append({"line": number, "message": "each line must be a JSON object"})
+                problem = "each line must be a JSON object"
             elif not value:
-                errors.append({"line": number, "message": "empty object"})
+                problem = "empty object"
             else:
-                rows.append(value)
-        if len(errors) >= MAX_REPORTED_ERRORS:
-            break
+                problem = unstorable(value)
+        if problem is not None:
+            errors.append({"line": number, "message": problem})
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+        else:
+            rows.append(value)
+            rows.lines.append(number)
     if errors:
         first = errors[0]
         raise ValidationFailed(
@@ -67,6 +144,31 @@ def content_hash(rows: Iterable[dict[str, Any]]) -> str:
 def create_dataset(
     session: Session, tenant_id: uuid.UUID, name: str, rows: list[dict[str, Any]], size_bytes: int
 ) -> Dataset:
+    """Store the rows; each row's index is its 0-based line in the upload (`parse_jsonl` rows).
+
+    Blank lines carry no row, so the index of a row below one is not its position in the list:
+    it still names the line the user wrote, which is what errors about a row must quote.
+    """
+    lines = rows.lines if isinstance(rows, ParsedRows) else []
+    if len(lines) != len(rows):  # rows built in code: one row per line
+        lines = list(range(1, len(rows) + 1))
+    if not isinstance(rows, ParsedRows):  # parse_jsonl already checked its rows
+        errors = [
+            {"line": line, "message": problem}
+            for line, row in zip(lines, rows, strict=True)
+            if (problem := unstorable(row)) is not None
+        ][:MAX_REPORTED_ERRORS]
+        if errors:
+            raise ValidationFailed(
+                f"line {errors[0]['line']}: {errors[0]['message']}",
+                details=errors,
+                code="invalid_jsonl",
+            )
+    problem = _string_problem(name)
+    if problem is None and len(name) > MAX_NAME_CHARS:
+        problem = f"is longer than {MAX_NAME_CHARS} characters"
+    if problem is not None:
+        raise ValidationFailed(f"name {problem}", details=[{"field": "name", "message": problem}])
     fields = sorted({key for row in rows for key in row})
     dataset = Dataset(
         tenant_id=tenant_id,
@@ -81,8 +183,8 @@ def create_dataset(
     session.execute(
         insert(DatasetRow),
         [
-            {"id": uuid.uuid4(), "dataset_id": dataset.id, "index": i, "data": row}
-            for i, row in enumerate(rows)
+            {"id": uuid.uuid4(), "dataset_id": dataset.id, "index": line - 1, "data": row}
+            for line, row in zip(lines, rows, strict=True)
         ],
     )
     return dataset

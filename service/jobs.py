@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -13,10 +14,17 @@ from sqlalchemy.orm import Session
 
 from service import tasks
 from service.datasets import get_dataset, load_rows
-from service.domain.spec import JobSpec, TaskKind, TeacherSpec
+from service.domain.spec import JobSpec, TaskKind, TaskSpec, TeacherSpec
 from service.domain.statuses import JOB_TRANSITIONS, JobStatus
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.models import Dataset, Job, utcnow
+from service.models import Dataset, DatasetRow, Job, utcnow
+from service.splits import (
+    HELD_OUT_FRACTION,
+    hold_out,
+    label_text,
+    labelled,
+    min_class_rows_for_validation,
+)
 from service.teachers import create_teacher, get_teacher
 
 
@@ -65,6 +73,170 @@ def _validate_strategy_params(spec: JobSpec) -> dict[str, Any]:
         raise ValidationFailed(
             f"params: {exc}", details=[{"field": "params", "message": str(exc)}]
         ) from exc
+
+
+MAX_ROW_ERRORS = 20
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _as_written(value: Any) -> str:
+    """A value as it is written in the uploaded JSON (1, true, "x"), not as Python shows it."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _line(row: DatasetRow) -> int:
+    return row.index + 1  # rows are stored at their 0-based line of the upload
+
+
+def _row_problems(task: TaskSpec, row: DatasetRow) -> list[str]:
+    problems: list[str] = []
+    text = row.data.get(task.input_field)
+    if text is None:
+        problems.append(
+            f"{task.input_field!r} is {'null' if task.input_field in row.data else 'missing'}"
+        )
+    elif not isinstance(text, str):
+        problems.append(f"{task.input_field!r} must be a string, got {_json_type(text)}")
+    out = row.data.get(task.output_field)
+    ok: tuple[type, ...]
+    if task.kind is TaskKind.classification:
+        wanted, ok = "a label (a string, an integer or true/false)", (str, int)
+    else:
+        wanted, ok = "a string or a number", (str, int, float)
+    if out is None:
+        state = "null" if task.output_field in row.data else "missing"
+        problems.append(f"{task.output_field!r} is {state}; every row needs {wanted}")
+    elif not isinstance(out, ok) or (
+        task.kind is not TaskKind.classification and isinstance(out, bool)
+    ):
+        problems.append(f"{task.output_field!r} must be {wanted}, got {_json_type(out)}")
+    return problems
+
+
+def _check_rows(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> None:
+    """Every row must carry the task's input text and output: a row the loop would skip (or a
+    class named "None") is a mistake in the upload, named by dataset, line and field."""
+    errors: list[dict[str, Any]] = []
+    for role, dataset_rows in rows.items():
+        for row in dataset_rows:
+            for problem in _row_problems(task, row):
+                errors.append({"field": f"datasets.{role}", "line": _line(row), "message": problem})
+            if len(errors) >= MAX_ROW_ERRORS:
+                break
+        if len(errors) >= MAX_ROW_ERRORS:
+            break
+    if errors:
+        first = errors[0]
+        raise ValidationFailed(
+            f"{first['field']} line {first['line']}: {first['message']}",
+            details=errors[:MAX_ROW_ERRORS],
+        )
+
+
+def _labels_of(dataset_rows: list[DatasetRow], field: str) -> dict[str, tuple[Any, int]]:
+    """Each label's text (how the loop compares labels) → (its first value as written, line)."""
+    seen: dict[str, tuple[Any, int]] = {}
+    for row in dataset_rows:
+        value = row.data[field]
+        seen.setdefault(label_text(value), (value, _line(row)))
+    return seen
+
+
+def _unknown(seen: dict[str, tuple[Any, int]], known: set[str]) -> str | None:
+    missing = sorted(text for text in seen if text not in known)
+    if not missing:
+        return None
+    shown = missing[:20]
+    values = ", ".join(_as_written(seen[t][0]) for t in shown)
+    lines = ", ".join(str(seen[t][1]) for t in shown)
+    more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+    message = f"not listed: [{values}]{more} (first on line{'s' if len(shown) > 1 else ''} {lines})"
+    as_text = [
+        f"{_as_written(seen[t][0])} is {_as_written(t)}"
+        for t in shown
+        if not isinstance(seen[t][0], str)
+    ]
+    if as_text:
+        message += f"; labels are compared as text: {', '.join(as_text)}"
+    return message
+
+
+def _label_set(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> TaskSpec:
+    """The classification label set (given, or inferred from train); every row's label in it."""
+    if task.kind is not TaskKind.classification:
+        return task
+    seen = _labels_of(rows["train"], task.output_field)
+    if task.labels is None:
+        if len(seen) < 2:
+            raise ValidationFailed(
+                "task.labels: the train set has fewer than two labels",
+                details=[
+                    {
+                        "field": "task.labels",
+                        "message": f"seen [{', '.join(_as_written(v) for v, _ in seen.values())}]",
+                    }
+                ],
+            )
+        task = task.model_copy(update={"labels": sorted(seen)})
+        source = "the labels of datasets.train"
+    else:
+        unknown = _unknown(seen, set(task.labels))
+        if unknown:
+            raise ValidationFailed(
+                "datasets.train: labels outside task.labels",
+                details=[{"field": "task.labels", "message": unknown}],
+            )
+        source = "task.labels"
+    known = set(task.labels or ())
+    for role in ("validation", "test"):
+        if role in rows:
+            unknown = _unknown(_labels_of(rows[role], task.output_field), known)
+            if unknown:
+                raise ValidationFailed(
+                    f"datasets.{role}: labels outside {source}",
+                    details=[{"field": f"datasets.{role}", "message": unknown}],
+                )
+    return task
+
+
+def _check_held_out(spec: JobSpec, train_rows: list[DatasetRow]) -> None:
+    """Without a validation dataset the loop holds out a slice of train (splits.hold_out, the
+    function the workers use); when that slice is empty every evaluation would measure nothing."""
+    _, held_out = hold_out(labelled(train_rows, spec, "train"), spec.seed)
+    if held_out:
+        return
+    n = min_class_rows_for_validation()
+    share = f"{HELD_OUT_FRACTION:.0%}"
+    if spec.task.kind is TaskKind.classification:
+        how = (
+            f"give datasets.validation, or at least {n} train rows per class ({share} of each "
+            f"class with {n} or more rows is held out for validation)"
+        )
+    else:
+        how = (
+            f"give datasets.validation (the held-out slice of train is taken by answer, only "
+            f"from answers shared by at least {n} rows)"
+        )
+    raise ValidationFailed(
+        f"datasets.validation: no validation rows: {how}",
+        details=[
+            {
+                "field": "datasets.validation",
+                "message": f"the held-out split of datasets.train is empty; {how}",
+            }
+        ],
+    )
 
 
 def create_job(
@@ -117,23 +289,12 @@ def create_job(
                     ],
                 )
 
-    task = spec.task
-    if task.kind is TaskKind.classification:
-        seen = sorted({str(r.data.get(task.output_field)) for r in load_rows(session, train.id)})
-        if task.labels is None:
-            if len(seen) < 2:
-                raise ValidationFailed(
-                    "task.labels: the train set has fewer than two labels",
-                    details=[{"field": "task.labels", "message": f"seen {seen}"}],
-                )
-            task = task.model_copy(update={"labels": seen})
-        else:
-            unknown = sorted(set(seen) - set(task.labels))
-            if unknown:
-                raise ValidationFailed(
-                    "datasets.train: labels outside task.labels",
-                    details=[{"field": "task.labels", "message": f"not listed: {unknown[:20]}"}],
-                )
+    datasets = {"train": train, "validation": validation, "test": test}
+    rows = {role: load_rows(session, ds.id) for role, ds in datasets.items() if ds is not None}
+    _check_rows(spec.task, rows)
+    task = _label_set(spec.task, rows)
+    if validation is None:
+        _check_held_out(spec.model_copy(update={"task": task}), rows["train"])
     params = _validate_strategy_params(spec)
 
     if isinstance(spec.teacher, TeacherSpec):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,32 @@ from service.models import DatasetRow, Job
 
 # When a job has no validation set, this share of the train set (stratified, seeded) is held out.
 HELD_OUT_FRACTION = 0.2
+# Only classes with at least this many rows give any (the rest stay whole in train).
+MIN_CLASS_ROWS_TO_HOLD_OUT = 3
+
+
+def held_out_count(class_rows: int) -> int:
+    """How many of a class's train rows `hold_out` moves to validation."""
+    if class_rows < MIN_CLASS_ROWS_TO_HOLD_OUT:
+        return 0
+    return int(class_rows * HELD_OUT_FRACTION)
+
+
+def min_class_rows_for_validation() -> int:
+    """The smallest class that gives at least one validation row when none is uploaded."""
+    n = MIN_CLASS_ROWS_TO_HOLD_OUT
+    while held_out_count(n) < 1:
+        n += 1
+    return n
+
+
+def label_text(value: Any) -> str:
+    """A label or answer as the text the loop compares: 1 → "1", True → "True", "x" → "x".
+
+    Job creation and the splits both use it, so the label set checked when a job is created is
+    the one its rows carry when it runs.
+    """
+    return value if isinstance(value, str) else str(value)
 
 
 @dataclass
@@ -44,9 +71,10 @@ def job_spec(job: Job) -> JobSpec:
     return JobSpec.model_validate({k: v for k, v in job.spec.items() if not k.startswith("_")})
 
 
-def _labelled(
-    rows: list[DatasetRow], spec: JobSpec, role: str, ids: dict[str, uuid.UUID]
+def labelled(
+    rows: list[DatasetRow], spec: JobSpec, role: str, ids: dict[str, uuid.UUID] | None = None
 ) -> list[LabelledRow]:
+    """A dataset's rows as the loop sees them (job creation rejects rows this would skip)."""
     out: list[LabelledRow] = []
     for row in rows:
         text = row.data.get(spec.task.input_field)
@@ -54,8 +82,9 @@ def _labelled(
         if text is None or gold is None:
             continue  # rows without the task's fields cannot be used
         stable = f"{role}:{row.index}"
-        ids[stable] = row.id
-        out.append(LabelledRow(row_id=stable, input=str(text), output=str(gold)))
+        if ids is not None:
+            ids[stable] = row.id
+        out.append(LabelledRow(row_id=stable, input=str(text), output=label_text(gold)))
     return out
 
 
@@ -72,7 +101,7 @@ def hold_out(rows: list[LabelledRow], seed: int) -> tuple[list[LabelledRow], lis
     validation: list[LabelledRow] = []
     for label in sorted(by_label):
         group = sorted(by_label[label], key=lambda r: _stable_key(seed, r.row_id))
-        n_val = int(len(group) * HELD_OUT_FRACTION) if len(group) >= 3 else 0
+        n_val = held_out_count(len(group))
         validation.extend(group[:n_val])
         train.extend(group[n_val:])
     order = {r.row_id: i for i, r in enumerate(rows)}
@@ -84,15 +113,15 @@ def hold_out(rows: list[LabelledRow], seed: int) -> tuple[list[LabelledRow], lis
 def load_job_rows(session: Session, job: Job, spec: JobSpec | None = None) -> JobRows:
     spec = spec or job_spec(job)
     ids: dict[str, uuid.UUID] = {}
-    train = _labelled(load_rows(session, job.train_dataset_id), spec, "train", ids)
+    train = labelled(load_rows(session, job.train_dataset_id), spec, "train", ids)
     if job.validation_dataset_id is not None:
-        validation = _labelled(
+        validation = labelled(
             load_rows(session, job.validation_dataset_id), spec, "validation", ids
         )
     else:
         train, validation = hold_out(train, spec.seed)
     test = (
-        _labelled(load_rows(session, job.test_dataset_id), spec, "test", ids)
+        labelled(load_rows(session, job.test_dataset_id), spec, "test", ids)
         if job.test_dataset_id
         else []
     )

@@ -52,8 +52,9 @@ def check_base_url(url: str, *, allow_private: bool) -> None:
         if is_private_address(str(info[4][0])):
             raise ValidationFailed(
                 "base_url points at a private, loopback or link-local address; only an "
-                "operator can configure such a teacher (distill teachers create, or "
-                "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true)",
+                "operator can allow such a teacher: set "
+                "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API, or create the job "
+                "with an inline teacher through the CLI (distill run / distill jobs create)",
                 details=[{"field": "base_url", "message": f"{parts.hostname} → {info[4][0]}"}],
                 code="private_address",
             )
