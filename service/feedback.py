@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,19 @@ class FeedbackItem(BaseModel):
     confidence: float | None = Field(None, ge=0, le=1)
     raw: str | None = None
 
+    @field_validator("predicted", "raw")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        # Postgres text cannot hold NUL, and a lone surrogate cannot be encoded at all.
+        if value is not None:
+            if "\x00" in value:
+                raise ValueError("contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("contains an unpaired surrogate") from None
+        return value
+
 
 class FeedbackBody(BaseModel):
     predictions: list[FeedbackItem]
@@ -44,7 +57,16 @@ def parse_feedback(body: bytes, content_type: str) -> list[FeedbackItem]:
     if "ndjson" in content_type or "jsonl" in content_type:
         items: list[FeedbackItem] = []
         errors: list[dict[str, Any]] = []
-        for number, line in enumerate(body.decode("utf-8-sig").splitlines(), start=1):
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValidationFailed(
+                f"the body is not UTF-8 (byte {exc.start})",
+                details=[{"field": "body", "message": str(exc)}],
+            ) from None
+        # "\n" only: a JSON string may hold U+2028 and the like, which splitlines() breaks at.
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:

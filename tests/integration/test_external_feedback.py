@@ -91,6 +91,15 @@ def test_external_feedback_round_trip(loop: Any) -> None:
         headers={**auth, "Content-Type": "application/json"},
     )
     assert not_json.status_code == 422
+    not_utf8 = client.post(
+        f"/v1/jobs/{job_id}/iterations/0/feedback",
+        content=b'{"row_id": "\xff"}\n',
+        headers={**auth, "Content-Type": "application/x-ndjson"},
+    )
+    assert not_utf8.status_code == 422 and "UTF-8" in not_utf8.json()["error"]["message"]
+    with_nul = [{"row_id": r["row_id"], "predicted": labels[0], "raw": "a\u0000b"} for r in rows]
+    nul = _post(client, auth, 0, job_id, {"predictions": with_nul})
+    assert nul.status_code == 422 and "NUL" in nul.json()["error"]["message"]
     assert count() == 0
 
     # Complete feedback (every prediction the first label: mostly wrong) lets the loop go on.
@@ -108,8 +117,10 @@ def test_external_feedback_round_trip(loop: Any) -> None:
     assert it1["status"] == "awaiting_feedback"
 
     # JSONL works too; the job then finishes by its iteration budget.
+    # A raw answer holding U+2028 (json.dumps writes it unescaped) stays one line.
     jsonl = "\n".join(
-        f'{{"row_id": "{r["row_id"]}", "predicted": "{labels[1]}"}}' for r in rows
+        f'{{"row_id": "{r["row_id"]}", "predicted": "{labels[1]}", "raw": "a\u2028b"}}'
+        for r in rows
     ).encode()
     resp = client.post(
         f"/v1/jobs/{job_id}/iterations/1/feedback",
