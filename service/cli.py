@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +23,7 @@ from service.auth import create_api_key, get_or_create_tenant
 from service.datasets import create_dataset, parse_jsonl
 from service.db import get_engine, session_factory
 from service.domain.statuses import JobStatus
-from service.errors import DistillError
+from service.errors import BadRequest, DistillError, NotFound, ValidationFailed
 from service.jobs import create_job, get_job, parse_spec, request_transition
 from service.models import Job
 from service.settings import get_settings
@@ -62,11 +63,27 @@ def open_session() -> Session:
     return session
 
 
-def fail(exc: DistillError) -> None:
-    err_console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+def fail(exc: DistillError, exit_code: int = 2) -> NoReturn:
+    """Print the error on stderr (user text is never read as markup, paths are not wrapped)
+    and exit: 2 for a bad command line, spec or file, 1 for a job that did not succeed."""
+    err_console.print(f"[red]error[/red] {exc.code}: {escape(exc.message)}", soft_wrap=True)
     if exc.details:
-        err_console.print(json.dumps(exc.details, indent=2, default=str))
-    raise typer.Exit(code=2)
+        err_console.print(escape(json.dumps(exc.details, indent=2, default=str)), soft_wrap=True)
+    raise typer.Exit(code=exit_code)
+
+
+def read_input_file(path: Path, what: str = "file") -> bytes:
+    """The bytes of a file the user named, or a clean error (exit 2) saying why not."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        fail(NotFound(f"{what} {path}: no such file"))
+    except IsADirectoryError:
+        fail(BadRequest(f"{what} {path}: is a directory, not a file"))
+    except PermissionError:
+        fail(BadRequest(f"{what} {path}: permission denied"))
+    except OSError as exc:
+        fail(BadRequest(f"{what} {path}: cannot be read: {exc.strerror or exc}"))
 
 
 def upgrade_database(url: str | None = None) -> None:
@@ -100,14 +117,14 @@ def keys_create(tenant: TenantOpt = "default", name: str = "default") -> None:
     with open_session() as session:
         row, plain = create_api_key(session, get_or_create_tenant(session, tenant), name)
         session.commit()
-    console.print(f"tenant {tenant}, key {row.prefix}… (id {row.id})")
+    console.print(f"tenant {escape(tenant)}, key {row.prefix}… (id {row.id})")
     typer.echo(plain)
 
 
 @datasets_app.command("upload")
 def datasets_upload(path: Path, tenant: TenantOpt = "default", name: str | None = None) -> None:
     """Upload a JSONL file; prints the dataset id."""
-    data = path.read_bytes()
+    data = read_input_file(path, "dataset")
     try:
         rows = parse_jsonl(data)
         with open_session() as session:
@@ -116,15 +133,53 @@ def datasets_upload(path: Path, tenant: TenantOpt = "default", name: str | None 
             session.commit()
     except DistillError as exc:
         fail(exc)
-    console.print(f"{ds.row_count} rows, fields {ds.fields}, sha256 {ds.content_hash[:12]}")
+    console.print(escape(f"{ds.row_count} rows, fields {ds.fields}, sha256 {ds.content_hash[:12]}"))
     typer.echo(str(ds.id))
 
 
 def load_spec_file(path: Path) -> dict[str, Any]:
-    raw = yaml.safe_load(path.read_text())
+    """A job spec file as a mapping; anything else is a clean error (exit 2) naming the file
+    and, for a YAML syntax error, the line and column."""
+    data = read_input_file(path, "job spec")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        fail(
+            ValidationFailed(
+                f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                "save the spec as UTF-8"
+            )
+        )
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        fail(ValidationFailed(f"{path}: {_yaml_problem(exc, text)}"))
+    if raw is None:
+        fail(ValidationFailed(f"{path}: the job spec is empty"))
     if not isinstance(raw, dict):
-        raise typer.BadParameter(f"{path} is not a YAML mapping")
+        kind = "a list" if isinstance(raw, list) else "a single value"
+        fail(
+            ValidationFailed(
+                f"{path}: a job spec must be a YAML mapping (name: ..., strategy: ..., "
+                f"task: ...), not {kind}"
+            )
+        )
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or "invalid YAML"
+        context = f" ({exc.context})" if exc.context else ""
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}{context}"
+    if isinstance(exc, yaml.reader.ReaderError):  # e.g. a control character
+        line = text[: exc.position].count("\n") + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"invalid YAML at line {line}, column {column}: {exc.reason} (#x{char:04x})"
+    return "invalid YAML: " + (str(exc).splitlines() or ["unknown error"])[0]
 
 
 @jobs_app.command("create")
@@ -134,13 +189,14 @@ def jobs_create(
     idempotency_key: str | None = None,
 ) -> None:
     """Create a job from a spec whose datasets/teacher are ids (or an inline teacher)."""
+    raw = load_spec_file(spec_path)
     try:
         with open_session() as session:
             t = get_or_create_tenant(session, tenant)
             job, _ = create_job(
                 session,
                 t.id,
-                parse_spec(load_spec_file(spec_path)),
+                parse_spec(raw),
                 idempotency_key=idempotency_key,
                 allow_private_teacher=True,  # the CLI is the operator
                 allow_trainer_command=True,
@@ -162,7 +218,7 @@ def jobs_list(tenant: TenantOpt = "default", limit: int = 50) -> None:
         table.add_column("id", no_wrap=True, min_width=36)
         for job in jobs:
             table.add_row(
-                job.name,
+                escape(job.name),
                 job.strategy,
                 job.status.value,
                 str(job.current_iteration),
@@ -180,9 +236,11 @@ def jobs_show(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
         with open_session() as session:
             t = get_or_create_tenant(session, tenant)
             job = get_job(session, t.id, job_id)
-            console.print(
-                f"{job.name} [{job.strategy}] {job.status.value}"
-                + (f" — {job.status_reason}" if job.status_reason else "")
+            console.print(  # names and reasons are user text, never markup
+                escape(
+                    f"{job.name} [{job.strategy}] {job.status.value}"
+                    + (f" — {job.status_reason}" if job.status_reason else "")
+                )
             )
             from service.models import Iteration
 

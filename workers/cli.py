@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import threading
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from service import cli as service_cli
 from service.auth import get_or_create_tenant
 from service.datasets import create_dataset, parse_jsonl
-from service.domain.statuses import JOB_TERMINAL
-from service.errors import DistillError
+from service.domain.statuses import ExportStatus, JobStatus
+from service.errors import DistillError, NotFound
 from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
 from service.settings import get_settings
@@ -179,14 +182,19 @@ def beat_cmd(loglevel: str = "INFO") -> None:
     celery_app.start(["beat", "--loglevel", loglevel])
 
 
-def _dataset_id(session: Any, tenant_id: uuid.UUID, ref: str, base: Path) -> str:
-    """A dataset id as is; a JSONL path uploaded once (reused by content hash)."""
+def _dataset_id(session: Any, tenant_id: uuid.UUID, field: str, ref: str, base: Path) -> str:
+    """A dataset id as is; a JSONL path (relative paths from the spec's directory) uploaded
+    once (reused by content hash)."""
     with contextlib.suppress(ValueError):
         return str(uuid.UUID(ref))
-    path = (base / ref).expanduser()
+    given = Path(ref)
+    with contextlib.suppress(RuntimeError):  # `~user` of an unknown user: taken literally
+        given = given.expanduser()
+    path = given if given.is_absolute() else base / given
     if not path.exists():
-        raise typer.BadParameter(f"dataset {ref!r}: no such file (relative to {base})")
-    data = path.read_bytes()
+        where = "" if given.is_absolute() else f" (relative to the spec's directory {base})"
+        service_cli.fail(NotFound(f"{field}: dataset {ref}: no such file{where}"))
+    data = service_cli.read_input_file(path, f"{field}: dataset")
     rows = parse_jsonl(data)
     from service.datasets import content_hash
 
@@ -205,20 +213,38 @@ def run(
     tenant: str = "default",
     export_dir: Annotated[Path | None, typer.Option(help="Where to write the export.")] = None,
 ) -> None:
-    """Run a whole job in this process (the embedded default), with progress, then export."""
+    """Run a whole job in this process (the embedded default), with progress, then export.
+
+    Exit code 0: the job succeeded and its export is written. 1: the job failed,
+    was cancelled or could not finish (nothing is exported). 2: a bad spec or
+    file. 130: interrupted (Ctrl-C)."""
     from workers.inline import InlineTaskSender
     from workers.runtime import set_sender
 
+    raw = service_cli.load_spec_file(spec_path)
+    local_teacher = raw.get("teacher", "local") == "local"
+    _check_spec(raw, local_teacher)
     service_cli.upgrade_database()
     sender = InlineTaskSender()
     set_sender(sender)
     service_cli.set_task_sender(sender)
-    raw = service_cli.load_spec_file(spec_path)
     base = spec_path.resolve().parent
     with contextlib.ExitStack() as stack:
-        if raw.get("teacher", "local") == "local":
+        if local_teacher:
             raw["teacher"] = _start_local_teacher(stack)
         _run_spec(raw, base, tenant, sender, export_dir)
+
+
+def _check_spec(raw: dict[str, Any], local_teacher: bool) -> None:
+    """Validate the spec before any database, upload or local teacher start (the first start
+    of the local teacher takes minutes): a typo fails at once."""
+    probe = dict(raw)
+    if local_teacher:
+        probe["teacher"] = {"base_url": "http://127.0.0.1/v1", "model": "local"}
+    try:
+        parse_spec(probe)
+    except DistillError as exc:
+        service_cli.fail(exc)
 
 
 def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -233,9 +259,9 @@ def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
     try:
         server = stack.enter_context(LocalTeacherServer(get_settings().home))
     except LocalTeacherError as exc:
-        console.print(f"[red]error[/red] {exc}")
+        service_cli.err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(code=2) from exc
-    console.print(f"local teacher at {server.base_url}")
+    console.print(f"local teacher at {escape(server.base_url)}")
     return LOCAL_TEACHER_DEFAULTS.teacher_spec(server.base_url).model_dump(mode="json")
 
 
@@ -245,11 +271,15 @@ def _run_spec(
     try:
         with service_cli.open_session() as session:
             t = get_or_create_tenant(session, tenant)
-            datasets = dict(raw.get("datasets") or {})
-            for key in ("train", "validation", "test"):
-                if datasets.get(key):
-                    datasets[key] = _dataset_id(session, t.id, str(datasets[key]), base)
-            raw["datasets"] = datasets
+            datasets = raw.get("datasets")
+            if isinstance(datasets, dict):  # anything else: parse_spec says what is wrong
+                datasets = dict(datasets)
+                for key in ("train", "validation", "test"):
+                    if datasets.get(key):
+                        datasets[key] = _dataset_id(
+                            session, t.id, f"datasets.{key}", str(datasets[key]), base
+                        )
+                raw["datasets"] = datasets
             spec = parse_spec(raw)
             job, _ = create_job(
                 session, t.id, spec, allow_private_teacher=True, allow_trainer_command=True
@@ -260,13 +290,47 @@ def _run_spec(
         service_cli.fail(exc)
     console.print(f"job {job_id} ({spec.strategy}) created")
     _drive(sender, job_id)
-    _final_table(job_id)
+    status, reason = _final_table(job_id)
+    if status is not JobStatus.succeeded:
+        _did_not_succeed(job_id, tenant, status, reason)
     from workers.steps.export import export_job
 
     with service_cli.open_session() as session:
         export = export_job(session, job_id, out_dir=export_dir)
         session.commit()
-    console.print(f"export: {export.path} ({export.row_count} rows)")
+    if export.status is not ExportStatus.succeeded:
+        service_cli.fail(
+            DistillError(
+                f"job {job_id} succeeded but its export could not be written: {export.error}",
+                code="export_failed",
+            ),
+            exit_code=1,
+        )
+    console.print(escape(f"export: {export.path} ({export.row_count} rows)"), soft_wrap=True)
+
+
+def _did_not_succeed(
+    job_id: uuid.UUID, tenant: str, status: JobStatus, reason: str | None
+) -> NoReturn:
+    """A job that failed, was cancelled or stopped unfinished writes no export (it would be
+    mostly, or only, the seed set) and exits 1; its rows stay in the database."""
+    because = f": {reason}" if reason else ""
+    if status is JobStatus.failed:
+        message = f"job {job_id} failed{because}"
+    elif status is JobStatus.cancelled:
+        message = f"job {job_id} was cancelled{because}"
+    else:
+        message = f"job {job_id} did not finish: it is {status.value}{because}"
+    show = f"distill jobs show {job_id}"
+    if tenant != "default":
+        show += f" --tenant {shlex.quote(tenant)}"
+    service_cli.fail(
+        DistillError(
+            f"{message}\nno export written; its iterations and examples are kept: {show}",
+            code=f"job_{status.value}",
+        ),
+        exit_code=1,
+    )
 
 
 def _drive(sender: Any, job_id: uuid.UUID) -> None:
@@ -301,7 +365,7 @@ def _drive(sender: Any, job_id: uuid.UUID) -> None:
         refresh()
 
 
-def _final_table(job_id: uuid.UUID) -> None:
+def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
     with service_cli.open_session() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -313,8 +377,10 @@ def _final_table(job_id: uuid.UUID) -> None:
             "tokens",
             "cost",
             "note",
-            title=f"{job.name}: {job.status.value}"
-            + (f" ({job.status_reason})" if job.status_reason else ""),
+            title=escape(  # names and reasons are user and teacher text, never markup
+                f"{job.name}: {job.status.value}"
+                + (f" ({job.status_reason})" if job.status_reason else "")
+            ),
         )
         for it in session.scalars(
             select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)
@@ -329,14 +395,13 @@ def _final_table(job_id: uuid.UUID) -> None:
                 str(it.number),
                 "-" if it.metric is None else f"{it.metric:.4f}",
                 str(it.examples_accepted),
-                f"{it.examples_rejected} {reasons}".strip(),
+                escape(f"{it.examples_rejected} {reasons}".strip()),
                 str(it.tokens_in + it.tokens_out),
                 f"${it.cost_usd:.4f}",
                 note,
             )
         console.print(table)
-        if job.status not in JOB_TERMINAL:
-            console.print(f"[yellow]job is {job.status.value}[/yellow]")
+        return job.status, job.status_reason
 
 
 def main() -> None:
@@ -344,4 +409,25 @@ def main() -> None:
 
     configure_logging(get_settings().log_level)
     _configure_sender()
-    app()
+    try:
+        app()
+    except (OperationalError, ProgrammingError) as exc:
+        if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) != "42P01":
+            raise  # only a missing table (not migrated) is the operator's to fix here
+        _database_unavailable(exc)
+
+
+def _database_unavailable(exc: DBAPIError) -> NoReturn:
+    """The database is down, unreachable, misnamed or not migrated: say so, no traceback."""
+    url = get_settings().database_url
+    problem = str(exc.orig).strip() or type(exc.orig).__name__
+    hint = ""
+    if "no such table" in problem or getattr(exc.orig, "sqlstate", None) == "42P01":
+        hint = "\nthe database has no schema yet: run `distill db upgrade` first"
+    error = DistillError(
+        f"database {service_cli._redact(url)}: {problem}{hint}", code="database_unavailable"
+    )
+    try:
+        service_cli.fail(error, exit_code=1)
+    except typer.Exit as done:  # raised after click returned: make it the exit code here
+        raise SystemExit(done.exit_code) from None
