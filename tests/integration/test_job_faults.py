@@ -276,7 +276,7 @@ def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> No
         ).encode()
 
     spec: dict[str, Any] = {
-        "name": "numeric",
+        "name": "../numeric/labels: 0-5",  # also a name that is no file name
         "strategy": "pgkd",
         "task": {"instructions": "Classify the question type (0-5)."},
         "datasets": {"train": st.upload(numeric(train)), "validation": st.upload(numeric(val))},
@@ -292,7 +292,8 @@ def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> No
     export = st.client.post(f"/v1/jobs/{job_id}/exports", json={}, headers=st.auth).json()
     st.sender.run_until_idle()
     body = st.client.get(f"/v1/exports/{export['id']}/download", headers=st.auth)
-    assert body.status_code == 200
+    assert body.status_code == 200, body.text
+    assert "numeric-labels-0-5-jsonl-" in body.headers["content-disposition"]
     labels = [json.loads(line)["label"] for line in body.text.splitlines()]
     assert labels and all(isinstance(label, int) for label in labels), labels[:5]
     assert set(labels) <= set(codes.values())

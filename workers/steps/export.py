@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,12 @@ def _typed_labels(session: Session, ctx: JobContext) -> dict[str, Any]:
             if value is not None and not isinstance(value, str):
                 typed.setdefault(str(value), value)
     return typed
+
+
+def _file_stem(name: str) -> str:
+    """A job name as a safe file name part: no path separators, no leading dot, not empty."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:80]
+    return stem or "job"
 
 
 def best_dataset(session: Session, job: Job) -> list[ExportRow]:
@@ -124,7 +131,7 @@ def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = 
             counts = dict(Counter(r.kind for r in rows))
         directory = out_dir or get_settings().exports_dir / str(job.id)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{job.name}-{export.format}-{export.id.hex[:8]}.jsonl"
+        path = directory / f"{_file_stem(job.name)}-{export.format}-{export.id.hex[:8]}.jsonl"
         digest = hashlib.sha256()
         tmp = path.with_suffix(".tmp")
         with tmp.open("w", encoding="utf-8") as fh:
