@@ -15,9 +15,14 @@ from sqlalchemy.orm import Session
 from service import tasks
 from service.datasets import get_dataset, load_rows
 from service.domain.spec import JobSpec, TaskKind, TaskSpec, TeacherSpec
-from service.domain.statuses import JOB_TRANSITIONS, JobStatus
+from service.domain.statuses import (
+    ITERATION_TERMINAL,
+    JOB_TRANSITIONS,
+    IterationStatus,
+    JobStatus,
+)
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.models import Dataset, DatasetRow, Job, utcnow
+from service.models import Dataset, DatasetRow, Iteration, Job, utcnow
 from service.splits import (
     HELD_OUT_FRACTION,
     hold_out,
@@ -376,8 +381,18 @@ def transition_job(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+    changed = bool(getattr(result, "rowcount", 0))
+    if changed and target in (JobStatus.failed, JobStatus.cancelled):
+        # The iteration under way ends with its job, so no row keeps saying "generating".
+        ended = IterationStatus.failed if target is JobStatus.failed else IterationStatus.cancelled
+        session.execute(
+            update(Iteration)
+            .where(Iteration.job_id == job.id, Iteration.status.not_in(ITERATION_TERMINAL))
+            .values(status=ended, updated_at=utcnow(), finished_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
     session.refresh(job)
-    return bool(getattr(result, "rowcount", 0))
+    return changed
 
 
 def request_transition(session: Session, job: Job, target: JobStatus) -> Job:

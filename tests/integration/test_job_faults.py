@@ -49,6 +49,10 @@ def test_wrong_key_fails_the_job_fast_with_the_reason(inline_stack: InlineStack)
     assert job["status"] == "failed"
     assert "401" in job["status_reason"]
     assert time.monotonic() - started < 30
+    iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
+    # The iteration that was generating ends with its job.
+    assert iterations[-1]["status"] == "failed"
+    assert all(it["status"] in ("completed", "failed") for it in iterations)
 
 
 def test_unknown_model_fails_the_job_fast(inline_stack: InlineStack) -> None:
