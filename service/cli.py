@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -86,8 +87,11 @@ def read_input_file(path: Path, what: str = "file") -> bytes:
         fail(BadRequest(f"{what} {path}: cannot be read: {exc.strerror or exc}"))
 
 
-def upgrade_database(url: str | None = None) -> None:
-    """Alembic upgrade head on the configured (or given) database."""
+def upgrade_database(url: str | None = None, *, quiet: bool = False) -> None:
+    """Alembic upgrade head on the configured (or given) database. `quiet` keeps Alembic's
+    INFO lines out of commands that only make sure the schema is there (run, serve)."""
+    import logging
+
     from alembic import command
     from alembic.config import Config
 
@@ -95,7 +99,14 @@ def upgrade_database(url: str | None = None) -> None:
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
     config.attributes["url"] = url or get_settings().database_url
-    command.upgrade(config, "head")
+    logger = logging.getLogger("alembic")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        command.upgrade(config, "head")
+    finally:
+        logger.setLevel(level)
 
 
 @db_app.command("upgrade")
@@ -152,7 +163,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
             )
         )
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         fail(ValidationFailed(f"{path}: {_yaml_problem(exc, text)}"))
     if raw is None:
@@ -166,6 +177,34 @@ def load_spec_file(path: Path) -> dict[str, Any]:
             )
         )
     return raw
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads it where it matters for specs: only true/false are booleans, so
+    `labels: [yes, no]` stays the strings a data set holds (PyYAML's YAML 1.1 would read them,
+    and on/off, as booleans); a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:

@@ -71,7 +71,7 @@ def serve(
     from workers.inline import inline_sender
     from workers.runtime import set_sender
 
-    service_cli.upgrade_database()
+    service_cli.upgrade_database(quiet=True)
     sender = inline_sender()
     set_sender(sender)
     _resume_embedded_work(sender)
@@ -224,7 +224,7 @@ def run(
     raw = service_cli.load_spec_file(spec_path)
     local_teacher = raw.get("teacher", "local") == "local"
     _check_spec(raw, local_teacher)
-    service_cli.upgrade_database()
+    service_cli.upgrade_database(quiet=True)
     sender = InlineTaskSender()
     set_sender(sender)
     service_cli.set_task_sender(sender)
