@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -405,9 +406,20 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
 
 
 def main() -> None:
+    from pydantic import ValidationError
+    from sqlalchemy.exc import ArgumentError
+
     from service.logging import configure_logging
 
-    configure_logging(get_settings().log_level)
+    try:
+        settings = get_settings()
+        if settings.database_url:
+            from sqlalchemy.engine import make_url
+
+            make_url(settings.database_url)
+    except (ValidationError, ArgumentError) as exc:
+        _bad_settings(exc)
+    configure_logging(settings.log_level)
     _configure_sender()
     try:
         app()
@@ -415,6 +427,22 @@ def main() -> None:
         if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) != "42P01":
             raise  # only a missing table (not migrated) is the operator's to fix here
         _database_unavailable(exc)
+
+
+def _bad_settings(exc: Exception) -> NoReturn:
+    """A setting from the environment or .env that cannot be used: name it, no traceback."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        lines = [
+            f"DISTILL_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+        message = "invalid settings:\n  " + "\n  ".join(lines)
+    else:
+        message = f"DATABASE_URL (DISTILL_DATABASE__URL) is not a database URL: {exc}"
+    print(f"error settings_invalid: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _database_unavailable(exc: DBAPIError) -> NoReturn:

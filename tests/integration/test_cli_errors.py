@@ -291,6 +291,20 @@ def test_an_unreachable_database_is_a_clean_error(tmp_path: Path) -> None:
     assert f"error database_unavailable: database {url}:" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"DATABASE_URL": "foo"}, "DATABASE_URL (DISTILL_DATABASE__URL) is not a database URL"),
+        ({"DISTILL_WORKER__STUCK_AFTER_S": "soon"}, "DISTILL_WORKER__STUCK_AFTER_S:"),
+    ],
+    ids=["database-url", "number"],
+)
+def test_an_unusable_setting_is_named(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    result = _distill(tmp_path, "jobs", "list", **env)
+    _assert_clean(result, 2)
+    assert "error settings_invalid:" in result.stderr and expected in result.stderr
+
+
 # -- help
 
 
