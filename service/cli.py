@@ -26,7 +26,7 @@ from service.db import get_engine, session_factory
 from service.domain.statuses import JobStatus
 from service.errors import BadRequest, DistillError, NotFound, ValidationFailed
 from service.jobs import create_job, get_job, parse_spec, request_transition
-from service.models import Job
+from service.models import Job, Tenant
 from service.settings import get_settings
 from service.tasks import SENDER, RecordingTaskSender, TaskSender
 
@@ -246,10 +246,24 @@ def jobs_create(
     typer.echo(str(job.id))
 
 
+def _existing_tenant(session: Session, name: str) -> Tenant:
+    """The tenant a read or a control command names; a typo must not create one."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise NotFound(
+            f"no tenant named {name!r} (tenants are created by keys create, "
+            "datasets upload, jobs create or run)"
+        )
+    return tenant
+
+
 @jobs_app.command("list")
 def jobs_list(tenant: TenantOpt = "default", limit: int = 50) -> None:
     with open_session() as session:
-        t = get_or_create_tenant(session, tenant)
+        try:
+            t = _existing_tenant(session, tenant)
+        except NotFound as exc:
+            fail(exc)
         jobs = session.scalars(
             select(Job).where(Job.tenant_id == t.id).order_by(Job.created_at.desc()).limit(limit)
         )
@@ -273,7 +287,7 @@ def jobs_list(tenant: TenantOpt = "default", limit: int = 50) -> None:
 def jobs_show(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
     try:
         with open_session() as session:
-            t = get_or_create_tenant(session, tenant)
+            t = _existing_tenant(session, tenant)
             job = get_job(session, t.id, job_id)
             console.print(  # names and reasons are user text, never markup
                 escape(
@@ -304,7 +318,7 @@ def jobs_show(job_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
 def _transition_cmd(job_id: uuid.UUID, tenant: str, target: JobStatus) -> None:
     try:
         with open_session() as session:
-            t = get_or_create_tenant(session, tenant)
+            t = _existing_tenant(session, tenant)
             job = request_transition(session, get_job(session, t.id, job_id), target)
             session.commit()
     except DistillError as exc:

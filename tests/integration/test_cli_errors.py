@@ -284,6 +284,16 @@ def test_operator_commands_before_any_migration_say_how_to_fix_it(tmp_path: Path
     assert "distill db upgrade" in result.stderr
 
 
+def test_a_mistyped_tenant_is_named_and_not_created(tmp_path: Path) -> None:
+    assert _distill(tmp_path, "db", "upgrade").returncode == 0
+    for args in (["jobs", "list"], ["jobs", "show", "00000000-0000-0000-0000-000000000001"]):
+        result = _distill(tmp_path, *args, "--tenant", "acme-typo")
+        _assert_clean(result, 2)
+        assert "no tenant named 'acme-typo'" in result.stderr
+    result = _distill(tmp_path, "jobs", "list", "--tenant", "acme-typo")
+    assert "no tenant named 'acme-typo'" in result.stderr  # still not created
+
+
 def test_an_unreachable_database_is_a_clean_error(tmp_path: Path) -> None:
     url = "postgresql+psycopg://postgres@127.0.0.1:9/distill"
     result = _distill(tmp_path, "keys", "create", DATABASE_URL=url)
