@@ -218,7 +218,11 @@ def _label_set(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> TaskSpec:
 def _check_held_out(spec: JobSpec, train_rows: list[DatasetRow]) -> None:
     """Without a validation dataset the loop holds out a slice of train (splits.hold_out, the
     function the workers use); when that slice is empty every evaluation would measure nothing."""
-    _, held_out = hold_out(labelled(train_rows, spec, "train"), spec.seed)
+    _, held_out = hold_out(
+        labelled(train_rows, spec, "train"),
+        spec.seed,
+        stratified=spec.task.kind is TaskKind.classification,
+    )
     if held_out:
         return
     n = min_class_rows_for_validation()
@@ -230,8 +234,8 @@ def _check_held_out(spec: JobSpec, train_rows: list[DatasetRow]) -> None:
         )
     else:
         how = (
-            f"give datasets.validation (the held-out slice of train is taken by answer, only "
-            f"from answers shared by at least {n} rows)"
+            f"give datasets.validation, or at least {n} train rows ({share} of them is held "
+            "out for validation)"
         )
     raise ValidationFailed(
         f"datasets.validation: no validation rows: {how}",

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.datasets import load_rows
-from service.domain.spec import JobSpec
+from service.domain.spec import JobSpec, TaskKind
 from service.domain.strategies.base import LabelledRow
 from service.models import DatasetRow, Job
 
@@ -92,11 +92,15 @@ def _stable_key(seed: int, row_id: str) -> str:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
 
 
-def hold_out(rows: list[LabelledRow], seed: int) -> tuple[list[LabelledRow], list[LabelledRow]]:
-    """Deterministic stratified split of train into (train, validation)."""
+def hold_out(
+    rows: list[LabelledRow], seed: int, *, stratified: bool = True
+) -> tuple[list[LabelledRow], list[LabelledRow]]:
+    """Deterministic split of train into (train, validation): stratified by label for
+    classification; for QA and generation, whose answers are nearly all distinct, one slice of
+    all rows (grouping by answer would hold out nothing)."""
     by_label: dict[str, list[LabelledRow]] = {}
     for row in rows:
-        by_label.setdefault(row.output, []).append(row)
+        by_label.setdefault(row.output if stratified else "", []).append(row)
     train: list[LabelledRow] = []
     validation: list[LabelledRow] = []
     for label in sorted(by_label):
@@ -119,7 +123,9 @@ def load_job_rows(session: Session, job: Job, spec: JobSpec | None = None) -> Jo
             load_rows(session, job.validation_dataset_id), spec, "validation", ids
         )
     else:
-        train, validation = hold_out(train, spec.seed)
+        train, validation = hold_out(
+            train, spec.seed, stratified=spec.task.kind is TaskKind.classification
+        )
     test = (
         labelled(load_rows(session, job.test_dataset_id), spec, "test", ids)
         if job.test_dataset_id

@@ -301,12 +301,20 @@ def test_a_train_set_too_small_to_hold_out_from_needs_a_validation_set(
     assert api.created(api.spec(_balanced(5)))["status"] == "queued"
 
 
-def test_a_qa_train_set_with_distinct_answers_needs_a_validation_set(
-    api: Api, sender: RecordingTaskSender
+def test_a_qa_train_set_with_distinct_answers_holds_out_a_slice_of_all_rows(
+    api: Api, sender: RecordingTaskSender, db_session: Session
 ) -> None:
     train = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(20)]
     spec = api.spec(train, kind="qa", input_field="question", output_field="answer")
-    error = api.rejected(spec, sender)
+    job = api.created(spec)
+    stored = db_session.get(Job, job["id"])
+    assert stored is not None
+    split = load_job_rows(db_session, stored)  # answers all differ: not grouped by answer
+    assert (len(split.train), len(split.validation)) == (16, 4)
+    # Too few rows to hold any out is still refused, with how to fix it.
+    error = api.rejected(
+        api.spec(train[:3], kind="qa", input_field="question", output_field="answer"), sender
+    )
     assert error["details"][0]["field"] == "datasets.validation"
     assert "give datasets.validation" in error["message"]
 
