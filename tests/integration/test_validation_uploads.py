@@ -229,7 +229,7 @@ def test_distill_run_uploads_through_the_same_parser(
     cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `distill run` uploads the spec's JSONL paths with parse_jsonl too; stop it before it runs.
-    monkeypatch.setattr(service_cli, "upgrade_database", lambda url=None: None)
+    monkeypatch.setattr(service_cli, "upgrade_database", lambda url=None, quiet=False: None)
     monkeypatch.setattr(service_cli, "set_task_sender", lambda sender: None)
     monkeypatch.setattr("workers.runtime.set_sender", lambda sender: None)
     tenant = f"run-{uuid.uuid4().hex[:6]}"
