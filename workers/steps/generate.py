@@ -429,19 +429,10 @@ def _candidate_rows(
             continue
         if call.status == TeacherCallStatus.failed.value:
             if not is_transient_failure(call.error_code):
-                rows.append(_failed_row(job, batch, ctx, target, call, fp))
+                rows.append(_failed_row(_lineage(job, batch, ctx, target, call, fp), call, target))
             continue  # a transient failure is called again by the batch's retry
         examples, problem = _candidate_examples(target, call, ctx, plan_ctx)
-        base: dict[str, Any] = {
-            "job_id": job.id,
-            "iteration_id": batch.iteration_id,
-            "batch_id": batch.id,
-            "teacher_call_id": call.id,
-            "source_row_id": ctx.row_uuid.get(target.source_row_id or ""),
-            "target_id": target.target_id,
-            "target_reason": target.reason,
-            "prompt_fingerprint": fp,
-        }
+        base = _lineage(job, batch, ctx, target, call, fp)
         if problem is not None:
             raw = (call.text or "")[:MAX_REJECTED_TEXT]
             rows.append(
@@ -497,7 +488,7 @@ def _candidate_rows(
     return rows
 
 
-def _failed_row(
+def _lineage(
     job: Job,
     batch: GenerationBatch,
     ctx: JobContext,
@@ -505,8 +496,8 @@ def _failed_row(
     call: TeacherCall,
     fp: str,
 ) -> dict[str, Any]:
-    """A request that failed for good (e.g. its prompt exceeds the teacher's context) leaves a
-    rejected row with the teacher's reason, so it is visible next to the examples it cost."""
+    """Where an example row comes from: its job, iteration, batch, teacher call, source row,
+    target and prompt fingerprint."""
     return {
         "job_id": job.id,
         "iteration_id": batch.iteration_id,
@@ -516,7 +507,17 @@ def _failed_row(
         "target_id": target.target_id,
         "target_reason": target.reason,
         "prompt_fingerprint": fp,
-        "dedup_key": f"{fp}:failed",
+    }
+
+
+def _failed_row(
+    lineage: dict[str, Any], call: TeacherCall, target: GenerationTarget
+) -> dict[str, Any]:
+    """A request that failed for good (e.g. its prompt exceeds the teacher's context) leaves a
+    rejected row with the teacher's reason, so it is visible next to the examples it cost."""
+    return {
+        **lineage,
+        "dedup_key": f"{lineage['prompt_fingerprint']}:failed",
         "kind": target.kind.value,
         "status": ExampleStatus.rejected.value,
         "rejection_reason": f"teacher_{call.error_code or 'error'}"[:64],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -63,16 +63,25 @@ def public_only_http_client() -> httpx2.AsyncClient:
     return openai.DefaultAioHttpClient(follow_redirects=False, **kwargs)
 
 
-def private_address_error(exc: BaseException) -> PrivateAddressError | None:
-    """The PrivateAddressError behind an exception (the SDK wraps it twice), if any."""
+E = TypeVar("E", bound=BaseException)
+
+
+def cause_of_type(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` in `exc`'s cause/context chain (the SDK and aiohttp wrap
+    the one that tells what happened), or None."""
     seen: BaseException | None = exc
     for _ in range(10):
         if seen is None:
             return None
-        if isinstance(seen, PrivateAddressError):
+        if isinstance(seen, kind):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def private_address_error(exc: BaseException) -> PrivateAddressError | None:
+    """The PrivateAddressError behind an exception, if any."""
+    return cause_of_type(exc, PrivateAddressError)
 
 
 def literal_private_host(url: str) -> str | None:

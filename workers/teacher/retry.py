@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import openai
 
-from workers.teacher.network import private_address_error
+from workers.teacher.network import cause_of_type, private_address_error
 
 # Statuses a server uses for "try again": timeout, conflict, rate limit, and any 5xx.
 RETRYABLE_STATUSES: Final = frozenset({408, 409, 429})
@@ -136,14 +136,7 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str, str | None, str | No
 def _refused_connection(exc: BaseException) -> BaseException | None:
     """The ConnectionError (refused, reset) behind an exception, if any. The SDK's aiohttp
     transport reports a refused connection as a connect *timeout*; the cause chain tells."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return None
-        if isinstance(seen, ConnectionError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return cause_of_type(exc, ConnectionError)
 
 
 def classify_error(exc: BaseException) -> ErrorVerdict:
