@@ -301,3 +301,48 @@ def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> No
     labels = [json.loads(line)["label"] for line in body.text.splitlines()]
     assert labels and all(isinstance(label, int) for label in labels), labels[:5]
     assert set(labels) <= set(codes.values())
+
+
+def test_a_cancelled_jobs_spend_and_examples_are_counted(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(latency_ms=200)
+    job_id = _job(
+        st,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 2},
+        },
+        budget={"max_iterations": 3},
+    )
+
+    def calls() -> int:
+        with st.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
+
+    stop = threading.Event()
+    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: calls() >= 3, 60, "generation to be under way")
+        assert st.client.post(f"/v1/jobs/{job_id}/cancel", headers=st.auth).status_code == 202
+        wait_for(lambda: st.sender.pending() == 0, 60, "the executor to drain")
+        time.sleep(1.0)  # the batch under way notices the cancel and closes
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    job = st.job(job_id)
+    assert job["status"] == "cancelled"
+    with st.sessions() as session:
+        paid_in, paid_out = session.execute(
+            select(func.sum(TeacherCall.tokens_in), func.sum(TeacherCall.tokens_out))
+        ).one()
+        accepted = session.scalar(
+            select(func.count()).select_from(Example).where(Example.status == "accepted")
+        )
+    assert paid_in > 0
+    assert (job["tokens_in"], job["tokens_out"]) == (paid_in, paid_out)
+    assert job["examples_accepted"] == accepted
+    iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
+    assert sum(it["tokens_in"] for it in iterations) == paid_in
+    assert iterations[-1]["status"] == "cancelled"

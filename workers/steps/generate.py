@@ -275,6 +275,7 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
     if outcome.stopped and job.status is JobStatus.paused:
         batch.status = BatchStatus.pending  # resume re-enqueues it; paid calls are cached
         session.commit()
+        refresh_counters_after_batch(session, batch)
         return
     status = BatchStatus.succeeded
     if missing and outcome.stopped:
@@ -720,6 +721,7 @@ def _close_batch(
     batch.error = error
     batch.finished_at = utcnow()
     session.commit()
+    refresh_counters_after_batch(session, batch)
     # Fan-in through the database: whoever sees no open batch left enqueues the phase's end.
     open_batches = session.scalar(
         select(func.count()).where(
@@ -731,6 +733,22 @@ def _close_batch(
     if not open_batches:
         tasks.enqueue(session, tasks.PHASE_FINISH, str(batch.iteration_id), batch.phase)
         session.commit()
+
+
+def refresh_counters_after_batch(session: Session, batch: GenerationBatch) -> None:
+    """Bring the iteration's and the job's counters up to the rows after each batch, so spend
+    and examples show while an iteration runs and stay right when it never finishes (a
+    cancelled, paused or failed job skips the phase's end, where they were counted before).
+    The iteration row is locked first: batches closing together take turns, and the last one
+    counts every row the others committed."""
+    iteration = session.get(Iteration, batch.iteration_id, with_for_update=True)
+    job = session.get(Job, batch.job_id)
+    if iteration is None or job is None:
+        session.rollback()
+        return
+    refresh_iteration_counters(session, iteration)
+    refresh_job_counters(session, job)
+    session.commit()
 
 
 def refresh_iteration_counters(session: Session, iteration: Iteration) -> None:
