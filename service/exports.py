@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from service import tasks
-from service.domain.export_formats import ALL_FORMATS
+from service.domain.export_formats import ALL_FORMATS, PREFERENCE_FORMATS
 from service.domain.statuses import ExportStatus
 from service.errors import NotFound, ValidationFailed
 from service.models import Export, Job
@@ -18,6 +18,12 @@ def request_export(session: Session, job: Job, fmt: str) -> Export:
         raise ValidationFailed(
             f"format: unknown export format {fmt!r}",
             details=[{"field": "format", "message": f"one of {sorted(ALL_FORMATS)}"}],
+        )
+    if fmt in PREFERENCE_FORMATS and job.strategy != "arte":
+        raise ValidationFailed(
+            f"format: {fmt!r} exports preference pairs, which only the arte strategy stores "
+            f"(this job is {job.strategy})",
+            details=[{"field": "format", "message": "use jsonl, lineage or chat"}],
         )
     export = Export(job_id=job.id, format=fmt, status=ExportStatus.pending)
     session.add(export)

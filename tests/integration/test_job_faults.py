@@ -298,6 +298,11 @@ def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> No
     body = st.client.get(f"/v1/exports/{export['id']}/download", headers=st.auth)
     assert body.status_code == 200, body.text
     assert "numeric-labels-0-5-jsonl-" in body.headers["content-disposition"]
+    manifest = st.client.get(f"/v1/exports/{export['id']}", headers=st.auth).json()["manifest"]
+    assert manifest["job_status"] == "succeeded" and manifest["job_finished"] is True
+    # Preference pairs exist only for ARTE: asking a PGKD job for them is an error, not 0 rows.
+    dpo = st.client.post(f"/v1/jobs/{job_id}/exports", json={"format": "dpo"}, headers=st.auth)
+    assert dpo.status_code == 422 and "arte" in dpo.json()["error"]["message"]
     labels = [json.loads(line)["label"] for line in body.text.splitlines()]
     assert labels and all(isinstance(label, int) for label in labels), labels[:5]
     assert set(labels) <= set(codes.values())

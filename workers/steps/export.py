@@ -22,7 +22,7 @@ from service.domain.export_formats import (
     render_preference_lines,
 )
 from service.domain.spec import TaskKind
-from service.domain.statuses import ExampleStatus, ExportStatus
+from service.domain.statuses import JOB_TERMINAL, ExampleStatus, ExportStatus
 from service.models import DatasetRow, Example, Export, Iteration, Job, utcnow
 from service.settings import get_settings
 from workers.steps.context import JobContext, load_job_context
@@ -152,6 +152,9 @@ def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = 
         "rows": sum(counts.values()),
         "by_kind": counts,
         "best_iteration": job.best_iteration,
+        # An export may be taken while the job runs (the best data so far): say so.
+        "job_status": job.status.value,
+        "job_finished": job.status in JOB_TERMINAL,
         "sha256": digest.hexdigest(),
         "created_at": utcnow().isoformat(),
         "spec_hash": job.spec.get("_hash"),
