@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,9 @@ MAX_REPORTED = 50
 
 
 class FeedbackItem(BaseModel):
+    # Unknown keys are typos (e.g. "prediction"), not data to drop; numbers are finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     row_id: uuid.UUID
     predicted: str | None = Field(
         None, description="Label or answer; null when the student gave none."
@@ -49,6 +52,8 @@ class FeedbackItem(BaseModel):
 
 
 class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     predictions: list[FeedbackItem]
 
 

@@ -248,6 +248,15 @@ def _check_held_out(spec: JobSpec, train_rows: list[DatasetRow]) -> None:
     )
 
 
+# The teachers.name column (service/models.py); an inline teacher is "<job name>-<8 hex>".
+TEACHER_NAME_MAX = 200
+
+
+def _inline_teacher_name(job_name: str) -> str:
+    suffix = f"-{uuid.uuid4().hex[:8]}"
+    return job_name[: TEACHER_NAME_MAX - len(suffix)] + suffix
+
+
 def create_job(
     session: Session,
     tenant_id: uuid.UUID,
@@ -311,7 +320,7 @@ def create_job(
         teacher = create_teacher(
             session,
             tenant_id,
-            name=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+            name=_inline_teacher_name(spec.name),
             base_url=t.base_url,
             model=t.model,
             api_key_env=t.api_key_env,
@@ -400,16 +409,27 @@ def transition_job(
 
 
 def request_transition(session: Session, job: Job, target: JobStatus) -> Job:
-    """A user's cancel/pause/resume; 409 when the current status does not allow it."""
-    if target not in JOB_TRANSITIONS[job.status]:
-        raise Conflict(
-            f"cannot {_verb(target)} a job that is {job.status.value}",
-            details={"status": job.status.value},
-        )
+    """A user's cancel/pause/resume; 409 when the current status does not allow it.
+
+    `target` is what the user asked for: cancelled, paused, or running (resume). Only a
+    paused job can be resumed: queued → running is a worker starting the job, not a resume.
+    """
+    requested = target
     if target is JobStatus.running:  # resume: the worker picks up where the job stopped
+        allowed = job.status is JobStatus.paused
         target = JobStatus.queued if job.started_at is None else JobStatus.running
+    else:
+        allowed = target in JOB_TRANSITIONS[job.status]
+    if not allowed:
+        raise Conflict(
+            f"cannot {_verb(requested)} a job that is {job.status.value}",
+            details=[{"field": "status", "message": _why_not(requested, job.status)}],
+        )
     if not transition_job(session, job, target):
-        raise Conflict("the job changed concurrently; retry", details={"status": job.status.value})
+        raise Conflict(
+            "the job changed concurrently; retry",
+            details=[{"field": "status", "message": f"the job is now {job.status.value}"}],
+        )
     if target in (JobStatus.running, JobStatus.queued):
         tasks.enqueue(session, tasks.JOB_START, str(job.id))
     return job
@@ -417,3 +437,10 @@ def request_transition(session: Session, job: Job, target: JobStatus) -> Job:
 
 def _verb(target: JobStatus) -> str:
     return {JobStatus.cancelled: "cancel", JobStatus.paused: "pause"}.get(target, "resume")
+
+
+def _why_not(requested: JobStatus, status: JobStatus) -> str:
+    if requested is JobStatus.running:
+        return f"the job is {status.value}; only a paused job can be resumed"
+    froms = " or ".join(sorted(s.value for s, to in JOB_TRANSITIONS.items() if requested in to))
+    return f"the job is {status.value}; only a job that is {froms} can be {requested.value}"

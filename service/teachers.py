@@ -120,18 +120,35 @@ def update_teacher(
 ) -> Teacher:
     if "base_url" in changes and changes["base_url"] is not None:
         check_base_url(changes["base_url"], allow_private=allow_private)
-        teacher.base_url = changes["base_url"].rstrip("/")
-        teacher.allow_private_network = allow_private
-    if "api_key" in changes:
-        key = changes["api_key"]
-        teacher.api_key_encrypted = encrypt_secret(key) if key else None
-    for field in ("name", "model", "api_key_env", "structured_mode", "timeout_s", "max_attempts"):
-        if field in changes and changes[field] is not None:
-            setattr(teacher, field, changes[field])
-    for field in ("limits", "prices", "generation"):
-        if field in changes and changes[field] is not None:
-            setattr(teacher, field, changes[field].model_dump(mode="json"))
-    session.flush()
+    session.flush()  # anything pending stays outside the savepoint below
+    try:
+        # Changed inside the savepoint, so a rollback also expires the changed attributes.
+        with session.begin_nested():
+            if "base_url" in changes and changes["base_url"] is not None:
+                teacher.base_url = changes["base_url"].rstrip("/")
+                teacher.allow_private_network = allow_private
+            if "api_key" in changes:
+                key = changes["api_key"]
+                teacher.api_key_encrypted = encrypt_secret(key) if key else None
+            for field in (
+                "name",
+                "model",
+                "api_key_env",
+                "structured_mode",
+                "timeout_s",
+                "max_attempts",
+            ):
+                if field in changes and changes[field] is not None:
+                    setattr(teacher, field, changes[field])
+            for field in ("limits", "prices", "generation"):
+                if field in changes and changes[field] is not None:
+                    setattr(teacher, field, changes[field].model_dump(mode="json"))
+            session.flush()
+    except IntegrityError as exc:
+        raise Conflict(
+            f"a teacher named {changes.get('name')!r} already exists",
+            details=[{"field": "name", "message": "must be unique"}],
+        ) from exc
     return teacher
 
 

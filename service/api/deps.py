@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, authenticate
+from service.errors import Unauthorized
 from service.settings import Settings
 from service.tasks import SENDER
 
@@ -18,7 +19,13 @@ def get_session(request: Request) -> Iterator[Session]:
     factory = request.app.state.session_factory
     with factory() as session:
         session.info[SENDER] = request.app.state.task_sender
-        yield session
+        try:
+            yield session
+        except Exception:
+            # A failed request writes nothing, and a failed flush (DataError, IntegrityError)
+            # leaves the session unusable until it is rolled back.
+            session.rollback()
+            raise
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -30,15 +37,26 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-# auto_error=False: a missing key is answered by our own 401 in the one error shape.
+# auto_error=False: a missing key is answered by our own 401 in the one error shape. It is a
+# dependency for the OpenAPI security scheme; the header itself is read below, because
+# HTTPBearer reports any other scheme (Basic ...) as no header at all.
 _bearer = HTTPBearer(auto_error=False, description="An API key from `distill keys create`.")
 
 
 def get_principal(
+    request: Request,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+    header = request.headers.get("authorization")
+    if header:
+        scheme = header.partition(" ")[0]
+        if scheme.lower() != "bearer":
+            raise Unauthorized(
+                f"the Authorization scheme must be Bearer, not {scheme[:20]!r} "
+                "(expected 'Bearer <api key>')",
+                details=[{"field": "Authorization", "message": "scheme must be Bearer"}],
+            )
     return authenticate(session, header)
 
 

@@ -8,8 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.domain.spec import Text
 from service.domain.statuses import ExampleStatus, ExportStatus, IterationStatus, JobStatus
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
+
+# The largest value of a Postgres `integer` column (iteration numbers and the like).
+PG_INT_MAX = 2**31 - 1
 
 
 class _Read(BaseModel):
@@ -46,14 +50,21 @@ class DatasetDetail(DatasetRead):
     preview: list[DatasetRowRead]
 
 
+# Teacher text fields are limited to their columns (service/models.py Teacher).
 class TeacherCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=200)
-    base_url: str = Field(..., description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1")
-    model: str = Field(..., min_length=1)
-    api_key: str | None = Field(None, description="Stored encrypted; never returned.")
-    api_key_env: str | None = Field(
-        None, description="Or: the worker environment variable that holds the key."
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Text = Field(..., min_length=1, max_length=200)
+    base_url: Text = Field(
+        ...,
+        max_length=2000,
+        description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1",
+    )
+    model: Text = Field(..., min_length=1, max_length=500)
+    api_key: Text | None = Field(None, description="Stored encrypted; never returned.")
+    api_key_env: Text | None = Field(
+        None,
+        max_length=200,
+        description="Or: the worker environment variable that holds the key.",
     )
     limits: TeacherLimits = Field(default_factory=TeacherLimits)
     prices: TeacherPrices = Field(default_factory=TeacherPrices)
@@ -64,12 +75,12 @@ class TeacherCreate(BaseModel):
 
 
 class TeacherUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200)
-    base_url: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    api_key_env: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Text | None = Field(None, min_length=1, max_length=200)
+    base_url: Text | None = Field(None, max_length=2000)
+    model: Text | None = Field(None, min_length=1, max_length=500)
+    api_key: Text | None = None
+    api_key_env: Text | None = Field(None, max_length=200)
     limits: TeacherLimits | None = None
     prices: TeacherPrices | None = None
     generation: GenerationParams | None = None
@@ -161,8 +172,9 @@ class ExampleRead(_Read):
 
 class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: str = Field(
+    format: Text = Field(
         "jsonl",
+        max_length=32,
         description="jsonl (the task's own fields), lineage (plus kind, iteration, source row), "
         "chat (OpenAI fine-tuning messages), or dpo (ARTE's preference pairs).",
     )

@@ -3,15 +3,49 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
 
 
+def storable_text(value: str) -> str:
+    """Postgres text and JSONB cannot hold NUL, and a lone surrogate cannot be encoded at all."""
+    if "\x00" in value:
+        raise PydanticCustomError(
+            "unstorable_text", "contains a NUL character (\\u0000), which cannot be stored"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "unstorable_text",
+            "contains an unpaired surrogate (\\ud800-\\udfff), which is not valid Unicode",
+        ) from None
+    return value
+
+
+# Free text a request may carry into the database: every such field of the API and the spec
+# is `Text` (with its column's max_length where it has one), so it fails as a 422, not a 500.
+Text = Annotated[str, AfterValidator(storable_text)]
+
+# The loops a job can run; 'random' is the open-loop baseline (random seed rows).
+StrategyName = Literal["llm2llm", "pgkd", "arte", "rationales", "random"]
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite floats cannot be stored in JSON(B); every number of the spec is finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TaskKind(StrEnum):
@@ -24,13 +58,13 @@ class TaskSpec(_Spec):
     """What the student must learn."""
 
     kind: TaskKind = TaskKind.classification
-    instructions: str = Field(..., min_length=1, max_length=8000)
-    labels: list[str] | None = Field(
+    instructions: Text = Field(..., min_length=1, max_length=8000)
+    labels: list[Text] | None = Field(
         None, description="Classification label set; inferred from the train split when omitted."
     )
-    input_field: str = Field("text", min_length=1)
-    output_field: str = Field("label", min_length=1)
-    answer_pattern: str | None = Field(
+    input_field: Text = Field("text", min_length=1)
+    output_field: Text = Field("label", min_length=1)
+    answer_pattern: Text | None = Field(
         None, description="Regex with one group extracting a QA answer; default GSM8K '#### N'."
     )
 
@@ -59,20 +93,23 @@ class TaskSpec(_Spec):
 class DatasetRefs(_Spec):
     """Dataset ids (REST) or JSONL paths (CLI, uploaded before the job is created)."""
 
-    train: str = Field(..., description="Seed train set.")
-    validation: str | None = Field(
+    train: Text = Field(..., description="Seed train set.")
+    validation: Text | None = Field(
         None, description="Validation set; a held-out slice of train is used when omitted."
     )
-    test: str | None = None
+    test: Text | None = None
 
 
 class TeacherSpec(_Spec):
     """An inline teacher (the CLI creates it); REST jobs may also reference a teacher id."""
 
-    base_url: str
-    model: str
-    api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the key (never the key)."
+    # The limits are the columns of the teacher the inline spec becomes (service/models.py).
+    base_url: Text = Field(..., max_length=2000)
+    model: Text = Field(..., min_length=1, max_length=500)
+    api_key_env: Text | None = Field(
+        None,
+        max_length=200,
+        description="Name of the environment variable holding the key (never the key).",
     )
     limits: TeacherLimits = Field(default_factory=TeacherLimits)
     prices: TeacherPrices = Field(default_factory=TeacherPrices)
@@ -92,14 +129,14 @@ class StudentSpec(_Spec):
     """Where the feedback comes from."""
 
     type: StudentType = StudentType.builtin
-    model: str = Field(
+    model: Text = Field(
         "minilm",
         description="builtin: 'minilm' (packaged all-MiniLM-L6-v2), 'tfidf', or a local "
         "sentence-transformers path; endpoint: the served model name.",
     )
-    base_url: str | None = None
-    api_key_env: str | None = None
-    trainer_command: str | None = Field(
+    base_url: Text | None = None
+    api_key_env: Text | None = None
+    trainer_command: Text | None = Field(
         None,
         description="endpoint students: a command run each iteration with the training set "
         "({dataset} or $DISTILL_DATASET, JSONL); it returns once the new checkpoint is served.",
@@ -141,12 +178,24 @@ class FilterSpec(_Spec):
     contamination_threshold: float = Field(0.8, gt=0, le=1)
     teacher_verification: bool = False
 
+    @field_validator("max_chars")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: ValidationInfo) -> int:
+        min_chars = info.data.get("min_chars")
+        if isinstance(min_chars, int) and value < min_chars:
+            raise PydanticCustomError(
+                "max_below_min",
+                "must be at least min_chars ({min_chars}); got {value}",
+                {"min_chars": min_chars, "value": value},
+            )
+        return value
+
 
 class JobSpec(_Spec):
     """A distillation job, as written in YAML for `distill run` or POSTed to /v1/jobs."""
 
-    name: str = Field(..., min_length=1, max_length=200)
-    strategy: Literal["llm2llm", "pgkd", "arte", "rationales", "random"] = Field(
+    name: Text = Field(..., min_length=1, max_length=200)
+    strategy: StrategyName = Field(
         ..., description="The loop; 'random' is the open-loop baseline (random seed rows)."
     )
     task: TaskSpec
@@ -169,6 +218,12 @@ class JobSpec(_Spec):
         "batches spread an iteration over more workers.",
     )
     seed: int = 0
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_id_storable(cls, value: str | TeacherSpec) -> str | TeacherSpec:
+        # Not `Text | TeacherSpec`: its errors would name the union member after the validator.
+        return storable_text(value) if isinstance(value, str) else value
 
 
 def job_json_schema() -> dict[str, Any]:

@@ -34,6 +34,9 @@ class TeacherLimits(BaseModel):
     )
     metrics_url: str | None = Field(
         None,
+        max_length=2000,
+        # No NUL (JSONB cannot store it); a constrained str also refuses lone surrogates.
+        pattern=r"^[^\x00]*$",
         description="Where `adaptive` reads the server's load; default: the base URL's server "
         "root + /metrics (where vLLM serves it).",
     )
@@ -54,8 +57,8 @@ class TeacherLimits(BaseModel):
 class TeacherPrices(BaseModel):
     """USD per one million tokens."""
 
-    input_per_million: float = Field(0.0, ge=0)
-    output_per_million: float = Field(0.0, ge=0)
+    input_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
+    output_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         return (tokens_in * self.input_per_million + tokens_out * self.output_per_million) / 1e6
@@ -64,9 +67,9 @@ class TeacherPrices(BaseModel):
 class GenerationParams(BaseModel):
     """Sampling parameters sent with every request (part of the fingerprint)."""
 
-    temperature: float = Field(0.7, ge=0, le=2)
+    temperature: float = Field(0.7, ge=0, le=2, allow_inf_nan=False)
     max_tokens: int = Field(1024, ge=1, le=131072)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = None
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
-from service.api.schemas import ErrorBody, ExampleRead, IterationRead, JobRead
-from service.domain.spec import job_json_schema
+from service.api.schemas import PG_INT_MAX, ErrorBody, ExampleRead, IterationRead, JobRead
+from service.domain.spec import StrategyName, Text, job_json_schema
 from service.domain.statuses import ExampleStatus, JobStatus
+from service.domain.strategies.base import ExampleKind
 from service.errors import NotFound
 from service.feedback import FeedbackBody, evaluation_rows, parse_feedback, post_feedback
 from service.jobs import create_job, get_job, parse_spec, request_transition
@@ -20,6 +21,8 @@ from service.models import Example, Iteration, Job
 from service.pagination import Page, paginate
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+# Iteration numbers are a Postgres integer: a larger one is a 422, not a query that fails.
+IterationNumber = Annotated[int, Path(ge=0, le=PG_INT_MAX, description="Iteration number.")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
     404: {"model": ErrorBody},
@@ -73,7 +76,7 @@ def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    strategy: str | None = None,
+    strategy: StrategyName | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[JobRead]:
@@ -126,7 +129,7 @@ def list_iterations(
 
 @router.get("/jobs/{job_id}/iterations/{number}", response_model=IterationRead, responses=_ERRORS)
 def read_iteration(
-    job_id: uuid.UUID, number: int, session: SessionDep, principal: PrincipalDep
+    job_id: uuid.UUID, number: IterationNumber, session: SessionDep, principal: PrincipalDep
 ) -> Iteration:
     job = get_job(session, principal.tenant_id, job_id)
     iteration = session.scalar(
@@ -142,10 +145,12 @@ def list_examples(
     job_id: uuid.UUID,
     session: SessionDep,
     principal: PrincipalDep,
-    iteration: Annotated[int | None, Query(description="Iteration number.")] = None,
-    kind: str | None = None,
+    iteration: Annotated[
+        int | None, Query(ge=0, le=PG_INT_MAX, description="Iteration number.")
+    ] = None,
+    kind: ExampleKind | None = None,
     status_: Annotated[ExampleStatus | None, Query(alias="status")] = None,
-    label: Annotated[str | None, Query(description="Output/label equals.")] = None,
+    label: Annotated[Text | None, Query(description="Output/label equals.")] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[ExampleRead]:
@@ -200,7 +205,7 @@ def list_evaluation_rows(
 )
 async def post_iteration_feedback(
     job_id: uuid.UUID,
-    number: int,
+    number: IterationNumber,
     request: Request,
     session: SessionDep,
     principal: PrincipalDep,
