@@ -148,7 +148,23 @@ class StudentSpec(_Spec):
             raise ValueError("base_url: an endpoint student needs a base_url")
         if self.trainer_command and self.type is not StudentType.endpoint:
             raise ValueError("trainer_command: only an endpoint student is retrained by a command")
+        if self.type is StudentType.builtin and not _builtin_model_name(self.model):
+            raise ValueError(
+                f"model: {self.model!r} is no built-in student: use 'minilm', 'tfidf', or the "
+                "path of a local sentence-transformers directory (e.g. ./models/my-encoder)"
+            )
         return self
+
+
+BUILTIN_MODELS = ("minilm", "tfidf")
+
+
+def _builtin_model_name(model: str) -> bool:
+    """'minilm', 'tfidf', or something written as a path (the directory itself is checked on
+    the worker, which is where it must exist)."""
+    return (
+        model in BUILTIN_MODELS or any(ch in model for ch in "/\\") or model.startswith((".", "~"))
+    )
 
 
 class Budget(_Spec):

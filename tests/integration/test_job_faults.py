@@ -243,17 +243,33 @@ def test_llm2llm_with_a_built_in_student_mines_out_of_fold_mistakes(
     assert iterations[1]["targets_count"] > 0 and iterations[1]["teacher_calls"] > 0
 
 
-def test_an_unknown_built_in_model_fails_the_job_with_the_reason(inline_stack: InlineStack) -> None:
+def test_an_unknown_built_in_model_is_refused_or_fails_the_job_with_the_reason(
+    inline_stack: InlineStack,
+) -> None:
     st = inline_stack
+    train, val = trec_slice(per_class=5, val_per_class=5)
+    spec: dict[str, Any] = {
+        "name": "typo",
+        "strategy": "pgkd",
+        "task": {"instructions": "Classify the question."},
+        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
+        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
+        "student": {"type": "builtin", "model": "tfidff"},
+    }
+    typo = st.client.post("/v1/jobs", json=spec, headers=st.auth)
+    assert typo.status_code == 422  # a typo is caught when the job is created
+    assert "tfidff" in typo.json()["error"]["message"]
+    # A path is checked where it must exist, on the worker: the job fails with the reason.
     job_id = _job(
         st,
         teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"},
-        student={"type": "builtin", "model": "tfidff"},
+        student={"type": "builtin", "model": "./no-such-encoder"},
     )
     st.sender.run_until_idle()
     job = st.job(job_id)
     assert job["status"] == "failed"
-    assert "student error" in job["status_reason"] and "tfidff" in job["status_reason"]
+    assert "student error" in job["status_reason"]
+    assert "no-such-encoder" in job["status_reason"]
 
 
 def test_a_job_that_accepted_nothing_says_so(inline_stack: InlineStack) -> None:
