@@ -367,3 +367,14 @@ def test_a_cancelled_jobs_spend_and_examples_are_counted(inline_stack: InlineSta
     iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
     assert sum(it["tokens_in"] for it in iterations) == paid_in
     assert iterations[-1]["status"] == "cancelled"
+
+
+def test_every_iteration_records_when_it_started(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    job_id = _job(st, teacher={"base_url": st.teacher.base_url, "model": "fake-teacher"})
+    st.sender.run_until_idle()
+    iterations = st.client.get(f"/v1/jobs/{job_id}/iterations", headers=st.auth).json()
+    assert [it["number"] for it in iterations] == [0, 1]
+    for it in iterations:
+        assert it["started_at"] is not None and it["finished_at"] is not None
+        assert it["started_at"] <= it["finished_at"]

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import tasks
@@ -124,7 +124,12 @@ def _claim(session: Session, iteration: Iteration, stuck_after_s: int) -> bool:
                 and_(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < stale),
             ),
         )
-        .values(status=IterationStatus.evaluating, updated_at=utcnow())
+        .values(
+            status=IterationStatus.evaluating,
+            updated_at=utcnow(),
+            # Iteration 0 (seed only) starts here; the others started when they were planned.
+            started_at=func.coalesce(Iteration.started_at, utcnow()),
+        )
         .execution_options(synchronize_session=False)
     )
     if not getattr(result, "rowcount", 0):
