@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
 from service.auth import create_api_key, get_or_create_tenant
 from service.cli import upgrade_database
 from service.db import make_engine, session_factory
+from service.models import TeacherCall
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
 from tests.conftest import fresh_database
 from tests.fake_teacher.client import FakeTeacherProcess
@@ -38,6 +42,22 @@ class InlineStack:
         )
         assert resp.status_code == 201, resp.text
         return str(resp.json()["id"])
+
+    @contextlib.contextmanager
+    def executing_in_background(self) -> Iterator[None]:
+        """The embedded executor draining its queue on a thread, as `distill serve` runs it."""
+        stop = threading.Event()
+        runner = threading.Thread(target=self.sender.run_forever, args=(stop,), daemon=True)
+        runner.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+
+    def teacher_calls(self) -> int:
+        with self.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
 
     def job(self, job_id: str) -> dict[str, Any]:
         body: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}", headers=self.auth).json()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import Any
 
@@ -75,10 +74,7 @@ def test_unavailable_teacher_backs_off_and_resumes_by_itself(inline_stack: Inlin
             "limits": {"max_concurrency": 4},
         },
     )
-    stop = threading.Event()
-    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
-    runner.start()
-    try:
+    with st.executing_in_background():
         wait_for(
             lambda: st.job(job_id)["status_reason"] == "teacher unavailable",
             120,
@@ -93,9 +89,6 @@ def test_unavailable_teacher_backs_off_and_resumes_by_itself(inline_stack: Inlin
         )
         assert job["status_reason"] != "teacher unavailable"
         assert job["examples_accepted"] > 0
-    finally:
-        stop.set()
-        runner.join(timeout=30)
 
 
 def test_malformed_output_is_kept_as_rejected_with_raw_text(inline_stack: InlineStack) -> None:
@@ -155,21 +148,14 @@ def test_pause_takes_effect_within_a_batch_and_resume_finishes(inline_stack: Inl
         budget={"max_iterations": 2},
     )
 
-    def calls() -> int:
-        with st.sessions() as session:
-            return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
-
-    stop = threading.Event()
-    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
-    runner.start()
-    try:
-        wait_for(lambda: calls() >= 2, 60, "generation to start")
+    with st.executing_in_background():
+        wait_for(lambda: st.teacher_calls() >= 2, 60, "generation to start")
         paused = st.client.post(f"/v1/jobs/{job_id}/pause", headers=st.auth)
         assert paused.status_code == 202
         time.sleep(2.0)  # the running batch notices within its status poll and stops
-        frozen = calls()
+        frozen = st.teacher_calls()
         time.sleep(1.5)
-        assert calls() == frozen, "no teacher call may start while the job is paused"
+        assert st.teacher_calls() == frozen, "no teacher call may start while the job is paused"
         assert st.job(job_id)["status"] == "paused"
         resumed = st.client.post(f"/v1/jobs/{job_id}/resume", headers=st.auth)
         assert resumed.json()["status"] == "running"
@@ -182,9 +168,6 @@ def test_pause_takes_effect_within_a_batch_and_resume_finishes(inline_stack: Inl
         assert [it["number"] for it in iterations] == [0, 1, 2]
         assert all(it["teacher_calls"] == it["targets_count"] for it in iterations[1:])
         assert job["examples_accepted"] > 0
-    finally:
-        stop.set()
-        runner.join(timeout=30)
 
 
 def test_a_request_over_the_context_window_is_recorded_not_retried_forever(
@@ -337,21 +320,11 @@ def test_a_cancelled_jobs_spend_and_examples_are_counted(inline_stack: InlineSta
         budget={"max_iterations": 3},
     )
 
-    def calls() -> int:
-        with st.sessions() as session:
-            return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
-
-    stop = threading.Event()
-    runner = threading.Thread(target=st.sender.run_forever, args=(stop,), daemon=True)
-    runner.start()
-    try:
-        wait_for(lambda: calls() >= 3, 60, "generation to be under way")
+    with st.executing_in_background():
+        wait_for(lambda: st.teacher_calls() >= 3, 60, "generation to be under way")
         assert st.client.post(f"/v1/jobs/{job_id}/cancel", headers=st.auth).status_code == 202
         wait_for(lambda: st.sender.pending() == 0, 60, "the executor to drain")
         time.sleep(1.0)  # the batch under way notices the cancel and closes
-    finally:
-        stop.set()
-        runner.join(timeout=30)
     job = st.job(job_id)
     assert job["status"] == "cancelled"
     with st.sessions() as session:
