@@ -351,3 +351,27 @@ def test_every_iteration_records_when_it_started(inline_stack: InlineStack) -> N
     for it in iterations:
         assert it["started_at"] is not None and it["finished_at"] is not None
         assert it["started_at"] <= it["finished_at"]
+
+
+def test_the_same_spec_reuses_paid_answers_and_another_seed_asks_afresh(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    teacher = st.client.post(
+        "/v1/teachers",
+        json={"name": "shared", "base_url": st.teacher.base_url, "model": "fake-teacher"},
+        headers=st.auth,
+    ).json()["id"]
+    first = _job(st, teacher=teacher)
+    st.sender.run_until_idle()
+    served = st.teacher.stats()["requests_total"]
+    assert served > 0
+    again = _job(st, teacher=teacher)
+    st.sender.run_until_idle()
+    assert st.job(again)["status"] == "succeeded"
+    assert st.teacher.stats()["requests_total"] == served  # every answer came from the cache
+    other = _job(st, teacher=teacher, seed=7)
+    st.sender.run_until_idle()
+    assert st.job(other)["status"] == "succeeded"
+    assert st.teacher.stats()["requests_total"] > served  # a new seed is a new sample
+    assert st.job(first)["examples_accepted"] == st.job(again)["examples_accepted"]

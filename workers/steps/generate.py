@@ -90,8 +90,20 @@ def endpoint_for(row: TeacherRow) -> TeacherEndpoint:
     )
 
 
-def _requests(targets: Sequence[GenerationTarget], teacher: TeacherRow) -> list[TeacherRequest]:
+def generation_params(teacher: TeacherRow, ctx: JobContext) -> GenerationParams:
+    """The teacher's sampling parameters; without a seed of its own, the job spec's seed is
+    used, so it is part of every request's fingerprint: the same spec on the same teacher
+    reuses earlier answers (cached, free), another seed asks afresh."""
     params = GenerationParams.model_validate(teacher.generation or {})
+    if params.seed is None:
+        params = params.model_copy(update={"seed": ctx.spec.seed})
+    return params
+
+
+def _requests(
+    targets: Sequence[GenerationTarget], teacher: TeacherRow, ctx: JobContext
+) -> list[TeacherRequest]:
+    params = generation_params(teacher, ctx)
     return [t.request.model_copy(update={"params": params}) for t in targets]
 
 
@@ -227,7 +239,7 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
     teacher_row = session.get(TeacherRow, job.teacher_id)
     assert teacher_row is not None
     targets = [GenerationTarget.model_validate(t) for t in batch.targets]
-    requests = _requests(targets, teacher_row)
+    requests = _requests(targets, teacher_row, ctx)
     fingerprints = [r.fingerprint(teacher_row.model) for r in requests]
 
     to_call = _uncached(session, teacher_row, requests, fingerprints)
@@ -553,7 +565,7 @@ def _verify(
     its own; a candidate is kept only when the two agree. Calls are cached like any other."""
     from service.domain.verification import verification_agrees, verification_request
 
-    params = GenerationParams.model_validate(teacher_row.generation or {})
+    params = generation_params(teacher_row, ctx)
     accepted = [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
     requests = [
         verification_request(ctx.spec.task, ctx.labels, r["input"]).model_copy(
