@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,6 +17,7 @@ from service.datasets import get_dataset, load_rows
 from service.domain.spec import JobSpec, TaskKind, TaskSpec, TeacherSpec
 from service.domain.statuses import (
     ITERATION_TERMINAL,
+    JOB_TERMINAL,
     JOB_TRANSITIONS,
     IterationStatus,
     JobStatus,
@@ -406,6 +407,19 @@ def transition_job(
         )
     session.refresh(job)
     return changed
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete a finished job with its iterations, batches, examples, predictions and exports
+    (database cascades). Its teacher calls stay in the teacher's cache, detached from the job;
+    exported files stay on disk. A job still running, queued or paused must be cancelled
+    first, so no worker is writing to what is deleted."""
+    if job.status not in JOB_TERMINAL:
+        raise Conflict(
+            f"cannot delete a job that is {job.status.value}: cancel it first",
+            details=[{"field": "status", "message": job.status.value}],
+        )
+    session.execute(delete(Job).where(Job.id == job.id))
 
 
 def request_transition(session: Session, job: Job, target: JobStatus) -> Job:

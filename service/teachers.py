@@ -156,9 +156,8 @@ def delete_teacher(session: Session, teacher: Teacher) -> None:
     in_use = session.scalar(select(Job.id).where(Job.teacher_id == teacher.id).limit(1))
     if in_use is not None:
         raise Conflict(
-            f"teacher {teacher.id} is used by job {in_use}: a teacher stays while any job "
-            "refers to it (its calls are that job's record); rename it with PATCH, or create "
-            "another teacher"
+            f"teacher {teacher.id} is used by job {in_use}: delete that job first (DELETE "
+            "/v1/jobs/{id} once it has finished), or rename the teacher with PATCH"
         )
     session.delete(teacher)
     session.flush()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from service.domain.statuses import IterationStatus
+from service.models import Iteration
 from service.settings import Settings
 from service.tasks import JOB_START, RecordingTaskSender
 
@@ -104,6 +109,32 @@ def test_pause_resume_cancel_transitions(
     again = client.post(f"/v1/jobs/{job['id']}/resume", headers=auth)
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "conflict"
+
+
+def test_a_finished_job_can_be_deleted_and_frees_its_teacher(
+    client: TestClient,
+    auth: dict[str, str],
+    other_auth: dict[str, str],
+    spec: dict[str, Any],
+    db_session: Session,
+) -> None:
+    job = client.post("/v1/jobs", json=spec, headers=auth).json()
+    url = f"/v1/jobs/{job['id']}"
+    running = client.delete(url, headers=auth)
+    assert running.status_code == 409 and "cancel it first" in running.json()["error"]["message"]
+    in_use = client.delete(f"/v1/teachers/{spec['teacher']}", headers=auth)
+    assert in_use.status_code == 409
+    client.post(f"{url}/cancel", headers=auth)
+    db_session.add(
+        Iteration(job_id=uuid.UUID(job["id"]), number=0, status=IterationStatus.completed)
+    )
+    db_session.flush()
+    assert db_session.scalar(select(func.count()).select_from(Iteration)) == 1
+    assert client.delete(url, headers=other_auth).status_code == 404  # another tenant's job
+    assert client.delete(url, headers=auth).status_code == 204
+    assert client.get(url, headers=auth).status_code == 404
+    assert db_session.scalar(select(func.count()).select_from(Iteration)) == 0
+    assert client.delete(f"/v1/teachers/{spec['teacher']}", headers=auth).status_code == 204
 
 
 def test_list_filters_paginates_and_isolates_tenants(

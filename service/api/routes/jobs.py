@@ -16,7 +16,7 @@ from service.domain.statuses import ExampleStatus, JobStatus
 from service.domain.strategies.base import ExampleKind
 from service.errors import NotFound
 from service.feedback import FeedbackBody, evaluation_rows, parse_feedback, post_feedback
-from service.jobs import create_job, get_job, parse_spec, request_transition
+from service.jobs import create_job, delete_job, get_job, parse_spec, request_transition
 from service.models import Example, Iteration, Job
 from service.pagination import Page, paginate
 
@@ -106,6 +106,15 @@ def _transition(job_id: uuid.UUID, target: JobStatus, session: Any, principal: A
 def cancel(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
     """Stops the job within one generation batch."""
     return _transition(job_id, JobStatus.cancelled, session, principal)
+
+
+@router.delete("/jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+def delete(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Deletes a finished (succeeded, failed or cancelled) job and everything it stored; its
+    teacher's cached calls stay. 409 while it is queued, running or paused: cancel it first."""
+    delete_job(session, get_job(session, principal.tenant_id, job_id))
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/jobs/{job_id}/pause", status_code=202, response_model=JobRead, responses=_ERRORS)
