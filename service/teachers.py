@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -95,17 +97,25 @@ def create_teacher(
         # name that resolves elsewhere later (DNS rebinding) or a redirect cannot reach inside.
         allow_private_network=allow_private,
     )
+    # Added inside the savepoint, so a rollback also expunges it from the session.
+    with _unique_name(session, name):
+        session.add(teacher)
+        session.flush()
+    return teacher
+
+
+@contextlib.contextmanager
+def _unique_name(session: Session, name: str) -> Iterator[None]:
+    """A savepoint for adding or changing a teacher: a taken name is a 409, and the rollback
+    leaves the session usable."""
     try:
-        # Added inside the savepoint, so a rollback also expunges it from the session.
         with session.begin_nested():
-            session.add(teacher)
-            session.flush()
+            yield
     except IntegrityError as exc:
         raise Conflict(
             f"a teacher named {name!r} already exists",
             details=[{"field": "name", "message": "must be unique"}],
         ) from exc
-    return teacher
 
 
 def get_teacher(session: Session, tenant_id: uuid.UUID, teacher_id: uuid.UUID) -> Teacher:
@@ -121,34 +131,28 @@ def update_teacher(
     if "base_url" in changes and changes["base_url"] is not None:
         check_base_url(changes["base_url"], allow_private=allow_private)
     session.flush()  # anything pending stays outside the savepoint below
-    try:
-        # Changed inside the savepoint, so a rollback also expires the changed attributes.
-        with session.begin_nested():
-            if "base_url" in changes and changes["base_url"] is not None:
-                teacher.base_url = changes["base_url"].rstrip("/")
-                teacher.allow_private_network = allow_private
-            if "api_key" in changes:
-                key = changes["api_key"]
-                teacher.api_key_encrypted = encrypt_secret(key) if key else None
-            for field in (
-                "name",
-                "model",
-                "api_key_env",
-                "structured_mode",
-                "timeout_s",
-                "max_attempts",
-            ):
-                if field in changes and changes[field] is not None:
-                    setattr(teacher, field, changes[field])
-            for field in ("limits", "prices", "generation"):
-                if field in changes and changes[field] is not None:
-                    setattr(teacher, field, changes[field].model_dump(mode="json"))
-            session.flush()
-    except IntegrityError as exc:
-        raise Conflict(
-            f"a teacher named {changes.get('name')!r} already exists",
-            details=[{"field": "name", "message": "must be unique"}],
-        ) from exc
+    # Changed inside the savepoint, so a rollback also expires the changed attributes.
+    with _unique_name(session, changes.get("name") or teacher.name):
+        if "base_url" in changes and changes["base_url"] is not None:
+            teacher.base_url = changes["base_url"].rstrip("/")
+            teacher.allow_private_network = allow_private
+        if "api_key" in changes:
+            key = changes["api_key"]
+            teacher.api_key_encrypted = encrypt_secret(key) if key else None
+        for field in (
+            "name",
+            "model",
+            "api_key_env",
+            "structured_mode",
+            "timeout_s",
+            "max_attempts",
+        ):
+            if field in changes and changes[field] is not None:
+                setattr(teacher, field, changes[field])
+        for field in ("limits", "prices", "generation"):
+            if field in changes and changes[field] is not None:
+                setattr(teacher, field, changes[field].model_dump(mode="json"))
+        session.flush()
     return teacher
 
 
