@@ -20,6 +20,7 @@ from service.db import make_engine, session_factory
 from service.models import TeacherCall
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
 from tests.conftest import fresh_database
+from tests.e2e.conftest import trec_slice
 from tests.fake_teacher.client import FakeTeacherProcess
 from workers import runtime
 from workers.inline import InlineTaskSender
@@ -58,6 +59,33 @@ class InlineStack:
     def teacher_calls(self) -> int:
         with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(TeacherCall)) or 0)
+
+    def job_spec(
+        self, *, train: bytes | None = None, validation: bytes | None = None, **changes: Any
+    ) -> dict[str, Any]:
+        """A small job on this stack's fake teacher: TREC with 5 rows per class (train and
+        validation) unless given, PGKD, the TF-IDF student, one iteration; `changes` replace
+        top-level keys of the spec."""
+        if train is None:
+            train, validation = trec_slice(per_class=5, val_per_class=5)
+        datasets = {"train": self.upload(train)}
+        if validation is not None:
+            datasets["validation"] = self.upload(validation)
+        return {
+            "name": "job",
+            "strategy": "pgkd",
+            "task": {"instructions": "Classify the question."},
+            "datasets": datasets,
+            "teacher": {"base_url": self.teacher.base_url, "model": "fake-teacher"},
+            "student": {"type": "builtin", "model": "tfidf"},
+            "budget": {"max_iterations": 1},
+            **changes,
+        }
+
+    def create_job(self, spec: dict[str, Any]) -> str:
+        resp = self.client.post("/v1/jobs", json=spec, headers=self.auth)
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["id"])
 
     def job(self, job_id: str) -> dict[str, Any]:
         body: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}", headers=self.auth).json()

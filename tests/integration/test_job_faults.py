@@ -13,22 +13,8 @@ from tests.e2e.conftest import trec_slice, wait_for
 from tests.integration.conftest import InlineStack
 
 
-def _job(st: InlineStack, *, teacher: dict[str, Any], **changes: Any) -> str:
-    train, val = trec_slice(per_class=5, val_per_class=5)
-    spec: dict[str, Any] = {
-        "name": "faults",
-        "strategy": "pgkd",
-        "task": {"instructions": "Classify the question."},
-        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
-        "teacher": teacher,
-        "student": {"type": "builtin", "model": "tfidf"},
-        "budget": {"max_iterations": 1},
-        "batch_size": 4,
-        **changes,
-    }
-    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
-    assert resp.status_code == 201, resp.text
-    return str(resp.json()["id"])
+def _job(st: InlineStack, *, teacher: dict[str, Any] | str, **changes: Any) -> str:
+    return st.create_job(st.job_spec(name="faults", teacher=teacher, batch_size=4, **changes))
 
 
 def test_wrong_key_fails_the_job_fast_with_the_reason(inline_stack: InlineStack) -> None:
@@ -178,19 +164,10 @@ def test_a_request_over_the_context_window_is_recorded_not_retried_forever(
     long_text = "Why is the sky blue " + "and very, very far away " * 400 + "?"
     train += (json.dumps({"text": long_text, "label": "DESC"}) + "\n").encode()
     st.teacher.configure(context_tokens=3000)
-    spec: dict[str, Any] = {
-        "name": "context",
-        "strategy": "rationales",
-        "task": {"instructions": "Classify the question."},
-        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
-        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
-        "student": {"type": "builtin", "model": "tfidf"},
-        "budget": {"max_iterations": 1},
-        "batch_size": 8,
-    }
-    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
-    assert resp.status_code == 201, resp.text
-    job_id = resp.json()["id"]
+    spec = st.job_spec(
+        train=train, validation=val, name="context", strategy="rationales", batch_size=8
+    )
+    job_id = st.create_job(spec)
     st.sender.run_until_idle()  # returns: nothing is rescheduled for a request that cannot fit
     job = st.job(job_id)
     assert job["status"] == "succeeded", job
@@ -230,15 +207,7 @@ def test_an_unknown_built_in_model_is_refused_or_fails_the_job_with_the_reason(
     inline_stack: InlineStack,
 ) -> None:
     st = inline_stack
-    train, val = trec_slice(per_class=5, val_per_class=5)
-    spec: dict[str, Any] = {
-        "name": "typo",
-        "strategy": "pgkd",
-        "task": {"instructions": "Classify the question."},
-        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
-        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
-        "student": {"type": "builtin", "model": "tfidff"},
-    }
+    spec = st.job_spec(name="typo", student={"type": "builtin", "model": "tfidff"})
     typo = st.client.post("/v1/jobs", json=spec, headers=st.auth)
     assert typo.status_code == 422  # a typo is caught when the job is created
     assert "tfidff" in typo.json()["error"]["message"]
@@ -278,18 +247,13 @@ def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> No
             json.dumps({"text": r["text"], "label": codes[r["label"]]}) + "\n" for r in rows
         ).encode()
 
-    spec: dict[str, Any] = {
-        "name": "../numeric/labels: 0-5",  # also a name that is no file name
-        "strategy": "pgkd",
-        "task": {"instructions": "Classify the question type (0-5)."},
-        "datasets": {"train": st.upload(numeric(train)), "validation": st.upload(numeric(val))},
-        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
-        "student": {"type": "builtin", "model": "tfidf"},
-        "budget": {"max_iterations": 1},
-    }
-    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
-    assert resp.status_code == 201, resp.text
-    job_id = resp.json()["id"]
+    spec = st.job_spec(
+        train=numeric(train),
+        validation=numeric(val),
+        name="../numeric/labels: 0-5",  # also a name that is no file name
+        task={"instructions": "Classify the question type (0-5)."},
+    )
+    job_id = st.create_job(spec)
     st.sender.run_until_idle()
     assert st.job(job_id)["status"] == "succeeded"
     export = st.client.post(f"/v1/jobs/{job_id}/exports", json={}, headers=st.auth).json()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import select, update
 
@@ -19,19 +18,9 @@ from workers.steps.job import reconcile
 
 def _job(st: InlineStack) -> uuid.UUID:
     train, val = trec_slice(per_class=4, val_per_class=4)
-    spec: dict[str, Any] = {
-        "name": "reconcile",
-        "strategy": "pgkd",
-        "task": {"instructions": "Classify the question."},
-        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
-        "teacher": {"base_url": st.teacher.base_url, "model": "fake-teacher"},
-        "student": {"type": "builtin", "model": "tfidf"},
-        "budget": {"max_iterations": 1},
-        "batch_size": 2,
-    }
-    resp = st.client.post("/v1/jobs", json=spec, headers=st.auth)
-    assert resp.status_code == 201, resp.text
-    return uuid.UUID(resp.json()["id"])
+    return uuid.UUID(
+        st.create_job(st.job_spec(train=train, validation=val, name="reconcile", batch_size=2))
+    )
 
 
 def _reconcile(st: InlineStack, stuck_after_s: int) -> list[tasks.TaskMessage]:
