@@ -62,7 +62,12 @@ class LinearHead:
             # LogisticRegression refuses one class; the only sensible answer is that class.
             self._single_label = seen[0]
             return
-        classifier = LogisticRegression(C=_C, max_iter=_MAX_ITER, random_state=_RANDOM_STATE)
+        # Balanced class weights: the loops add data where the student is weak, so a few classes
+        # gain many rows per iteration; unweighted, the head would then favour those classes
+        # and lose accuracy on the rest, and useful data would look harmful.
+        classifier = LogisticRegression(
+            C=_C, max_iter=_MAX_ITER, random_state=_RANDOM_STATE, class_weight="balanced"
+        )
         classifier.fit(features, list(targets))
         self._classifier = classifier
 
