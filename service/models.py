@@ -219,7 +219,16 @@ class Iteration(IdMixin, TimestampMixin, Base):
     teacher_calls: Mapped[int] = mapped_column(Integer, default=0)
     regressed: Mapped[bool] = mapped_column(Boolean, default=False)
     included: Mapped[bool] = mapped_column(
-        Boolean, default=True, doc="Part of the best dataset (False once it lowered the metric)."
+        Boolean,
+        default=True,
+        doc="Its examples are in the exported dataset (False once they made the student "
+        "measurably worse; see service/domain/selection.py).",
+    )
+    selection_reason: Mapped[str | None] = mapped_column(
+        Text, doc="Why the iteration's examples were kept or excluded, in words."
+    )
+    comparisons: Mapped[list[Any] | None] = mapped_column(
+        JSONType, doc="The paired bootstrap comparisons behind the decision (selection.Comparison)."
     )
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

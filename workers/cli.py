@@ -387,11 +387,13 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
             select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)
         ):
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(it.rejected_by_reason.items()))
-            note = (
-                "best"
-                if job.best_iteration == it.number
-                else ("regressed, excluded" if it.regressed else "")
-            )
+            note = "exported" if job.best_iteration == it.number else ""
+            if it.number and not it.included:
+                note = "excluded: measurably worse"
+            elif (
+                it.number and it.selection_reason and it.selection_reason.startswith("kept: better")
+            ):
+                note = (note + ", " if note else "") + "better"
             table.add_row(
                 str(it.number),
                 "-" if it.metric is None else f"{it.metric:.4f}",

@@ -146,6 +146,14 @@ class IterationRead(_Read):
     teacher_calls: int
     regressed: bool
     included: bool
+    selection_reason: str | None = Field(
+        None, description="Why the iteration's examples were kept in or excluded from the dataset."
+    )
+    comparisons: list[dict[str, Any]] | None = Field(
+        None,
+        description="The validation comparisons behind that decision: reference iteration, "
+        "metric difference and its 90% paired-bootstrap interval, rows.",
+    )
     timings: dict[str, Any]
     started_at: datetime | None
     finished_at: datetime | None

@@ -182,8 +182,19 @@ class Metric(StrEnum):
 
 class Stopping(_Spec):
     metric: Metric = Metric.accuracy
-    patience: int = Field(2, ge=1, description="Iterations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(
+        2,
+        ge=1,
+        description="Stop after this many iterations in a row whose examples were excluded "
+        "because they made the student measurably worse on validation.",
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="A validation change smaller than this counts as none: an iteration is "
+        "excluded only when measurably worse by more than this, and counts as better only when "
+        "measurably better by more.",
+    )
     target: float | None = Field(None, gt=0, le=1, description="Stop once reached.")
 
 

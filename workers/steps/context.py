@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.domain.selection import steering_half
 from service.domain.spec import JobSpec
 from service.domain.statuses import ExampleStatus
 from service.domain.strategies import get_strategy, validate_params
@@ -48,6 +49,12 @@ class JobContext:
 
     def stable_id(self, row_uuid: uuid.UUID) -> str | None:
         return self.rows.stable_id(row_uuid)
+
+    def validation_halves(self, iteration: int) -> tuple[frozenset[str], frozenset[str]]:
+        """(validation row ids that steer iteration `iteration`, those that judge it)."""
+        return steering_half(
+            [(r.row_id, r.output) for r in self.validation], self.spec.seed, iteration
+        )
 
 
 # A job's rows never change (datasets are immutable, the spec is fixed at creation), so each

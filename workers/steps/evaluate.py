@@ -18,6 +18,13 @@ from service.domain.answers import answers_match, extract_answer, gold_answer
 from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.filters import text_hash
 from service.domain.metrics import classification_report, qa_report
+from service.domain.selection import (
+    Comparison,
+    Selection,
+    paired_bootstrap,
+    paired_bootstrap_correct,
+    select_iteration,
+)
 from service.domain.spec import Metric, StudentType, TaskKind
 from service.domain.statuses import BatchStatus, IterationStatus, JobStatus
 from service.domain.strategies.base import LabelledRow, PhaseResult, ScoredDraft
@@ -25,7 +32,13 @@ from service.jobs import transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, utcnow
 from service.models import Prediction as PredictionRow
 from workers.ports import Ports
-from workers.steps.context import JobContext, best_iteration, load_job_context, training_rows
+from workers.steps.context import (
+    JobContext,
+    best_iteration,
+    iteration_by_number,
+    load_job_context,
+    training_rows,
+)
 from workers.steps.generate import refresh_iteration_counters, refresh_job_counters
 from workers.steps.heartbeat import heartbeat, interval_for
 from workers.steps.job import decide_and_continue, plan_context, store_batches
@@ -318,21 +331,26 @@ def record_metrics(
     ctx: JobContext,
     reports: dict[str, dict[str, Any]],
 ) -> None:
-    """Store the metrics; an iteration that lowers the validation metric is kept out of the
-    best dataset (never make the student worse)."""
+    """Store the metrics and decide whether the iteration's examples stay in the dataset: they
+    are excluded only when they made the student measurably worse on validation than the
+    previous kept iteration or the seed-only student (`service.domain.selection`)."""
     report = reports["validation"]
     metric = _metric(ctx, report)
     iteration.metrics = report
     iteration.test_metrics = reports.get("test")
     iteration.metric = metric
-    best = best_iteration(session, job)
-    if best is None or best.metric is None or metric > best.metric:
-        job.best_iteration = iteration.number
-    elif metric < best.metric:
-        iteration.regressed = True
-        iteration.included = False
     if iteration.number > 0:
         refresh_iteration_counters(session, iteration)
+        selection = _select(session, job, iteration, ctx)
+        iteration.included = selection.included
+        iteration.regressed = not selection.included
+        iteration.selection_reason = selection.reason
+        iteration.comparisons = [c.model_dump(mode="json") for c in selection.comparisons]
+    else:
+        iteration.included = True
+        iteration.selection_reason = "the seed-only student, the reference of every comparison"
+    if iteration.included:
+        job.best_iteration = iteration.number
     iteration.status = IterationStatus.completed
     iteration.finished_at = utcnow()
     session.flush()
@@ -343,7 +361,72 @@ def record_metrics(
         iteration=iteration.number,
         metric=round(metric, 4),
         accepted=iteration.examples_accepted,
-        regressed=iteration.regressed,
+        included=iteration.included,
+    )
+
+
+def _validation_predictions(
+    session: Session, iteration_id: uuid.UUID
+) -> dict[uuid.UUID, PredictionRow]:
+    return {
+        p.row_id: p
+        for p in session.scalars(
+            select(PredictionRow).where(
+                PredictionRow.iteration_id == iteration_id, PredictionRow.split == "validation"
+            )
+        )
+    }
+
+
+def _select(session: Session, job: Job, iteration: Iteration, ctx: JobContext) -> Selection:
+    """Compare this iteration's student with the previous kept one and the seed-only one."""
+    session.flush()  # this iteration's predictions were just inserted
+    _, judging = ctx.validation_halves(iteration.number)
+    candidate = {
+        row_id: p
+        for row_id, p in _validation_predictions(session, iteration.id).items()
+        if ctx.stable_id(row_id) in judging  # rows that steered this iteration judge nothing
+    }
+    references = [
+        it
+        for number in dict.fromkeys([job.best_iteration, 0])
+        if number is not None
+        and number < iteration.number
+        and (it := iteration_by_number(session, job.id, number)) is not None
+    ]
+    metric = ctx.spec.stopping.metric
+    classification = ctx.spec.task.kind is TaskKind.classification
+    comparisons: list[Comparison] = []
+    for reference in references:
+        before = _validation_predictions(session, reference.id)
+        rows = [row_id for row_id in candidate if row_id in before]
+        seed = ctx.spec.seed * 1000 + iteration.number
+        if classification and metric is Metric.macro_f1:
+            comparisons.append(
+                paired_bootstrap(
+                    [candidate[r].gold or "" for r in rows],
+                    [candidate[r].predicted for r in rows],
+                    [before[r].predicted for r in rows],
+                    reference_iteration=reference.number,
+                    metric="macro_f1",
+                    labels=ctx.labels,
+                    seed=seed,
+                )
+            )
+        else:
+            comparisons.append(
+                paired_bootstrap_correct(
+                    [bool(candidate[r].correct) for r in rows],
+                    [bool(before[r].correct) for r in rows],
+                    reference_iteration=reference.number,
+                    seed=seed,
+                )
+            )
+    return select_iteration(
+        comparisons,
+        metric="macro_f1" if classification and metric is Metric.macro_f1 else "accuracy",
+        min_delta=ctx.spec.stopping.min_delta,
+        new_examples=iteration.examples_accepted,
     )
 
 
@@ -496,7 +579,11 @@ def score_drafts(
     if not drafts:
         return []
     student = ports.make_student(ctx.spec.task, ctx.spec.student)
-    probe = _eval_rows(ctx.validation[: int(getattr(ctx.params, "score_rows", 32))])
+    # Drafts are scored on rows that steer this iteration, never on those that judge it.
+    steering, _ = ctx.validation_halves(iteration.number)
+    probe_rows = [r for r in ctx.validation if r.row_id in steering]
+    every = max(1, len(probe_rows) // int(getattr(ctx.params, "score_rows", 32)))
+    probe = _eval_rows(probe_rows[::every][: int(getattr(ctx.params, "score_rows", 32))])
     scorer = getattr(student, "score_demonstration", None)
     scored: list[ScoredDraft] = []
     for ex in drafts:

@@ -110,6 +110,37 @@ def preference_pairs(session: Session, job: Job) -> list[PreferencePair]:
     ]
 
 
+def _selection_summary(session: Session, job: Job) -> dict[str, Any]:
+    """Which iterations' examples the dataset holds, and why each was kept or excluded."""
+    iterations = list(
+        session.scalars(
+            select(Iteration)
+            .where(Iteration.job_id == job.id, Iteration.metric.is_not(None))
+            .order_by(Iteration.number)
+        )
+    )
+    best = job.best_iteration if job.best_iteration is not None else 0
+    kept = [it.number for it in iterations if it.number and it.included and it.number <= best]
+    holds = (
+        f"the seed rows and the examples of iteration(s) {', '.join(map(str, kept))}"
+        if kept
+        else "the seed rows only: no iteration's examples were kept"
+    )
+    return {
+        "holds": holds,
+        "iterations": [
+            {
+                "number": it.number,
+                "metric": it.metric,
+                "examples_accepted": it.examples_accepted,
+                "included": it.included,
+                "selection_reason": it.selection_reason,
+            }
+            for it in iterations
+        ],
+    }
+
+
 def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = None) -> None:
     """Write the file of a pending export; a second delivery of a finished one is a no-op."""
     export = session.get(Export, export_id)
@@ -152,6 +183,7 @@ def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = 
         "rows": sum(counts.values()),
         "by_kind": counts,
         "best_iteration": job.best_iteration,
+        **_selection_summary(session, job),
         # An export may be taken while the job runs (the best data so far): say so.
         "job_status": job.status.value,
         "job_finished": job.status in JOB_TERMINAL,

@@ -18,7 +18,12 @@ from service.domain.statuses import (
     IterationStatus,
     JobStatus,
 )
-from service.domain.strategies.base import GenerationTarget, IterationOutcome, PlanContext
+from service.domain.strategies.base import (
+    GenerationTarget,
+    IterationOutcome,
+    PlanContext,
+    examples_for_iteration,
+)
 from service.jobs import transition_job
 from service.models import GenerationBatch, Iteration, Job, utcnow
 from workers.steps.context import (
@@ -87,6 +92,7 @@ def history(session: Session, job: Job) -> list[IterationOutcome]:
             metric=it.metric,
             accepted=it.examples_accepted,
             targets=it.targets_count,
+            included=it.included,
         )
         for it in rows
     ]
@@ -126,6 +132,13 @@ def finish_job(session: Session, job: Job, reason: str) -> None:
         # Finished by its rules, but nothing the teacher wrote was usable: say so where the
         # user looks first, instead of a bare "max_iterations".
         reason = f"{reason}; no example accepted from {calls} teacher calls ({top})"
+    elif accepted and job.best_iteration == 0:
+        # The teacher's examples were accepted, but every iteration made the student
+        # measurably worse: that is a failure of the loop to report, not a dataset to celebrate.
+        reason = (
+            f"{reason}; every iteration's examples were excluded (each made the student "
+            "measurably worse on validation): the export holds the seed set only (iteration 0)"
+        )
     if transition_job(session, job, JobStatus.succeeded, reason=reason):
         log.info("job.succeeded", job_id=str(job.id), reason=reason, best=job.best_iteration)
 
@@ -152,13 +165,16 @@ def plan_context(
     best: Iteration | None,
 ) -> PlanContext:
     evaluated = evaluated_rows(session, best, ctx) if best is not None else []
-    report = None
-    if best is not None and best.metrics:
-        report = _report_from(best.metrics)
-    max_examples = ctx.spec.budget.max_examples_per_iteration
-    if ctx.spec.budget.max_examples is not None:
-        left = max(ctx.spec.budget.max_examples - job.examples_accepted, 0)
-        max_examples = left if max_examples is None else min(max_examples, left)
+    # The strategy sees only the validation rows that steer this iteration; the others judge
+    # whether its examples are kept (service/domain/selection.py).
+    steering, _ = ctx.validation_halves(number)
+    evaluated = [r for r in evaluated if r.split != "validation" or r.row_id in steering]
+    max_examples = examples_for_iteration(
+        ctx.spec.budget,
+        iteration=number,
+        accepted_so_far=job.examples_accepted,
+        n_labels=len(ctx.labels) if ctx.labels else None,
+    )
     return PlanContext(
         task=ctx.spec.task,
         params=ctx.params,
@@ -168,17 +184,8 @@ def plan_context(
         labels=ctx.labels,
         train_rows=ctx.train,
         evaluated=evaluated,
-        report=report,
         max_examples=max_examples,
     )
-
-
-def _report_from(metrics: dict[str, object]) -> object:
-    from service.domain.metrics import ClassificationReport, QAReport
-
-    if "per_class" in metrics:
-        return ClassificationReport.model_validate(metrics)
-    return QAReport.model_validate(metrics)
 
 
 def plan_iteration(

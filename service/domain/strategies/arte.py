@@ -7,7 +7,8 @@ Paper: "Aligning Teacher with Student Preferences for Tailored Training Data Gen
    `arte_draft.j2`) each showing a few seed rows (`n_shots`); for classification each target asks
    for one label, rotating through the label set so the drafts cover it.
 2. Student preference: the orchestration uses each parsed draft as an in-context demonstration
-   for the student on a small validation set (`score_rows` rows); the accuracy is the draft's
+   for the student on `score_rows` validation rows of the half that steers this iteration (the
+   other half judges whether its examples are kept); the accuracy is the draft's
    score (`ScoredDraft.score`). Only student inference is needed.
 3. Align the teacher with those preferences. With a black-box teacher this is in-context: phase
    "final", `plan` shows every target the `n_best` highest-scored drafts and the `n_worst`
@@ -16,7 +17,8 @@ Paper: "Aligning Teacher with Student Preferences for Tailored Training Data Gen
    For an open teacher, `preference_pairs` forms (chosen, rejected) pairs of drafts answering the
    same prompt, which the orchestration stores as kind preference_pair for DPO export.
 4. Generate the final tailored set with the aligned prompt: the final targets (reason "aligned",
-   kind augmented), `examples_final` examples in all; `parse`.
+   kind augmented), `examples_final` examples in all (default: the iteration's share of the
+   budget); `parse`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pydantic import Field
 from service.domain.prompts import build_request, examples_schema, item_fields
 from service.domain.spec import TaskKind
 from service.domain.strategies.base import (
+    DEFAULT_MIN_EXAMPLES,
     CandidateExample,
     ExampleKind,
     GenerationTarget,
@@ -41,6 +44,7 @@ from service.domain.strategies.base import (
     params_as,
     parse_examples,
     rng_for,
+    split_in_chunks,
     with_sample_indices,
 )
 
@@ -54,19 +58,24 @@ class ARTEParams(StrategyParams):
     n_shots: int = Field(3, ge=0, le=20, description="Seed rows shown per prompt.")
     n_best: int = Field(3, ge=1, le=20, description="Highest-scored drafts shown when aligning.")
     n_worst: int = Field(3, ge=0, le=20, description="Lowest-scored drafts shown when aligning.")
-    examples_final: int = Field(24, ge=1, le=5000, description="Tailored examples per iteration.")
+    examples_final: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description="Tailored examples per iteration; default: the iteration's share of the "
+        "budget.",
+    )
     examples_per_target: int = Field(8, ge=1, le=50, description="Tailored examples per prompt.")
     score_rows: int = Field(
-        32, ge=1, le=10000, description="Validation rows the orchestration scores each draft on."
+        32,
+        ge=1,
+        le=10000,
+        description="Validation rows each draft is scored on, from the half that steers the "
+        "iteration (the other half decides whether its examples are kept).",
     )
     n_preference_pairs: int = Field(
         8, ge=0, le=1000, description="(chosen, rejected) draft pairs exported per iteration."
     )
-
-
-def split_in_chunks(total: int, size: int) -> list[int]:
-    """`total` as chunks of `size`, the last one smaller: split_in_chunks(10, 4) == [4, 4, 2]."""
-    return [min(size, total - start) for start in range(0, total, size)]
 
 
 def best_and_worst(
@@ -135,7 +144,8 @@ class ARTE(Strategy):
             # and unaligned examples are not what this strategy promises.
             return []
         else:
-            wanted = split_in_chunks(params.examples_final, params.examples_per_target)
+            total = params.examples_final or ctx.max_examples or DEFAULT_MIN_EXAMPLES
+            wanted = split_in_chunks(total, params.examples_per_target)
         counts = fit_to_budget(wanted, ctx.max_examples)
         rng = rng_for(ctx, self.name)
         shots = list(ctx.train_rows)

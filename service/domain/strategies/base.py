@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -131,6 +132,7 @@ class IterationOutcome(BaseModel):
     metric: float | None = None
     accepted: int = Field(0, ge=0)
     targets: int = Field(0, ge=0)
+    included: bool = True
 
 
 class Decision(BaseModel):
@@ -242,6 +244,83 @@ def fit_to_budget(wanted: Sequence[int], max_examples: int | None) -> list[int]:
     return counts
 
 
+# Without an example budget, a classification iteration asks for this many examples per label,
+# and at least DEFAULT_MIN_EXAMPLES: three iterations then add about a dozen rows a class, as
+# many as a few-shot seed set holds: enough to move a student, little enough to stay cheap.
+DEFAULT_EXAMPLES_PER_LABEL = 4
+DEFAULT_MIN_EXAMPLES = 32
+
+
+def examples_for_iteration(
+    budget: Budget, *, iteration: int, accepted_so_far: int, n_labels: int | None
+) -> int | None:
+    """How many examples iteration `iteration` asks the teacher for.
+
+    With an example budget, the budget left shared evenly by the iterations left (the last one
+    gets all that is left), so the budget is spent across the loop and never overspent; capped
+    by `max_examples_per_iteration`. Without one, a classification iteration asks for
+    DEFAULT_EXAMPLES_PER_LABEL per label; QA and generation tasks (None) keep their strategy's
+    own per-target defaults.
+    """
+    caps: list[int] = []
+    if budget.max_examples is not None:
+        left = max(budget.max_examples - accepted_so_far, 0)
+        iterations_left = max(budget.max_iterations - max(iteration, 1) + 1, 1)
+        caps.append(math.ceil(left / iterations_left))
+    if budget.max_examples_per_iteration is not None:
+        caps.append(budget.max_examples_per_iteration)
+    if caps:
+        return min(caps)
+    if n_labels:
+        return max(DEFAULT_MIN_EXAMPLES, DEFAULT_EXAMPLES_PER_LABEL * n_labels)
+    return None
+
+
+def apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """`total` split in proportion to `weights` by largest remainders: whole numbers summing to
+    `total` (0 when every weight is 0), ties broken by key order, so the split is deterministic."""
+    positive = {key: max(weight, 0.0) for key, weight in weights.items()}
+    mass = sum(positive.values())
+    if total <= 0 or mass <= 0:
+        return dict.fromkeys(weights, 0)
+    exact = {key: total * weight / mass for key, weight in positive.items()}
+    shares = {key: math.floor(value) for key, value in exact.items()}
+    left = total - sum(shares.values())
+    for key in sorted(exact, key=lambda k: (-(exact[k] - shares[k]), list(exact).index(k)))[:left]:
+        shares[key] += 1
+    return shares
+
+
+# A class the student already handles still gets WEAKNESS_FLOOR / (1 + WEAKNESS_FLOOR) of the
+# share of a class it gets all wrong: targeting weakness must not starve the rest, or the
+# student loses on the classes that got nothing while it gains on the weak ones.
+WEAKNESS_FLOOR = 0.25
+
+
+def shares_by_weakness(
+    total: int, labels: Sequence[str], weakness: Mapping[str, float]
+) -> dict[str, int]:
+    """`total` examples over `labels` in proportion to `weakness` (0 = handled, 1 = all wrong)
+    plus WEAKNESS_FLOOR, in label order."""
+    return apportion(
+        total,
+        {label: WEAKNESS_FLOOR + min(max(weakness.get(label, 0.0), 0.0), 1.0) for label in labels},
+    )
+
+
+def split_in_chunks(total: int, size: int) -> list[int]:
+    """`total` as chunks of `size`, the last one smaller: split_in_chunks(10, 4) == [4, 4, 2]."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def spread(total: int, n_slots: int) -> list[int]:
+    """`total` over `n_slots` as evenly as possible, the first slots taking the remainder."""
+    if n_slots <= 0:
+        return []
+    base, extra = divmod(total, n_slots)
+    return [base + (1 if i < extra else 0) for i in range(n_slots)]
+
+
 def with_sample_indices(targets: list[GenerationTarget], iteration: int) -> list[GenerationTarget]:
     """Give each target a sample index unique among identical requests of the job."""
     if len(targets) > SAMPLES_PER_ITERATION:
@@ -341,33 +420,29 @@ def example_item(kind: TaskKind, text: str, output: str, **extra: Any) -> dict[s
 
 
 def best_iteration(history: Sequence[IterationOutcome]) -> int | None:
-    """The iteration with the highest metric; ties go to the earliest (less synthetic data).
+    """The iteration whose dataset the export holds: the latest one whose examples were kept.
 
-    Iteration 0, the seed-only baseline, competes too: a loop that only made the student worse
-    exports the seed set.
+    Training sets are cumulative (seed rows plus every kept iteration's examples), so the latest
+    kept iteration holds all the data that did not make the student measurably worse
+    (`service.domain.selection`). Iteration 0, the seed-only run, is always kept: a loop whose
+    every iteration was excluded exports the seed set.
     """
-    scored = [o for o in history if o.metric is not None]
-    if not scored:
+    kept = [o for o in history if o.included and o.metric is not None]
+    if not kept:
         return None
-    best = max(scored, key=lambda o: (o.metric, -o.iteration))
-    return best.iteration
+    return max(kept, key=lambda o: o.iteration).iteration
 
 
-def iterations_without_improvement(history: Sequence[IterationOutcome], min_delta: float) -> int:
-    """Scored iterations since the metric last beat its running best by more than `min_delta`."""
-    scored = sorted((o for o in history if o.metric is not None), key=lambda o: o.iteration)
-    if not scored:
-        return 0
-    reference = scored[0].metric
-    assert reference is not None
-    waited = 0
-    for outcome in scored[1:]:
-        assert outcome.metric is not None
-        if outcome.metric - min_delta > reference:
-            reference, waited = outcome.metric, 0
-        else:
-            waited += 1
-    return waited
+def excluded_in_a_row(history: Sequence[IterationOutcome]) -> int:
+    """How many of the latest scored iterations were excluded, counting back from the last."""
+    count = 0
+    for outcome in sorted(history, key=lambda o: o.iteration, reverse=True):
+        if outcome.metric is None:
+            continue
+        if outcome.included:
+            break
+        count += 1
+    return count
 
 
 def decide_by_metric(
@@ -375,18 +450,21 @@ def decide_by_metric(
 ) -> Decision:
     """The shared stopping rule, checked after each iteration, first match wins:
 
-    target metric reached; the last iteration planned nothing (the same student would plan
-    nothing again); the job's example budget is spent; `patience` scored iterations without an
-    improvement of more than `min_delta`; `max_iterations` done. Token and money budgets are
-    enforced by the orchestration, which sees the spend.
+    target metric reached by the kept student; the last iteration planned nothing (the same
+    student would plan nothing again); the job's example budget is spent; the last `patience`
+    iterations were all excluded (their data made the student measurably worse, so more of the
+    same is not worth paying for); `max_iterations` done. An iteration within the validation
+    noise is not a reason to stop: its data is kept, and the budget is spent as planned. Token
+    and money budgets are enforced by the orchestration, which sees the spend.
     """
     outcomes = sorted(history, key=lambda o: o.iteration)
     if not outcomes:
         return Decision(stop=False)
     best = best_iteration(outcomes)
+    kept = next((o for o in outcomes if o.iteration == best), None)
     last = outcomes[-1]
     reason: str | None = None
-    if stopping.target is not None and last.metric is not None and last.metric >= stopping.target:
+    if stopping.target is not None and kept is not None and (kept.metric or 0) >= stopping.target:
         reason = "target_reached"
     elif last.iteration >= 1 and last.targets == 0:
         reason = "no_targets"
@@ -394,7 +472,7 @@ def decide_by_metric(
         sum(o.accepted for o in outcomes if o.iteration >= 1) >= budget.max_examples
     ):
         reason = "max_examples"
-    elif iterations_without_improvement(outcomes, stopping.min_delta) >= stopping.patience:
+    elif excluded_in_a_row(outcomes) >= stopping.patience:
         reason = "patience"
     elif last.iteration >= budget.max_iterations:
         reason = "max_iterations"

@@ -4,13 +4,19 @@ Paper: "LLM2LLM: Boosting LLMs with Novel Iterative Data Enhancement" (Lee et al
 
 1. Train the student on the seed set: the orchestration (iteration 0 is the seed-only run).
 2. Run the student on the seed train examples and collect the wrong ones: `mining_split` is
-   "train"; `wrong_seed_rows` keeps evaluated rows that are wrong *and* are seed rows, taking the
-   input and gold from `ctx.train_rows`, which holds only the seed set, so an earlier synthetic
-   example can never seed new data (the paper's guard against drift). Capped per iteration by
+   "train" (a built-in student is scored out of fold, so it cannot have memorised them);
+   `wrong_seed_rows` keeps evaluated rows that are wrong *and* are seed rows, taking the input and
+   gold from `ctx.train_rows`, which holds only the seed set, so an earlier synthetic example can
+   never seed new data (the paper's guard against drift). Optionally capped per iteration by
    `max_errors_per_iteration`, sampled with the job seed.
-3. For each wrong example ask the teacher for `examples_per_error` similar-but-different examples
-   with the same label (classification) or exercising the same skill with their own answers (QA,
-   generation): `plan`, one target per wrong row, prompt `llm2llm.j2`; `parse`.
+3. For each wrong example ask the teacher for similar-but-different examples with the same label
+   (classification) or exercising the same skill with their own answers (QA, generation): `plan`
+   (prompt `llm2llm.j2`, at most `examples_per_error` per prompt); `parse`. The paper is budgeted
+   per iteration; here the iteration's share of the job's budget (`ctx.max_examples`) is what is
+   spent: for classification it goes to the labels in proportion to their error rate plus a
+   floor (`shares_by_weakness`), then evenly to each label's wrong rows; a label with no wrong
+   row gets examples like its seed rows (reason "coverage", prompt `augment.j2`), so the classes
+   the student handles are not starved while it learns the others.
 4. Add them and go to 1: the orchestration. Stop after T iterations or when no seed example is
    wrong: `decide`.
 """
@@ -37,18 +43,29 @@ from service.domain.strategies.base import (
     StrategyParams,
     decide_by_metric,
     example_item,
-    fit_to_budget,
     params_as,
     parse_examples,
     rng_for,
+    shares_by_weakness,
+    split_in_chunks,
+    spread,
     with_sample_indices,
 )
 
 
 class LLM2LLMParams(StrategyParams):
-    examples_per_error: int = Field(3, ge=1, le=20, description="New examples per wrong seed row.")
-    max_errors_per_iteration: int = Field(
-        64, ge=1, le=5000, description="Wrong seed rows turned into prompts per iteration."
+    examples_per_error: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Examples asked for per prompt about one wrong seed row; a row gets more "
+        "prompts when the iteration's share of the budget allows.",
+    )
+    max_errors_per_iteration: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description="Wrong seed rows turned into prompts per iteration; default: all of them.",
     )
 
 
@@ -64,6 +81,105 @@ def wrong_seed_rows(
     ]
 
 
+def wrong_held_out_rows(
+    train_rows: Sequence[LabelledRow], evaluated: Sequence[EvaluatedRow]
+) -> list[tuple[LabelledRow, EvaluatedRow]]:
+    """Every real labelled row the student got wrong without having trained on it: the seed rows
+    (judged out of fold) and the validation rows the orchestration let this iteration see.
+    Never a synthetic example: the paper's guard against drift."""
+    wrong = wrong_seed_rows(train_rows, evaluated)
+    wrong += [
+        (LabelledRow(row_id=row.row_id, input=row.input, output=row.gold), row)
+        for row in evaluated
+        if row.split == "validation" and not row.correct
+    ]
+    return wrong
+
+
+def error_rates(evaluated: Sequence[EvaluatedRow], labels: Sequence[str]) -> dict[str, float]:
+    """Each label's share of wrongly predicted rows among the evaluated ones (none judged: 0)."""
+    judged: dict[str, list[bool]] = {label: [] for label in labels}
+    for row in evaluated:
+        if row.gold in judged:
+            judged[row.gold].append(not row.correct)
+    return {label: sum(v) / len(v) if v else 0.0 for label, v in judged.items()}
+
+
+def augment_target(
+    ctx: PlanContext,
+    seed: LabelledRow,
+    n: int,
+    *,
+    reason: str,
+    target_id: str,
+    verdict: EvaluatedRow | None = None,
+) -> GenerationTarget:
+    """A prompt for `n` examples like one seed row: `llm2llm.j2` when the student got the row
+    wrong (`verdict`, whose prediction is shown), else `augment.j2`, which presents the row as
+    what it is, an example of the training set."""
+    kind = ctx.task.kind
+    labels = ctx.resolved_labels()
+    expected = seed.output if kind is TaskKind.classification else None
+    item = (
+        example_item(kind, seed.input, seed.output, student_prediction=verdict.predicted)
+        if verdict is not None
+        else example_item(kind, seed.input, seed.output)
+    )
+    request = build_request(
+        "llm2llm" if verdict is not None else "augment",
+        params={
+            "kind": str(kind),
+            "instructions": ctx.task.instructions,
+            "labels": labels,
+            "n_examples": n,
+            "expected_label": expected,
+        },
+        data={"example": [item]},
+        response_schema=examples_schema(kind, labels, n),
+        schema_name="examples",
+    )
+    return GenerationTarget(
+        target_id=target_id,
+        reason=reason,
+        source_row_id=seed.row_id,
+        expected_label=expected,
+        request=request,
+        n_examples=n,
+        kind=ExampleKind.augmented,
+    )
+
+
+def row_targets(
+    ctx: PlanContext,
+    slots: Sequence[tuple[LabelledRow, EvaluatedRow | None]],
+    total: int,
+    per_prompt: int,
+    *,
+    reason: str,
+    prefix: str,
+) -> list[GenerationTarget]:
+    """`total` examples spread evenly over `slots` (rows, with the student's wrong verdict when
+    there is one: reason "wrong_seed" or "wrong_validation", else `reason`), at most
+    `per_prompt` per prompt; rows past the total get nothing."""
+    targets: list[GenerationTarget] = []
+    for (seed, verdict), n in zip(slots, spread(total, len(slots)), strict=True):
+        for part, m in enumerate(split_in_chunks(n, per_prompt)):
+            suffix = f"#{part + 1}" if part else ""
+            targets.append(
+                augment_target(
+                    ctx,
+                    seed,
+                    m,
+                    reason=reason
+                    if verdict is None
+                    else ("wrong_seed" if verdict.split == "train" else "wrong_validation"),
+                    target_id=f"{prefix}:{seed.row_id}{suffix}",
+                    verdict=verdict,
+                )
+            )
+    return targets
+
+
 class LLM2LLM(Strategy):
     name: ClassVar[str] = "llm2llm"
     Params = LLM2LLMParams
@@ -73,55 +189,71 @@ class LLM2LLM(Strategy):
     def plan(self, ctx: PlanContext) -> list[GenerationTarget]:
         self.check_context(ctx)
         params = params_as(ctx, LLM2LLMParams)
-        wrong = wrong_seed_rows(ctx.train_rows, ctx.evaluated)
-        if len(wrong) > params.max_errors_per_iteration:
+        rng = rng_for(ctx, self.name)
+        wrong = wrong_held_out_rows(ctx.train_rows, ctx.evaluated)
+        if params.max_errors_per_iteration and len(wrong) > params.max_errors_per_iteration:
             # Sample rather than take the first rows, so every wrong row gets its turn over the
-            # iterations; the sample is drawn from the seed order, not from `evaluated`'s order,
-            # so the plan does not depend on how the caller loaded the rows.
+            # iterations; the sample is drawn from a fixed order (seed rows, then validation
+            # rows by id), so the plan does not depend on how the caller loaded the rows.
             position = {seed.row_id: i for i, (seed, _) in enumerate(wrong)}
-            picked = rng_for(ctx, self.name).sample(wrong, params.max_errors_per_iteration)
+            picked = rng.sample(wrong, params.max_errors_per_iteration)
             wrong = sorted(picked, key=lambda pair: position[pair[0].row_id])
-        counts = fit_to_budget([params.examples_per_error] * len(wrong), ctx.max_examples)
-        targets = [
-            self.target_for(ctx, seed, verdict, n)
-            for (seed, verdict), n in zip(wrong, counts, strict=False)
-        ]
-        return with_sample_indices(targets, ctx.iteration)
-
-    def target_for(
-        self, ctx: PlanContext, seed: LabelledRow, verdict: EvaluatedRow, n: int
-    ) -> GenerationTarget:
-        kind = ctx.task.kind
+        per_prompt = params.examples_per_error
         labels = ctx.resolved_labels()
-        expected = seed.output if kind is TaskKind.classification else None
-        request = build_request(
-            "llm2llm",
-            params={
-                "kind": str(kind),
-                "instructions": ctx.task.instructions,
-                "labels": labels,
-                "n_examples": n,
-                "expected_label": expected,
-            },
-            data={
-                "example": [
-                    example_item(
-                        kind, seed.input, seed.output, student_prediction=verdict.predicted
-                    )
-                ]
-            },
-            response_schema=examples_schema(kind, labels, n),
-            schema_name="examples",
+        slots: list[tuple[LabelledRow, EvaluatedRow | None]] = list(wrong)
+        if not slots:
+            return []  # nothing the student gets wrong: the loop has nothing to aim at
+        if ctx.max_examples is None:
+            # No share to spend (QA or generation without an example budget): the paper's k new
+            # examples per wrong row.
+            targets = row_targets(
+                ctx, slots, per_prompt * len(slots), per_prompt, reason="wrong", prefix="err"
+            )
+            return with_sample_indices(targets, ctx.iteration)
+        total = ctx.max_examples
+        if ctx.task.kind is not TaskKind.classification or not labels:
+            rng.shuffle(slots)  # a share smaller than the errors goes to a seeded sample
+            targets = row_targets(ctx, slots, total, per_prompt, reason="wrong", prefix="err")
+            return with_sample_indices(targets, ctx.iteration)
+        # Classification: the share goes to the labels in proportion to their error rate plus a
+        # floor; within a label to its wrong rows, or, for a label the student gets right, to
+        # its correctly predicted rows as plain examples (coverage), held-out validation rows
+        # first (the student has not trained on them), so no class is starved.
+        held_out_of = {
+            label: [
+                LabelledRow(row_id=r.row_id, input=r.input, output=r.gold)
+                for r in ctx.evaluated
+                if r.split == "validation" and r.gold == label
+            ]
+            for label in labels
+        }
+        seeds_of = {label: [s for s in ctx.train_rows if s.output == label] for label in labels}
+        shares = shares_by_weakness(
+            total,
+            [label for label in labels if held_out_of[label] or seeds_of[label]],
+            error_rates(ctx.evaluated, labels),
         )
-        return GenerationTarget(
-            target_id=f"err:{seed.row_id}",
-            reason="wrong_seed",
-            source_row_id=seed.row_id,
-            expected_label=expected,
-            request=request,
-            n_examples=n,
-            kind=ExampleKind.augmented,
-        )
+        targets = []
+        for label, n in shares.items():
+            if n == 0:
+                continue
+            wrong_here = [(row, v) for row, v in slots if row.output == label]
+            if wrong_here:
+                rng.shuffle(wrong_here)
+                targets += row_targets(ctx, wrong_here, n, per_prompt, reason="wrong", prefix="err")
+                continue
+            first, rest = list(held_out_of[label]), list(seeds_of[label])
+            rng.shuffle(first)
+            rng.shuffle(rest)
+            targets += row_targets(
+                ctx,
+                [(row, None) for row in first + rest],
+                n,
+                per_prompt,
+                reason="coverage",
+                prefix="cov",
+            )
+        return with_sample_indices(targets, ctx.iteration)
 
     def parse(
         self, target: GenerationTarget, output: Any, ctx: PlanContext
@@ -136,12 +268,17 @@ class LLM2LLM(Strategy):
         budget: Budget,
         ctx: PlanContext | None,
     ) -> Decision:
-        """The shared rule, and LLM2LLM's own: stop once the student gets every seed row right."""
+        """The shared rule, and LLM2LLM's own: stop once the student gets every held-out row it
+        was shown right (the seed rows out of fold and the steering validation rows)."""
         decision = decide_by_metric(history, stopping=stopping, budget=budget)
         if ctx is not None and not decision.stop:
             seed_ids = {row.row_id for row in ctx.train_rows}
-            judged = [r for r in ctx.evaluated if r.split == "train" and r.row_id in seed_ids]
-            # With no evaluated seed rows there is no evidence either way: keep going.
+            judged = [
+                r
+                for r in ctx.evaluated
+                if r.split == "validation" or (r.split == "train" and r.row_id in seed_ids)
+            ]
+            # With no evaluated row there is no evidence either way: keep going.
             if judged and all(r.correct for r in judged):
                 return decision.model_copy(update={"stop": True, "reason": "no_errors"})
         return decision

@@ -4,20 +4,27 @@ Paper: "Performance-Guided LLM Knowledge Distillation for Efficient Text Classif
 Scale" (Di Palo, Singhi, Fadlallah; EMNLP 2024).
 
 1. Train a small classifier on the seed set: the orchestration.
-2. Evaluate it on the validation set, a per-class report and the confusions: `mining_split` is
-   "validation"; `ctx.report` is `metrics.classification_report` of that evaluation.
-3. Hard-negative mining, the validation rows it got wrong with high confidence paired with the
-   class it confused them with: `hard_negatives` (`metrics.confident_mistakes`,
-   `min_confidence`).
+2. Evaluate it on held-out rows, a per-class report and the confusions: the seed rows, each
+   predicted by a student that did not train on it (out of fold, for the built-in students;
+   `mining_split` "train" asks for those), and the half of the validation set that steers this
+   iteration (the orchestration hands the strategy only that half: the other half decides
+   whether the iteration's examples are kept, because rows that steer the teacher would flatter
+   its data; see `service.domain.selection.validation_halves`). `mining_report` builds the
+   report from those rows.
+3. Hard-negative mining, the held-out rows it got wrong with high confidence paired with the class
+   it confused them with: `hard_negatives` (`metrics.confident_mistakes`, `min_confidence`).
 4. Prompt the teacher with the report, some correct and some wrong examples and the hard
-   negatives, for new labelled examples aimed at the weak classes and the confused pairs:
-   `plan` makes one target per confused pair (`confused_pairs`, reason "confused_pair", kind
-   hard_negative, expected label the pair's gold class) and one per weak class (`weak_classes`,
-   lowest F1, reason "weak_class", kind augmented), interleaved so a tight budget still covers
-   both; each prompt (`pgkd.j2`) shows the compact report table, then the examples, hard
-   negatives first that involve the target's classes. `parse` keeps the teacher's labels.
-5. Retrain, re-evaluate, early stopping on the validation metric with patience, keep the best
-   iteration: the orchestration and the shared `decide`.
+   negatives, for new labelled examples aimed at the weak classes and the confused pairs. The
+   iteration's share of the budget (`ctx.max_examples`) goes to the labels in proportion to
+   their weakness (1 - F1) plus a floor (`shares_by_weakness`), so no class the student handles
+   is starved; a label's share goes half to its confused pairs (by how often each confusion
+   happens; reason "confused_pair", kind hard_negative) and the rest to the class itself
+   (reason "weak_class", kind augmented), at most `examples_per_target` per prompt. Each prompt
+   (`pgkd.j2`) shows the compact report table, then the examples, hard negatives first that
+   involve the target's classes. `parse` keeps the teacher's labels.
+5. Retrain, re-evaluate, early stopping with patience, keep the best iteration: the
+   orchestration and the shared `decide` (`service.domain.selection` decides, with the
+   validation noise in view, whether an iteration's data stays).
 
 Showing validation texts to the teacher is the method; the filters' decontamination against
 validation and test rows keeps near-copies of them out of the training set.
@@ -25,8 +32,8 @@ validation and test rows keeps near-copies of them out of the training set.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
-from itertools import zip_longest
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -35,11 +42,14 @@ from service.domain.metrics import (
     ClassificationReport,
     ConfusionPair,
     ScoredPrediction,
+    classification_report,
     confident_mistakes,
 )
 from service.domain.prompts import build_request, examples_schema
 from service.domain.spec import TaskKind
 from service.domain.strategies.base import (
+    DEFAULT_EXAMPLES_PER_LABEL,
+    DEFAULT_MIN_EXAMPLES,
     CandidateExample,
     EvaluatedRow,
     ExampleKind,
@@ -47,22 +57,34 @@ from service.domain.strategies.base import (
     PlanContext,
     Strategy,
     StrategyParams,
-    fit_to_budget,
+    apportion,
     params_as,
     parse_examples,
     rng_for,
+    shares_by_weakness,
+    split_in_chunks,
     with_sample_indices,
 )
 
 
 class PGKDParams(StrategyParams):
-    examples_per_target: int = Field(5, ge=1, le=50)
-    max_weak_classes: int = Field(3, ge=0, le=1000, description="Weak-class targets per iteration.")
-    max_confused_pairs: int = Field(
-        3, ge=0, le=1000, description="Confused-pair targets per iteration."
+    examples_per_target: int = Field(5, ge=1, le=50, description="Examples asked for per prompt.")
+    max_weak_classes: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Aim at only this many of the weakest classes per iteration; default: every "
+        "class, in proportion to its weakness.",
     )
-    n_correct_shown: int = Field(4, ge=0, le=50, description="Correct validation rows per prompt.")
-    n_wrong_shown: int = Field(4, ge=0, le=50, description="Wrong validation rows per prompt.")
+    max_confused_pairs: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Aim at only this many of the most frequent confusions per iteration; "
+        "default: every confused pair.",
+    )
+    n_correct_shown: int = Field(4, ge=0, le=50, description="Correct mined rows per prompt.")
+    n_wrong_shown: int = Field(4, ge=0, le=50, description="Wrong mined rows per prompt.")
     n_hard_negatives: int = Field(6, ge=0, le=50, description="Confident mistakes per prompt.")
     min_confidence: float = Field(
         0.5, ge=0, le=1, description="A mistake at least this confident is a hard negative."
@@ -73,9 +95,14 @@ class PGKDParams(StrategyParams):
 
     @model_validator(mode="after")
     def _some_targets(self) -> PGKDParams:
-        if self.max_weak_classes + self.max_confused_pairs == 0:
+        if self.max_weak_classes == 0 and self.max_confused_pairs == 0:
             raise ValueError("max_weak_classes and max_confused_pairs cannot both be 0")
         return self
+
+
+def mining_report(rows: Sequence[EvaluatedRow], labels: Sequence[str]) -> ClassificationReport:
+    """The per-class report of the student's predictions on the mined rows."""
+    return classification_report([r.gold for r in rows], [r.predicted for r in rows], labels)
 
 
 def weak_classes(report: ClassificationReport, labels: Sequence[str], limit: int) -> list[str]:
@@ -120,6 +147,14 @@ def hard_negatives(rows: Sequence[EvaluatedRow], min_confidence: float) -> list[
     return [by_id[s.row_id] for s in confident_mistakes(scored, min_confidence=min_confidence)]
 
 
+def _held_out_first(rows: list[EvaluatedRow], rng: random.Random) -> list[EvaluatedRow]:
+    validation = [r for r in rows if r.split == "validation"]
+    train = [r for r in rows if r.split != "validation"]
+    rng.shuffle(validation)
+    rng.shuffle(train)
+    return validation + train
+
+
 def _relevant_first(
     rows: Sequence[EvaluatedRow], relevant: Callable[[EvaluatedRow], bool], n: int
 ) -> list[EvaluatedRow]:
@@ -131,39 +166,63 @@ def _relevant_first(
 class PGKD(Strategy):
     name: ClassVar[str] = "pgkd"
     Params = PGKDParams
-    mining_split: ClassVar[Literal["train", "validation"]] = "validation"
+    mining_split: ClassVar[Literal["train", "validation"]] = "train"
     task_kinds: ClassVar[frozenset[TaskKind]] = frozenset({TaskKind.classification})
 
     def plan(self, ctx: PlanContext) -> list[GenerationTarget]:
         self.check_context(ctx)
         params = params_as(ctx, PGKDParams)
-        report = ctx.report
-        if not isinstance(report, ClassificationReport):
-            raise ValueError("pgkd: planning needs the student's classification report")
-        labels = ctx.resolved_labels() or sorted(report.per_class)
-        validation = sorted(
-            (r for r in ctx.evaluated if r.split == "validation"), key=lambda r: r.row_id
-        )
-        negatives = hard_negatives(validation, params.min_confidence)
+        # Held-out rows: the seed rows (out of fold) and the validation rows the orchestration
+        # lets this iteration see.
+        mined = sorted(ctx.evaluated, key=lambda r: (r.split, r.row_id))
+        labels = ctx.resolved_labels() or sorted({r.gold for r in mined})
+        if not mined:
+            raise ValueError("pgkd: planning needs the student's predictions on held-out rows")
+        report = mining_report(mined, labels)
+        negatives = hard_negatives(mined, params.min_confidence)
         rng = rng_for(ctx, self.name)
-        # Shuffled once per plan with the job seed: prompts show varied rows, reproducibly.
-        correct = [r for r in validation if r.correct]
-        wrong = [r for r in validation if not r.correct]
-        rng.shuffle(correct)
-        rng.shuffle(wrong)
+        # Shuffled once per plan with the job seed, so prompts show varied rows reproducibly;
+        # validation rows first: the student never trained on them, while a seed row (scored
+        # out of fold) is in its training set already.
+        correct = _held_out_first([r for r in mined if r.correct], rng)
+        wrong = _held_out_first([r for r in mined if not r.correct], rng)
+        if not wrong:
+            return []  # no mistake to learn from: the loop has nothing to aim at
 
-        slots: list[dict[str, Any]] = []
-        pairs = confused_pairs(report, labels, params.max_confused_pairs)
-        weak = weak_classes(report, labels, params.max_weak_classes)
-        for pair, label in zip_longest(pairs, weak):
-            if pair is not None:
-                slots.append({"focus": "confused_pair", "gold": pair.gold, "other": pair.predicted})
-            if label is not None:
-                slots.append({"focus": "weak_class", "gold": label, "other": None})
-        counts = fit_to_budget([params.examples_per_target] * len(slots), ctx.max_examples)
+        total = ctx.max_examples
+        if total is None:
+            total = max(DEFAULT_MIN_EXAMPLES, DEFAULT_EXAMPLES_PER_LABEL * len(labels))
+        pairs = confused_pairs(
+            report,
+            labels,
+            len(report.confusion_pairs)
+            if params.max_confused_pairs is None
+            else params.max_confused_pairs,
+        )
+        only_pairs = params.max_weak_classes == 0
+        aimed = labels
+        if params.max_weak_classes:
+            aimed = weak_classes(report, labels, params.max_weak_classes)
+        elif only_pairs:
+            aimed = [label for label in labels if any(p.gold == label for p in pairs)]
+        weakness = {
+            label: 1.0 - report.per_class[label].f1 if label in report.per_class else 0.0
+            for label in aimed
+        }
+        slots: list[tuple[dict[str, Any], int]] = []
+        for label, n in shares_by_weakness(total, aimed, weakness).items():
+            own = [p for p in pairs if p.gold == label]
+            to_pairs = n if only_pairs else (n // 2 if own else 0)
+            by_pair = apportion(to_pairs, {p.predicted: float(p.count) for p in own})
+            for other, m in by_pair.items():
+                if m:
+                    slots.append(({"focus": "confused_pair", "gold": label, "other": other}, m))
+            if n - to_pairs:
+                slots.append(({"focus": "weak_class", "gold": label, "other": None}, n - to_pairs))
         targets = [
-            self._target(ctx, params, report, labels, slot, n, correct, wrong, negatives)
-            for slot, n in zip(slots, counts, strict=False)
+            self._target(ctx, params, report, labels, slot, m, correct, wrong, negatives, part)
+            for slot, n in slots
+            for part, m in enumerate(split_in_chunks(n, params.examples_per_target))
         ]
         return with_sample_indices(targets, ctx.iteration)
 
@@ -178,6 +237,7 @@ class PGKD(Strategy):
         correct: list[EvaluatedRow],
         wrong: list[EvaluatedRow],
         negatives: list[EvaluatedRow],
+        part: int = 0,
     ) -> GenerationTarget:
         gold: str = slot["gold"]
         other: str | None = slot["other"]
@@ -209,7 +269,7 @@ class PGKD(Strategy):
                 "focus": slot["focus"],
                 "expected_label": gold,
                 "confused_with": other,
-                "n_validation": report.n,
+                "n_evaluated": report.n,
                 "accuracy": f"{report.accuracy:.3f}",
                 "macro_f1": f"{report.macro_f1:.3f}",
             },
@@ -241,7 +301,8 @@ class PGKD(Strategy):
         if is_pair:
             meta["confused_with"] = other
         return GenerationTarget(
-            target_id=f"pair:{gold}->{other}" if is_pair else f"weak:{gold}",
+            target_id=(f"pair:{gold}->{other}" if is_pair else f"weak:{gold}")
+            + (f"#{part + 1}" if part else ""),
             reason="confused_pair" if is_pair else "weak_class",
             source_row_id=source,
             expected_label=gold,

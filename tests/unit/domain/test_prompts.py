@@ -71,6 +71,7 @@ def test_the_shipped_templates_are_the_ones_the_strategies_use() -> None:
     assert template_ids() == [
         "arte_draft",
         "arte_final",
+        "augment",  # random augmentation, and LLM2LLM's coverage of labels it gets right
         "llm2llm",
         "pgkd",
         "rationale",
@@ -281,6 +282,7 @@ def _contexts(text: str) -> list[tuple[str, PlanContext]]:
     contexts = []
     for name, phase in [
         ("llm2llm", "generate"),
+        ("random", "generate"),
         ("pgkd", "generate"),
         ("arte", "draft"),
         ("arte", "final"),

@@ -116,13 +116,21 @@ def test_no_wrong_seed_rows_means_no_targets() -> None:
     assert LLM2LLM().plan(_ctx(_seeds(), set())) == []
 
 
-def test_synthetic_and_validation_errors_never_seed_new_data() -> None:
+def test_synthetic_errors_never_seed_new_data_held_out_validation_errors_do() -> None:
     seeds = _seeds(3)
     synthetic = LabelledRow(row_id="gen-1", input="a synthetic example", output="billing")
     held_out = LabelledRow(row_id="v1", input="a validation row", output="billing")
     extra = [_verdict(synthetic, "refund"), _verdict(held_out, "refund", split="validation")]
     targets = LLM2LLM().plan(_ctx(seeds, {"s2"}, extra=extra))
-    assert [t.source_row_id for t in targets] == ["s2"]
+    # The orchestration hands the strategy only the validation rows that steer this iteration
+    # (tests/unit/domain/test_selection.py); a real row the student got wrong is a real error.
+    assert [(t.source_row_id, t.reason) for t in targets] == [
+        ("s2", "wrong_seed"),
+        ("v1", "wrong_validation"),
+    ]
+    assert _data(targets[1]) == [
+        {"text": "a validation row", "label": "billing", "student_prediction": "refund"}
+    ]
 
 
 def test_the_seed_row_not_the_evaluation_supplies_input_and_gold() -> None:
@@ -178,20 +186,62 @@ def test_plan_does_not_depend_on_the_order_rows_were_loaded_in() -> None:
 def test_a_context_rebuilt_from_json_plans_the_same() -> None:
     ctx = _ctx(_seeds(), {"s1", "s2"}, params={"examples_per_error": 4})
     rebuilt = PlanContext.model_validate_json(ctx.model_dump_json())
-    assert rebuilt.params == {"examples_per_error": 4, "max_errors_per_iteration": 64}
+    assert rebuilt.params == {"examples_per_error": 4, "max_errors_per_iteration": None}
     assert [t.model_dump() for t in LLM2LLM().plan(rebuilt)] == [
         t.model_dump() for t in LLM2LLM().plan(ctx)
     ]
 
 
-def test_budget_trims_the_plan() -> None:
+def _spent_by_label(targets: list[GenerationTarget]) -> dict[str, int]:
+    spent: dict[str, int] = {}
+    for target in targets:
+        assert target.expected_label is not None
+        spent[target.expected_label] = spent.get(target.expected_label, 0) + target.n_examples
+    return spent
+
+
+def test_the_share_is_spent_over_the_labels_by_error_rate_with_a_floor() -> None:
+    seeds = _seeds(12)  # four rows a label
+    # billing: 3 of 4 wrong, shipping: 1 of 4, refund: none.
+    targets = LLM2LLM().plan(_ctx(seeds, {"s0", "s3", "s6", "s1"}, max_examples=20))
+    # Weights 0.25 + error rate: 1.0, 0.5, 0.25 → 20 examples as 11, 6, 3 (largest remainders).
+    assert _spent_by_label(targets) == {"billing": 11, "shipping": 6, "refund": 3}
+    billing = [t for t in targets if t.expected_label == "billing"]
+    assert {t.source_row_id for t in billing} == {"s0", "s3", "s6"}
+    assert all(t.reason == "wrong_seed" and t.n_examples <= 3 for t in billing)
+    # A label the student gets right is not starved: examples like its rows (coverage), shown
+    # as what they are, not as mistakes.
+    refund = [t for t in targets if t.expected_label == "refund"]
+    assert [t.reason for t in refund] == ["coverage"] * 3
+    assert {t.request.template_id for t in refund} == {"augment"}
+    assert all("student_prediction" not in _data(t)[0] for t in refund)
+    assert "got one of its training examples wrong" not in refund[0].request.messages[0].content
+
+
+def test_coverage_prefers_validation_rows_the_student_never_trained_on() -> None:
+    seeds = _seeds(6)
+    held_out = LabelledRow(row_id="v9", input="a validation refund", output="refund")
+    ctx = _ctx(seeds, {"s0"}, extra=[_verdict(held_out, "refund", "validation")], max_examples=9)
+    refund = [t for t in LLM2LLM().plan(ctx) if t.expected_label == "refund"]
+    assert refund and refund[0].source_row_id == "v9"
+
+
+def test_the_share_trims_the_plan_and_zero_plans_nothing() -> None:
     seeds = _seeds()
     targets = LLM2LLM().plan(_ctx(seeds, {"s0", "s1", "s2", "s3"}, max_examples=7))
-    assert [t.n_examples for t in targets] == [3, 3, 1]
-    last_schema = targets[-1].request.response_schema
-    assert last_schema is not None
-    assert last_schema["properties"]["examples"]["maxItems"] == 1
+    assert sum(t.n_examples for t in targets) == 7
     assert LLM2LLM().plan(_ctx(seeds, {"s0"}, max_examples=0)) == []
+
+
+def test_qa_spends_its_share_over_the_wrong_rows() -> None:
+    seeds = [
+        LabelledRow(row_id=f"q{i}", input=f"{i} + 1?", output=f"#### {i + 1}") for i in range(4)
+    ]
+    ctx = _ctx(seeds, {"q0", "q1"}, task=QA, max_examples=10)
+    targets = LLM2LLM().plan(ctx)
+    assert sum(t.n_examples for t in targets) == 10
+    assert {t.source_row_id for t in targets} == {"q0", "q1"}
+    assert max(t.n_examples for t in targets) <= 3
 
 
 def test_a_seed_still_wrong_next_iteration_gets_a_fresh_request() -> None:

@@ -1,4 +1,4 @@
-"""PGKD planning and parsing on a fixed validation report; the shared early-stopping rule."""
+"""PGKD planning and parsing on fixed held-out predictions; the shared stopping rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from service.domain.metrics import classification_report
 from service.domain.spec import Budget, Stopping, TaskKind, TaskSpec
 from service.domain.strategies import (
     PGKD,
@@ -60,22 +59,15 @@ def _evaluated(rows: Sequence[tuple[str, str, str | None, float | None]]) -> lis
 
 
 def _ctx(params: dict[str, Any] | None = None, **update: Any) -> PlanContext:
-    report = classification_report(
-        [gold for _, gold, _, _ in VALIDATION],
-        [predicted for _, _, predicted, _ in VALIDATION],
-        labels=LABELS,
-    )
     ctx = PlanContext(
         task=TASK,
-        params=validate_params(
-            "pgkd", {"max_weak_classes": 2, "max_confused_pairs": 2, **(params or {})}
-        ),
+        params=validate_params("pgkd", params or {}),
         iteration=1,
         phase="generate",
         seed=7,
         labels=LABELS,
         evaluated=_evaluated(VALIDATION),
-        report=report,
+        max_examples=20,
     )
     return ctx.model_copy(update=update)
 
@@ -96,27 +88,54 @@ def _by_id(targets: list[GenerationTarget]) -> dict[str, GenerationTarget]:
 # --------------------------------------------------------------------------- plan
 
 
-def test_targets_aim_at_confused_pairs_and_weak_classes_interleaved() -> None:
+def test_the_share_goes_to_the_labels_by_weakness_and_half_to_their_confusions() -> None:
     targets = PGKD().plan(_ctx())
+    # F1: billing 0.667, other 0.8, refund 0.667, shipping 0.333; weights 0.25 + (1 - F1)
+    # share 20 examples as 5, 3, 5, 7; half of a confused class's share goes to its pairs.
     assert [
-        (t.target_id, t.reason, t.kind, t.expected_label, t.source_row_id) for t in targets
+        (t.target_id, t.reason, t.kind, t.expected_label, t.source_row_id, t.n_examples)
+        for t in targets
     ] == [
-        ("pair:shipping->billing", "confused_pair", ExampleKind.hard_negative, "shipping", "v03"),
-        ("weak:shipping", "weak_class", ExampleKind.augmented, "shipping", "v03"),
-        ("pair:refund->shipping", "confused_pair", ExampleKind.hard_negative, "refund", "v07"),
-        ("weak:billing", "weak_class", ExampleKind.augmented, "billing", None),
+        ("weak:billing", "weak_class", ExampleKind.augmented, "billing", None, 5),
+        ("weak:other", "weak_class", ExampleKind.augmented, "other", None, 3),
+        ("pair:refund->shipping", "confused_pair", ExampleKind.hard_negative, "refund", "v07", 2),
+        ("weak:refund", "weak_class", ExampleKind.augmented, "refund", "v07", 3),
+        (
+            "pair:shipping->billing",
+            "confused_pair",
+            ExampleKind.hard_negative,
+            "shipping",
+            "v03",
+            3,
+        ),
+        ("weak:shipping", "weak_class", ExampleKind.augmented, "shipping", "v03", 4),
     ]
-    assert all(t.n_examples == 5 for t in targets)
     assert all(t.request.template_id == "pgkd" for t in targets)
-    assert targets[0].meta == {"f1": pytest.approx(2 / 6), "confused_with": "billing"}
+    assert _by_id(targets)["pair:shipping->billing"].meta == {
+        "f1": pytest.approx(2 / 6),
+        "confused_with": "billing",
+    }
+
+
+def test_limits_aim_at_the_weakest_classes_and_most_frequent_pairs_only() -> None:
+    targets = PGKD().plan(_ctx({"max_weak_classes": 1, "max_confused_pairs": 1}))
+    assert {t.expected_label for t in targets} == {"shipping"}
+    assert sum(t.n_examples for t in targets) == 20
+    assert [t.target_id for t in targets if t.reason == "confused_pair"] == [
+        "pair:shipping->billing",
+        "pair:shipping->billing#2",
+    ]
+    only_pairs = PGKD().plan(_ctx({"max_weak_classes": 0}))
+    assert {t.reason for t in only_pairs} == {"confused_pair"}
+    assert sum(t.n_examples for t in only_pairs) == 20
 
 
 def test_a_missing_prediction_is_no_class_to_contrast_with() -> None:
-    ids = [t.target_id for t in PGKD().plan(_ctx({"max_confused_pairs": 10}))]
+    ids = [t.target_id for t in PGKD().plan(_ctx())]
     assert "pair:other-><none>" not in ids
     assert [i for i in ids if i.startswith("pair:")] == [
-        "pair:shipping->billing",
         "pair:refund->shipping",
+        "pair:shipping->billing",
     ]
 
 
@@ -132,7 +151,7 @@ def test_prompt_carries_the_report_table_weakest_first() -> None:
         "support": 4,
     }
     user = pair.request.messages[1].content
-    assert "Validation accuracy 0.583, macro-F1 0.617, on 12 rows." in user
+    assert "Held-out accuracy 0.583, macro-F1 0.617, on 12 rows." in user
 
 
 def test_prompt_carries_hard_negatives_paired_with_the_confused_class() -> None:
@@ -159,7 +178,7 @@ def test_prompt_request_names_the_pair() -> None:
     targets = _by_id(PGKD().plan(_ctx()))
     pair_user = targets["pair:shipping->billing"].request.messages[1].content
     assert 'confuses class "shipping" with class "billing"' in pair_user
-    assert 'Write 5 new examples of class "shipping"' in pair_user
+    assert 'Write 3 new examples of class "shipping"' in pair_user
     weak_user = targets["weak:billing"].request.messages[1].content
     assert 'The student is weak on class "billing".' in weak_user
 
@@ -176,17 +195,30 @@ def test_report_table_is_capped_but_keeps_the_target_classes() -> None:
     assert [row["class"] for row in table] == ["shipping", "refund"]
 
 
-def test_budget_trims_the_plan() -> None:
-    assert [t.n_examples for t in PGKD().plan(_ctx(max_examples=7))] == [5, 2]
+def test_the_share_sets_the_plan_and_zero_plans_nothing() -> None:
+    assert sum(t.n_examples for t in PGKD().plan(_ctx(max_examples=7))) == 7
     assert PGKD().plan(_ctx(max_examples=0)) == []
 
 
 def test_a_perfect_student_gets_no_targets() -> None:
     perfect = [(r, g, g, 0.9) for r, g, _, _ in VALIDATION]
-    report = classification_report(
-        [g for _, g, _, _ in perfect], [g for _, g, _, _ in perfect], labels=LABELS
+    assert PGKD().plan(_ctx(evaluated=_evaluated(perfect))) == []
+
+
+def test_seed_rows_judged_out_of_fold_are_mined_beside_validation_rows() -> None:
+    seed = EvaluatedRow(
+        row_id="train:3",
+        split="train",
+        input="a seed the fold students missed",
+        gold="refund",
+        predicted="billing",
+        confidence=0.97,
+        correct=False,
     )
-    assert PGKD().plan(_ctx(evaluated=_evaluated(perfect), report=report)) == []
+    targets = _by_id(PGKD().plan(_ctx(evaluated=[*_evaluated(VALIDATION), seed])))
+    assert "pair:refund->billing" in targets
+    negatives = _blocks(targets["pair:refund->billing"])["Hard negatives (confident mistakes)"]
+    assert negatives[0]["text"] == "a seed the fold students missed"
 
 
 def test_plan_is_deterministic_and_independent_of_row_order() -> None:
@@ -199,9 +231,9 @@ def test_plan_is_deterministic_and_independent_of_row_order() -> None:
     assert [t.model_dump() for t in PGKD().plan(reordered)] == first
 
 
-def test_pgkd_needs_a_classification_report() -> None:
-    with pytest.raises(ValueError, match="classification report"):
-        PGKD().plan(_ctx(report=None))
+def test_pgkd_needs_held_out_predictions_and_a_classification_task() -> None:
+    with pytest.raises(ValueError, match="held-out rows"):
+        PGKD().plan(_ctx(evaluated=[]))
     qa = TaskSpec(kind=TaskKind.qa, instructions="Solve.")
     with pytest.raises(ValueError, match=r"task\.kind"):
         PGKD().plan(_ctx(task=qa))
@@ -214,8 +246,8 @@ def test_params_need_some_targets() -> None:
         validate_params("pgkd", {"min_confidence": 1.5})
 
 
-def test_mining_split_is_validation() -> None:
-    assert get_strategy("pgkd").mining_split == "validation"
+def test_seed_rows_are_scored_out_of_fold_for_mining() -> None:
+    assert get_strategy("pgkd").mining_split == "train"
 
 
 # --------------------------------------------------------------------------- parse
@@ -223,7 +255,7 @@ def test_mining_split_is_validation() -> None:
 
 def test_parse_keeps_teacher_labels_for_the_filter_to_judge() -> None:
     ctx = _ctx()
-    pair = PGKD().plan(ctx)[0]
+    pair = _by_id(PGKD().plan(ctx))["pair:shipping->billing"]
     output = {
         "examples": [
             {"text": "My parcel is late but I was charged twice", "label": "shipping"},
@@ -245,7 +277,7 @@ def test_parse_keeps_teacher_labels_for_the_filter_to_judge() -> None:
 
 
 def _history(
-    *metrics: float | None, accepted: int = 10, targets: int = 3
+    *metrics: float | None, accepted: int = 10, targets: int = 3, excluded: Sequence[int] = ()
 ) -> list[IterationOutcome]:
     return [
         IterationOutcome(
@@ -253,6 +285,7 @@ def _history(
             metric=m,
             accepted=0 if i == 0 else accepted,
             targets=0 if i == 0 else targets,
+            included=i not in excluded,
         )
         for i, m in enumerate(metrics)
     ]
@@ -265,42 +298,44 @@ def _decide(history: list[IterationOutcome], **kwargs: Any) -> tuple[bool, str |
     return decision.stop, decision.reason, decision.best_iteration
 
 
-def test_decide_continues_while_improving() -> None:
+def test_decide_continues_and_exports_the_latest_kept_iteration() -> None:
     assert _decide(_history(0.5, 0.6, 0.7), max_iterations=5) == (False, None, 2)
 
 
-def test_decide_stops_on_patience_and_keeps_the_best() -> None:
+def test_a_dip_within_the_noise_is_kept_and_does_not_stop_the_loop() -> None:
+    # Iterations 2 and 3 score below iteration 1 but were kept (within the noise): the data
+    # stays, the export holds all of it, and patience is not spent.
     assert _decide(_history(0.5, 0.7, 0.65, 0.68), patience=2, max_iterations=9) == (
-        True,
-        "patience",
-        1,
-    )
-    assert _decide(_history(0.5, 0.7, 0.65), patience=2, max_iterations=9) == (False, None, 1)
-
-
-def test_min_delta_makes_small_gains_count_as_no_improvement() -> None:
-    history = _history(0.50, 0.505, 0.509)
-    assert _decide(history, patience=2, min_delta=0.01, max_iterations=9) == (True, "patience", 2)
-    assert _decide(history, patience=2, min_delta=0.0, max_iterations=9) == (False, None, 2)
-
-
-def test_baseline_can_be_the_best_iteration() -> None:
-    assert _decide(_history(0.845, 0.815, 0.80), patience=2, max_iterations=9) == (
-        True,
-        "patience",
-        0,
+        False,
+        None,
+        3,
     )
 
 
-def test_ties_go_to_the_earliest_iteration() -> None:
-    assert _decide(_history(0.6, 0.8, 0.8), patience=5, max_iterations=9)[2] == 1
+def test_decide_stops_after_patience_excluded_iterations_in_a_row() -> None:
+    history = _history(0.5, 0.7, 0.6, 0.61, excluded=(2, 3))
+    assert _decide(history, patience=2, max_iterations=9) == (True, "patience", 1)
+    # An excluded iteration followed by a kept one starts the count again.
+    history = _history(0.5, 0.7, 0.6, 0.72, 0.6, excluded=(2, 4))
+    assert _decide(history, patience=2, max_iterations=9) == (False, None, 3)
 
 
-def test_decide_stops_at_the_target_metric() -> None:
+def test_when_every_iteration_is_excluded_the_seed_set_is_what_is_exported() -> None:
+    history = _history(0.845, 0.815, 0.80, excluded=(1, 2))
+    assert _decide(history, patience=2, max_iterations=9) == (True, "patience", 0)
+
+
+def test_decide_stops_when_the_kept_student_reaches_the_target() -> None:
     assert _decide(_history(0.5, 0.91), target=0.9, max_iterations=9) == (
         True,
         "target_reached",
         1,
+    )
+    # An excluded iteration's score does not count: its data is not in the export.
+    assert _decide(_history(0.5, 0.91, excluded=(1,)), target=0.9, max_iterations=9) == (
+        False,
+        None,
+        0,
     )
 
 

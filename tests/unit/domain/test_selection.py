@@ -1,0 +1,212 @@
+"""The keep/exclude rule: paired bootstrap comparisons, noise, ties, nothing kept; the halves of
+the validation set that steer and judge; the budget's share per iteration and per label."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from service.domain.metrics import classification_report
+from service.domain.selection import (
+    Comparison,
+    paired_bootstrap,
+    paired_bootstrap_correct,
+    select_iteration,
+    steering_half,
+    validation_halves,
+)
+from service.domain.spec import Budget
+from service.domain.strategies.base import (
+    DEFAULT_EXAMPLES_PER_LABEL,
+    DEFAULT_MIN_EXAMPLES,
+    apportion,
+    examples_for_iteration,
+    shares_by_weakness,
+    spread,
+)
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_a_half_point_move_on_385_rows_is_noise_and_the_data_is_kept() -> None:
+    reference = [True] * 304 + [False] * 81  # 0.790, as in the issue
+    # Seven rows the reference got right go wrong and five it got wrong go right: two rows,
+    # half a point, worse.
+    candidate = [False] * 7 + [True] * 297 + [True] * 5 + [False] * 76
+    comparison = paired_bootstrap_correct(candidate, reference, reference_iteration=0, seed=1)
+    assert comparison.delta == pytest.approx(-2 / 385)
+    assert comparison.low < 0 < comparison.high
+    selection = select_iteration([comparison])
+    assert selection.included
+    assert selection.reason.startswith("kept: within the noise of iteration 0")
+    assert "-0.5 pts" in selection.reason
+
+
+def test_a_clear_drop_is_measurably_worse_and_excluded() -> None:
+    reference = [True] * 300 + [False] * 100
+    candidate = [True] * 240 + [False] * 160  # 15 points worse, every flip the same way
+    comparison = paired_bootstrap_correct(candidate, reference, reference_iteration=1)
+    assert comparison.delta == pytest.approx(-0.15)
+    assert comparison.high < 0
+    selection = select_iteration([comparison])
+    assert not selection.included
+    assert "measurably worse than iteration 1" in selection.reason
+    assert "-15.0 pts" in selection.reason
+
+
+def test_a_tie_keeps_the_data() -> None:
+    rows = [True, False] * 50
+    comparison = paired_bootstrap_correct(rows, rows, reference_iteration=2)
+    assert (comparison.delta, comparison.low, comparison.high) == (0.0, 0.0, 0.0)
+    assert select_iteration([comparison]).included
+
+
+def test_a_clear_gain_is_reported_as_better() -> None:
+    reference = [True] * 200 + [False] * 200
+    candidate = [True] * 280 + [False] * 120
+    comparison = paired_bootstrap_correct(candidate, reference, reference_iteration=0)
+    selection = select_iteration([comparison])
+    assert selection.included and selection.improved
+    assert selection.reason.startswith("kept: better than iteration 0")
+
+
+def test_any_comparison_measurably_worse_excludes() -> None:
+    fine = Comparison(reference=2, delta=0.01, low=-0.02, high=0.04, n=300)
+    drifted = Comparison(reference=0, delta=-0.06, low=-0.09, high=-0.03, n=300)
+    selection = select_iteration([fine, drifted])
+    assert not selection.included
+    assert "iteration 0" in selection.reason
+
+
+def test_min_delta_is_a_tolerance_in_both_directions() -> None:
+    slightly_worse = Comparison(reference=1, delta=-0.02, low=-0.03, high=-0.01, n=5000)
+    assert not select_iteration([slightly_worse]).included
+    assert select_iteration([slightly_worse], min_delta=0.02).included
+    slightly_better = Comparison(reference=1, delta=0.02, low=0.01, high=0.03, n=5000)
+    assert select_iteration([slightly_better]).improved
+    assert not select_iteration([slightly_better], min_delta=0.02).improved
+
+
+def test_an_iteration_that_added_nothing_is_kept_without_a_claim() -> None:
+    bad = Comparison(reference=1, delta=-0.2, low=-0.3, high=-0.1, n=100)
+    selection = select_iteration([bad], new_examples=0)
+    assert selection.included and not selection.improved
+    assert "no new examples" in selection.reason
+
+
+def test_the_bootstrap_is_seeded_and_its_point_is_the_report_difference() -> None:
+    rng = random.Random(5)
+    labels = ["a", "b", "c"]
+    gold = [rng.choice(labels) for _ in range(120)]
+    old = [g if rng.random() < 0.6 else rng.choice(labels) for g in gold]
+    new = [g if rng.random() < 0.7 else rng.choice(labels) for g in gold]
+    first = paired_bootstrap(
+        gold, new, old, reference_iteration=0, metric="macro_f1", labels=labels, seed=3
+    )
+    again = paired_bootstrap(
+        gold, new, old, reference_iteration=0, metric="macro_f1", labels=labels, seed=3
+    )
+    assert first == again
+    expected = (
+        classification_report(gold, new, labels).macro_f1
+        - classification_report(gold, old, labels).macro_f1
+    )
+    assert first.delta == pytest.approx(expected)
+    assert first.low <= first.delta <= first.high
+    accuracy = paired_bootstrap(gold, new, old, reference_iteration=0, labels=labels)
+    assert accuracy.delta == pytest.approx(
+        sum(a == g for a, g in zip(new, gold, strict=True)) / 120
+        - sum(a == g for a, g in zip(old, gold, strict=True)) / 120
+    )
+
+
+def test_a_missing_prediction_counts_as_wrong_and_no_class() -> None:
+    comparison = paired_bootstrap(
+        ["a", "b"], [None, "b"], ["a", "b"], reference_iteration=0, metric="macro_f1"
+    )
+    assert comparison.delta < 0
+
+
+def test_no_rows_to_compare_keeps_the_data() -> None:
+    comparison = paired_bootstrap_correct([], [], reference_iteration=0)
+    assert comparison.n == 0
+    assert select_iteration([comparison]).included
+    assert select_iteration([]).included
+
+
+# --------------------------------------------------------------------------- halves
+
+
+def test_validation_halves_are_stratified_disjoint_and_take_turns() -> None:
+    rows = [(f"validation:{i}", "abc"[i % 3]) for i in range(31)]
+    first, second = validation_halves(rows, seed=0)
+    assert first.isdisjoint(second) and first | second == {r for r, _ in rows}
+    assert abs(len(first) - len(second)) <= 1
+    for label in "abc":
+        in_first = sum(1 for r, lab in rows if lab == label and r in first)
+        in_second = sum(1 for r, lab in rows if lab == label and r in second)
+        assert abs(in_first - in_second) <= 1
+    assert steering_half(rows, 0, 1) == (first, second)
+    assert steering_half(rows, 0, 2) == (second, first)
+    assert steering_half(rows, 0, 3) == (first, second)
+    assert validation_halves(rows, seed=1) != (first, second), "the job seed draws the halves"
+
+
+def test_single_row_labels_still_split_the_set_evenly() -> None:
+    rows = [(f"v{i}", f"label{i}") for i in range(10)]
+    first, second = validation_halves(rows, seed=4)
+    assert len(first) == len(second) == 5
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def test_the_budget_is_shared_evenly_by_the_iterations_left() -> None:
+    budget = Budget(max_iterations=3, max_examples=640)
+    assert examples_for_iteration(budget, iteration=1, accepted_so_far=0, n_labels=64) == 214
+    assert examples_for_iteration(budget, iteration=2, accepted_so_far=200, n_labels=64) == 220
+    # The last iteration gets all that is left (rejections earlier are made up for).
+    assert examples_for_iteration(budget, iteration=3, accepted_so_far=400, n_labels=64) == 240
+    assert examples_for_iteration(budget, iteration=3, accepted_so_far=700, n_labels=64) == 0
+    # Iterations past max_iterations (a refresh) get what is left.
+    assert examples_for_iteration(budget, iteration=5, accepted_so_far=600, n_labels=64) == 40
+
+
+def test_a_per_iteration_cap_applies_too() -> None:
+    budget = Budget(max_iterations=3, max_examples=640, max_examples_per_iteration=100)
+    assert examples_for_iteration(budget, iteration=1, accepted_so_far=0, n_labels=64) == 100
+    alone = Budget(max_examples_per_iteration=50)
+    assert examples_for_iteration(alone, iteration=1, accepted_so_far=0, n_labels=3) == 50
+
+
+def test_without_a_budget_classification_asks_per_label_qa_keeps_its_defaults() -> None:
+    budget = Budget()
+    assert examples_for_iteration(budget, iteration=1, accepted_so_far=0, n_labels=64) == (
+        DEFAULT_EXAMPLES_PER_LABEL * 64
+    )
+    assert examples_for_iteration(budget, iteration=1, accepted_so_far=0, n_labels=2) == (
+        DEFAULT_MIN_EXAMPLES
+    )
+    assert examples_for_iteration(budget, iteration=1, accepted_so_far=0, n_labels=None) is None
+
+
+def test_apportion_sums_to_the_total_and_is_deterministic() -> None:
+    assert apportion(10, {"a": 1.0, "b": 1.0, "c": 1.0}) == {"a": 4, "b": 3, "c": 3}
+    assert apportion(0, {"a": 1.0}) == {"a": 0}
+    assert apportion(5, {"a": 0.0, "b": 0.0}) == {"a": 0, "b": 0}
+    shares = apportion(97, {str(i): float(i % 7) for i in range(30)})
+    assert sum(shares.values()) == 97
+
+
+def test_weak_labels_get_more_and_handled_labels_are_not_starved() -> None:
+    shares = shares_by_weakness(100, ["good", "bad", "worst"], {"bad": 0.5, "worst": 1.0})
+    assert sum(shares.values()) == 100
+    assert shares["worst"] > shares["bad"] > shares["good"] > 0
+    assert shares["good"] == pytest.approx(100 * 0.25 / 2.25, abs=1)
+
+
+def test_spread_is_even_first_slots_first() -> None:
+    assert spread(7, 3) == [3, 2, 2]
+    assert spread(2, 4) == [1, 1, 0, 0]
+    assert spread(5, 0) == []
