@@ -192,6 +192,11 @@ def test_a_user_watches_and_controls_jobs_in_the_browser(
 
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
     page = context.new_page()
+    refused: list[str] = []  # what the Content-Security-Policy blocked, if anything
+    page.on(
+        "console",
+        lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page.goto(served.base + f"/jobs/{served.finished_job}")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     shot(page, "01-sign-in")
@@ -295,7 +300,8 @@ def test_a_user_watches_and_controls_jobs_in_the_browser(
     expect(page.get_by_role("heading", name="Iteration 1 under way")).to_be_visible(timeout=30_000)
     expect(page.get_by_test_id("phase")).to_have_text("generating")
     shot(page, "06-running-job")
-    page.get_by_role("button", name="Cancel job").click()
+    page.get_by_role("button", name="Cancel job").focus()
+    page.keyboard.press("Enter")  # keyboard alone
     expect(page.locator("#job-status [data-status]")).to_have_text("cancelled")
     expect(running_row.locator("[data-status]")).to_have_text("cancelled", timeout=15_000)
     assert listing.evaluate("window.notReloaded") is True
@@ -317,6 +323,7 @@ def test_a_user_watches_and_controls_jobs_in_the_browser(
     page.goto(served.base + f"/jobs/{served.finished_job}")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     assert "/sign-in" in page.url
+    assert refused == []
     context.close()
 
 
