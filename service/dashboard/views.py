@@ -10,7 +10,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -244,7 +244,6 @@ class JobPage:
     outcome_chart: charts.BarChart | None
     token_chart: charts.BarChart | None
     heatmap: charts.Heatmap | None
-    heatmap_rows: list[str]
     confused_pairs: list[dict[str, Any]]
     confused_at: int | None
     current: Iteration | None
@@ -252,7 +251,6 @@ class JobPage:
     export_formats: list[str]
     spec_yaml: str
     sentence: str
-    labels: list[str] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -408,7 +406,7 @@ def job_page(session: Session, job: Job) -> JobPage:
             colors={"input tokens": "#56B4E9", "output tokens": "#0072B2"},
         )
 
-    heat, rows, pairs, pairs_at = _per_class(views)
+    heat, pairs, pairs_at = _per_class(views)
     current = next((it for it in reversed(iterations) if it.status in ACTIVE_ITERATION), None)
     formats = [f for f in EXPORT_FORMAT_ORDER if f in ALL_FORMATS]
     formats += sorted(ALL_FORMATS - set(formats))
@@ -423,7 +421,6 @@ def job_page(session: Session, job: Job) -> JobPage:
         outcome_chart=outcome_chart,
         token_chart=token_chart,
         heatmap=heat,
-        heatmap_rows=rows,
         confused_pairs=pairs,
         confused_at=pairs_at,
         current=current,
@@ -431,7 +428,6 @@ def job_page(session: Session, job: Job) -> JobPage:
         export_formats=formats,
         spec_yaml=spec_yaml(job),
         sentence=status_sentence(job, iterations),
-        labels=job_labels(job),
     )
 
 
@@ -440,12 +436,12 @@ MAX_CONFUSED_PAIRS = 10
 
 def _per_class(
     views: Sequence[IterationView],
-) -> tuple[charts.Heatmap | None, list[str], list[dict[str, Any]], int | None]:
+) -> tuple[charts.Heatmap | None, list[dict[str, Any]], int | None]:
     """The per-class F1 heatmap across iterations, and the most confused pairs of the latest
     evaluated iteration (classification jobs: `Iteration.metrics` holds the report)."""
     evaluated = [v for v in views if isinstance((v.it.metrics or {}).get("per_class"), dict)]
     if not evaluated:
-        return None, [], [], None
+        return None, [], None
     classes = sorted({c for v in evaluated for c in v.it.metrics["per_class"]})  # type: ignore[index]
     values: dict[tuple[str, int], float] = {}
     for v in evaluated:
@@ -457,7 +453,7 @@ def _per_class(
     latest = evaluated[-1]
     pairs_raw = (latest.it.metrics or {}).get("confusion_pairs") or []
     pairs = [p for p in pairs_raw if isinstance(p, dict)][:MAX_CONFUSED_PAIRS]
-    return heat, classes, pairs, latest.number
+    return heat, pairs, latest.number
 
 
 def job_labels(job: Job) -> list[str]:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -313,6 +314,55 @@ def test_every_page_answers_200(dash: Dash, client: TestClient) -> None:
     for asset, kind in (("htmx.min.js", "javascript"), ("dashboard.css", "text/css")):
         resp = client.get(f"/static/dashboard/{asset}")
         assert resp.status_code == 200 and kind in resp.headers["content-type"]
+
+
+class _Controls(HTMLParser):
+    """The form controls of a page and the ids that a <label for> names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controls: list[dict[str, str | None]] = []
+        self.labelled: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "label" and values.get("for"):
+            self.labelled.add(str(values["for"]))
+        if tag in ("select", "textarea") or (tag == "input" and values.get("type") != "hidden"):
+            self.controls.append(values)
+
+
+def test_every_form_control_has_a_label(dash: Dash, client: TestClient) -> None:
+    sign_in(client, dash.key_a)
+    for path in ("/", f"/jobs/{dash.job}", f"/jobs/{dash.job}/examples"):
+        parser = _Controls()
+        parser.feed(client.get(path).text)
+        unlabelled = [c for c in parser.controls if c.get("id") not in parser.labelled]
+        assert parser.controls, path
+        assert unlabelled == [], (path, unlabelled)
+    client.cookies.clear()
+    parser = _Controls()
+    parser.feed(client.get("/sign-in").text)
+    assert [c.get("id") for c in parser.controls] == ["api-key"]
+    assert parser.labelled == {"api-key"}
+
+
+def test_examples_page_through_in_the_order_the_rest_api_gives(
+    dash: Dash, client: TestClient
+) -> None:
+    sign_in(client, dash.key_a)
+    everything = dash.rest("GET", f"/v1/jobs/{dash.job}/examples", params={"limit": 500}).json()[
+        "items"
+    ]
+    assert len(everything) > 50, "the job wrote more than one page of examples"
+    first = client.get(f"/jobs/{dash.job}/examples").text
+    next_link = re.search(r'href="(/jobs/[^"]+/examples\?[^"]*cursor=[^"]+)">Next page', first)
+    assert next_link is not None
+    second = client.get(next_link.group(1).replace("&amp;", "&")).text
+    shown = re.findall(r'<tr data-example-id="([^"]+)"', first) + re.findall(
+        r'<tr data-example-id="([^"]+)"', second
+    )
+    assert shown == [e["id"] for e in everything][: len(shown)] and len(shown) > 50
 
 
 def test_the_jobs_list_shows_each_job_and_filters_by_status(dash: Dash, client: TestClient) -> None:
