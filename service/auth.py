@@ -65,3 +65,12 @@ def touch_key(session: Session, principal: Principal) -> None:
     key = session.get(ApiKey, principal.api_key_id)
     if key is not None:
         key.last_used_at = utcnow()
+
+
+def principal_for_key(session: Session, api_key_id: UUID, tenant_id: UUID) -> Principal:
+    """The principal of a key already checked once (a dashboard session): still there, not
+    revoked and of the same tenant, else Unauthorized. Revoking a key ends its sessions."""
+    row = session.get(ApiKey, api_key_id)
+    if row is None or row.revoked_at is not None or row.tenant_id != tenant_id:
+        raise Unauthorized("the API key of this session was revoked or deleted")
+    return Principal(tenant_id=row.tenant_id, api_key_id=row.id)

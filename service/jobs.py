@@ -24,6 +24,7 @@ from service.domain.statuses import (
 )
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Dataset, DatasetRow, Iteration, Job, utcnow
+from service.pagination import paginate
 from service.splits import (
     HELD_OUT_FRACTION,
     hold_out,
@@ -375,6 +376,41 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found")
     return job
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: uuid.UUID,
+    *,
+    status: JobStatus | None = None,
+    strategy: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[Job], str | None]:
+    """One page of a tenant's jobs, newest first, and the cursor of the next page (the REST
+    list and the dashboard read through this one function, so they see the same jobs)."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if strategy is not None:
+        stmt = stmt.where(Job.strategy == strategy)
+    return paginate(
+        session, stmt, created_col=Job.created_at, id_col=Job.id, cursor=cursor, limit=limit
+    )
+
+
+def list_iterations(session: Session, job: Job) -> list[Iteration]:
+    stmt = select(Iteration).where(Iteration.job_id == job.id).order_by(Iteration.number)
+    return list(session.scalars(stmt))
+
+
+def get_iteration(session: Session, job: Job, number: int) -> Iteration:
+    iteration = session.scalar(
+        select(Iteration).where(Iteration.job_id == job.id, Iteration.number == number)
+    )
+    if iteration is None:
+        raise NotFound(f"iteration {number} of job {job.id} not found")
+    return iteration
 
 
 def transition_job(

@@ -61,6 +61,13 @@ class ApiSettings(BaseModel):
         description="Let tenants set a student trainer_command (a shell command the workers "
         "run). Operators always can, through the CLI.",
     )
+    session_max_age_s: int = Field(
+        8 * 3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="How long a dashboard sign-in lasts; the cookie is signed with "
+        "DISTILL_SECRET_KEY.",
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -88,7 +95,9 @@ class Settings(BaseSettings):
     environment: Environment = Environment.development
     home: Path = Field(Path(".distill"), description="Embedded database, exports, caches.")
     secret_key: str = Field(
-        "change-me", description="Encrypts teacher API keys at rest. Must be set in production."
+        "change-me",
+        description="Encrypts teacher API keys at rest and signs dashboard sessions. Must be "
+        "set in production.",
     )
     log_level: str = "INFO"
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
 from service.api.routes import datasets, exports, health, jobs, teachers
+from service.dashboard import install_dashboard
 from service.db import session_factory
 from service.settings import Settings, get_settings
 from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
@@ -82,4 +83,5 @@ def create_app(
     )
     for router in (health.router, datasets.router, teachers.router, jobs.router, exports.router):
         app.include_router(router)
+    install_dashboard(app)  # the pages at / and /jobs/... (service/dashboard)
     return app

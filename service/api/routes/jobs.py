@@ -7,18 +7,31 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
 from service.api.schemas import PG_INT_MAX, ErrorBody, ExampleRead, IterationRead, JobRead
 from service.domain.spec import StrategyName, Text, job_json_schema
 from service.domain.statuses import ExampleStatus, JobStatus
 from service.domain.strategies.base import ExampleKind
-from service.errors import NotFound
+from service.examples import ExampleFilters
+from service.examples import list_examples as find_examples
 from service.feedback import FeedbackBody, evaluation_rows, parse_feedback, post_feedback
-from service.jobs import create_job, delete_job, get_job, parse_spec, request_transition
-from service.models import Example, Iteration, Job
-from service.pagination import Page, paginate
+from service.jobs import (
+    create_job,
+    delete_job,
+    get_iteration,
+    get_job,
+    parse_spec,
+    request_transition,
+)
+from service.jobs import (
+    list_iterations as find_iterations,
+)
+from service.jobs import (
+    list_jobs as find_jobs,
+)
+from service.models import Iteration, Job
+from service.pagination import Page
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 # Iteration numbers are a Postgres integer: a larger one is a 422, not a query that fails.
@@ -80,13 +93,13 @@ def list_jobs(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[JobRead]:
-    stmt = select(Job).where(Job.tenant_id == principal.tenant_id)
-    if status_ is not None:
-        stmt = stmt.where(Job.status == status_)
-    if strategy is not None:
-        stmt = stmt.where(Job.strategy == strategy)
-    rows, next_cursor = paginate(
-        session, stmt, created_col=Job.created_at, id_col=Job.id, cursor=cursor, limit=limit
+    rows, next_cursor = find_jobs(
+        session,
+        principal.tenant_id,
+        status=status_,
+        strategy=strategy,
+        cursor=cursor,
+        limit=limit,
     )
     return Page[JobRead](items=[job_read(r) for r in rows], next_cursor=next_cursor)
 
@@ -131,22 +144,14 @@ def resume(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> J
 def list_iterations(
     job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> list[Iteration]:
-    job = get_job(session, principal.tenant_id, job_id)
-    stmt = select(Iteration).where(Iteration.job_id == job.id).order_by(Iteration.number)
-    return list(session.scalars(stmt))
+    return find_iterations(session, get_job(session, principal.tenant_id, job_id))
 
 
 @router.get("/jobs/{job_id}/iterations/{number}", response_model=IterationRead, responses=_ERRORS)
 def read_iteration(
     job_id: uuid.UUID, number: IterationNumber, session: SessionDep, principal: PrincipalDep
 ) -> Iteration:
-    job = get_job(session, principal.tenant_id, job_id)
-    iteration = session.scalar(
-        select(Iteration).where(Iteration.job_id == job.id, Iteration.number == number)
-    )
-    if iteration is None:
-        raise NotFound(f"iteration {number} of job {job_id} not found")
-    return iteration
+    return get_iteration(session, get_job(session, principal.tenant_id, job_id), number)
 
 
 @router.get("/jobs/{job_id}/examples", response_model=Page[ExampleRead], responses=_ERRORS)
@@ -160,30 +165,25 @@ def list_examples(
     kind: ExampleKind | None = None,
     status_: Annotated[ExampleStatus | None, Query(alias="status")] = None,
     label: Annotated[Text | None, Query(description="Output/label equals.")] = None,
+    q: Annotated[
+        Text | None,
+        Query(
+            max_length=200,
+            description="Case-insensitive text found in the input, output or rationale.",
+        ),
+    ] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[ExampleRead]:
     job = get_job(session, principal.tenant_id, job_id)
-    stmt = select(Example).where(Example.job_id == job.id)
-    if iteration is not None:
-        stmt = stmt.join(Iteration, Iteration.id == Example.iteration_id).where(
-            Iteration.number == iteration
-        )
-    if kind is not None:
-        stmt = stmt.where(Example.kind == kind)
-    if status_ is not None:
-        stmt = stmt.where(Example.status == status_)
-    if label is not None:
-        stmt = stmt.where(Example.output == label)
-    rows, next_cursor = paginate(
-        session,
-        stmt,
-        created_col=Example.created_at,
-        id_col=Example.id,
-        cursor=cursor,
-        limit=limit,
-        ascending=True,
+    filters = ExampleFilters(
+        iteration=iteration,
+        kind=kind.value if kind is not None else None,
+        status=status_,
+        label=label,
+        text=q,
     )
+    rows, next_cursor = find_examples(session, job, filters, cursor=cursor, limit=limit)
     return Page[ExampleRead](
         items=[ExampleRead.model_validate(r) for r in rows], next_cursor=next_cursor
     )
