@@ -389,6 +389,8 @@ def transition_job(
         values["started_at"] = utcnow()
     if target in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
         values["finished_at"] = utcnow()
+    elif job.status is JobStatus.succeeded:  # reopened by a refresh
+        values["finished_at"] = None
     result = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == job.status, Job.status.in_(allowed_from))

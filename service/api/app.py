@@ -10,7 +10,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
-from service.api.routes import datasets, exports, health, jobs, teachers
+from service.api.routes import (
+    datasets,
+    exports,
+    health,
+    jobs,
+    refreshes,
+    teachers,
+)
 from service.db import session_factory
 from service.settings import Settings, get_settings
 from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
@@ -80,6 +87,13 @@ def create_app(
         "/metrics",
         metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value()),
     )
-    for router in (health.router, datasets.router, teachers.router, jobs.router, exports.router):
+    for router in (
+        health.router,
+        datasets.router,
+        teachers.router,
+        jobs.router,
+        exports.router,
+        refreshes.router,
+    ):
         app.include_router(router)
     return app

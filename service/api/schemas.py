@@ -9,7 +9,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.spec import Text
-from service.domain.statuses import ExampleStatus, ExportStatus, IterationStatus, JobStatus
+from service.domain.statuses import (
+    ExampleStatus,
+    ExportStatus,
+    IterationStatus,
+    JobStatus,
+)
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
@@ -149,6 +154,8 @@ class IterationRead(_Read):
     timings: dict[str, Any]
     started_at: datetime | None
     finished_at: datetime | None
+    note: str | None = Field(None, description="The note of the refresh that started it.")
+    refresh_id: uuid.UUID | None = None
 
 
 class ExampleRead(_Read):
@@ -194,3 +201,43 @@ class ExportRead(_Read):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+# --- refreshes --------------------------------------------------------------------------------
+
+
+class RefreshRead(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    status: str = Field(
+        ...,
+        description="pending (waits for the iteration under way), evaluating (an endpoint "
+        "student's revision is scored first), started (its iteration is planned).",
+    )
+    outcome: str = Field(
+        ...,
+        description="waiting; ready_for_student (an external student's turn: train on the new "
+        "data and post predictions); succeeded; failed; cancelled.",
+    )
+    note: str | None
+    student: dict[str, Any]
+    extra_budget: dict[str, Any]
+    student_iteration: int | None = Field(
+        None, description="The iteration whose metric is the refreshed student's."
+    )
+    iteration: int | None = Field(None, description="The first iteration the refresh generates.")
+    dataset_iteration: int | None = Field(
+        None,
+        description="Export as of this iteration for the next student to train on (the "
+        "refresh's newest iteration when the student is trained outside the loop).",
+    )
+    metric: float | None = Field(None, description="The refreshed student's metric.")
+    baseline_metric: float | None = Field(
+        None, description="The best metric before the refreshed student's iteration."
+    )
+    job_status: JobStatus
+    job_status_reason: str | None
+    best_iteration: int | None
+    iterations: list[IterationRead]
+    created_at: datetime
+    started_at: datetime | None

@@ -70,7 +70,8 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         {JobStatus.paused, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
     ),
     JobStatus.paused: frozenset({JobStatus.running, JobStatus.queued, JobStatus.cancelled}),
-    JobStatus.succeeded: frozenset(),
+    # A refresh (POST /v1/jobs/{id}/refresh, service/refreshes.py) reopens a finished job.
+    JobStatus.succeeded: frozenset({JobStatus.running}),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }
