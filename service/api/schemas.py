@@ -185,6 +185,14 @@ class ExportCreate(BaseModel):
         description="jsonl (the task's own fields), lineage (plus kind, iteration, source row), "
         "chat (OpenAI fine-tuning messages), or dpo (ARTE's preference pairs).",
     )
+    iteration: int | None = Field(
+        None,
+        ge=0,
+        le=PG_INT_MAX,
+        description="The dataset as of this iteration: seed rows plus the accepted examples of "
+        "every included iteration up to it (e.g. a refresh's new iteration, which a student "
+        "trained outside the loop learns from before it is judged). Default: the best iteration.",
+    )
 
 
 class ExportRead(_Read):
@@ -195,6 +203,7 @@ class ExportRead(_Read):
     row_count: int
     manifest: dict[str, Any]
     error: str | None
+    iteration: int | None = None
     created_at: datetime
 
 

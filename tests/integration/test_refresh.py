@@ -151,6 +151,27 @@ def test_refresh_after_new_external_predictions_aims_at_the_new_errors(
     assert refresh["baseline_metric"] == its[0]["metric"]
     assert refresh["dataset_iteration"] == 2
 
+    # The export to train on holds iteration 2's rows; the best dataset does not, yet.
+    def export_rows(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        resp = st.client.post(f"/v1/jobs/{job_id}/exports", json=body, headers=st.auth)
+        assert resp.status_code == 202, resp.text
+        st.sender.run_until_idle()
+        done = st.client.get(f"/v1/exports/{resp.json()['id']}", headers=st.auth).json()
+        assert done["status"] == "succeeded", done
+        return int(done["row_count"]), done["manifest"]
+
+    as_of, manifest = export_rows({"format": "jsonl", "iteration": 2})
+    best, _ = export_rows({"format": "jsonl"})
+    assert manifest["through_iteration"] == 2
+    best_number = st.job(job_id)["best_iteration"]
+    newer = [it for it in its if it["included"] and best_number < it["number"] <= 2]
+    assert its[2] in newer and its[2]["examples_accepted"] > 0
+    assert as_of - best == sum(it["examples_accepted"] for it in newer)
+    too_far = st.client.post(
+        f"/v1/jobs/{job_id}/exports", json={"format": "jsonl", "iteration": 3}, headers=st.auth
+    )
+    assert too_far.status_code == 422 and "iteration" in too_far.json()["error"]["message"]
+
 
 def _gold_label(st: InlineStack, job_id: str, row_id: str) -> str:
     from service.models import DatasetRow
