@@ -4,6 +4,7 @@ DistillError
 ├── BadRequest (400)
 │   └── ValidationFailed (422) — a field or a JSONL line is wrong; details name it
 ├── Unauthorized (401)
+├── Forbidden (403) — a valid key that may not do this (a job-scoped key outside its job)
 ├── NotFound (404) — also another tenant's ids, which must not be distinguishable
 ├── Conflict (409) — e.g. a state transition that is not allowed
 └── PayloadTooLarge (413)
@@ -45,6 +46,11 @@ class ValidationFailed(BadRequest):
 class Unauthorized(DistillError):
     status_code = 401
     code = "unauthorized"
+
+
+class Forbidden(DistillError):
+    status_code = 403
+    code = "forbidden"
 
 
 class NotFound(DistillError):

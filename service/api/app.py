@@ -15,6 +15,7 @@ from service.api.routes import (
     exports,
     health,
     jobs,
+    keys,
     refreshes,
     teachers,
 )
@@ -94,6 +95,7 @@ def create_app(
         jobs.router,
         exports.router,
         refreshes.router,
+        keys.router,
     ):
         app.include_router(router)
     return app

@@ -212,6 +212,36 @@ class Health(BaseModel):
     checks: dict[str, str] = {}
 
 
+# --- API keys ---------------------------------------------------------------------------------
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Text = Field("default", min_length=1, max_length=200)
+    job_id: uuid.UUID | None = Field(
+        None, description="Scope the key to this job: it may read and refresh it, nothing else."
+    )
+    expires_at: datetime | None = Field(None, description="When the key stops working.")
+    expires_in_s: int | None = Field(
+        None, ge=1, le=10 * 366 * 86400, description="Or: seconds from now until it expires."
+    )
+
+
+class ApiKeyRead(_Read):
+    id: uuid.UUID
+    name: str
+    prefix: str = Field(..., description="The first characters of the key, to recognise it.")
+    job_id: uuid.UUID | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(..., description="The key itself; shown this once, never stored.")
+
+
 # --- refreshes --------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from service.models import Export
 router = APIRouter(prefix="/v1", tags=["exports"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
+    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
