@@ -32,6 +32,7 @@ from service.splits import (
     min_class_rows_for_validation,
 )
 from service.teachers import create_teacher, get_teacher
+from service.webhooks import record_job_event
 
 
 def spec_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
@@ -408,6 +409,8 @@ def transition_job(
             .execution_options(synchronize_session=False)
         )
     session.refresh(job)
+    if changed:
+        record_job_event(session, job)  # job.completed / job.failed webhooks, if subscribed
     return changed
 
 

@@ -18,6 +18,7 @@ from service.api.routes import (
     keys,
     refreshes,
     teachers,
+    webhooks,
 )
 from service.db import session_factory
 from service.settings import Settings, get_settings
@@ -96,6 +97,7 @@ def create_app(
         exports.router,
         refreshes.router,
         keys.router,
+        webhooks.router,
     ):
         app.include_router(router)
     return app

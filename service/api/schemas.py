@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.spec import Text
 from service.domain.statuses import (
+    DeliveryStatus,
     ExampleStatus,
     ExportStatus,
     IterationStatus,
@@ -280,3 +281,53 @@ class RefreshRead(BaseModel):
     iterations: list[IterationRead]
     created_at: datetime
     started_at: datetime | None
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: Text = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
+    events: list[Text] = Field(
+        ...,
+        min_length=1,
+        description="Any of iteration.completed, job.completed, job.failed.",
+    )
+    job_id: uuid.UUID | None = Field(None, description="Only this job's events; default: all.")
+    secret: Text | None = Field(
+        None,
+        min_length=16,
+        max_length=200,
+        description="Signing secret; generated (and shown once) when omitted.",
+    )
+    description: Text | None = Field(None, max_length=500)
+
+
+class WebhookRead(_Read):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    job_id: uuid.UUID | None
+    description: str | None
+    created_at: datetime
+
+
+class WebhookCreated(WebhookRead):
+    secret: str = Field(..., description="The signing secret; shown this once.")
+
+
+class WebhookDeliveryRead(_Read):
+    id: uuid.UUID = Field(..., description="Also the X-Distill-Delivery header: dedupe on it.")
+    subscription_id: uuid.UUID
+    job_id: uuid.UUID | None
+    event: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    response_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    created_at: datetime

@@ -106,6 +106,7 @@ def test_a_job_scoped_key_reads_and_refreshes_its_job_and_nothing_else(
         ("DELETE", f"/v1/jobs/{a}", None),
         ("POST", "/v1/keys", {"job_id": a}),
         ("GET", "/v1/keys", None),
+        ("POST", "/v1/webhooks", {"url": "https://example.com", "events": ["job.completed"]}),
     ):
         resp = client.request(method, path, json=body, headers=ci)
         assert resp.status_code == 403, (method, path, resp.text)
