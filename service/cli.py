@@ -28,6 +28,7 @@ from service.domain.statuses import JobStatus
 from service.errors import BadRequest, DistillError, NotFound, ValidationFailed
 from service.jobs import create_job, get_job, parse_spec, request_transition
 from service.models import Job, Tenant, utcnow
+from service.refresh_cli import refresh_command
 from service.settings import get_settings
 from service.tasks import SENDER, RecordingTaskSender, TaskSender
 
@@ -43,6 +44,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+# The CI step: a client of a (remote) server, no database of its own (service/refresh_cli.py).
+app.command("refresh")(refresh_command)
 
 TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
 
