@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -20,13 +21,14 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import create_api_key, get_or_create_tenant
+from service.auth import create_api_key, get_or_create_tenant, list_api_keys, revoke_api_key
 from service.datasets import create_dataset, parse_jsonl
 from service.db import get_engine, session_factory
 from service.domain.statuses import JobStatus
 from service.errors import BadRequest, DistillError, NotFound, ValidationFailed
 from service.jobs import create_job, get_job, parse_spec, request_transition
-from service.models import Job, Tenant
+from service.models import Job, Tenant, utcnow
+from service.refresh_cli import refresh_command
 from service.settings import get_settings
 from service.tasks import SENDER, RecordingTaskSender, TaskSender
 
@@ -42,6 +44,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+# The CI step: a client of a (remote) server, no database of its own (service/refresh_cli.py).
+app.command("refresh")(refresh_command)
 
 TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
 
@@ -122,14 +126,87 @@ def _redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '15m', '12h', '30d', '2w' → a timedelta (exit 2 on anything else)."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        fail(
+            ValidationFailed(
+                f"--expires-in: {text!r} is not a duration like 90s, 15m, 12h, 30d or 2w"
+            )
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNIT_S[match.group(2)])
+
+
 @keys_app.command("create")
-def keys_create(tenant: TenantOpt = "default", name: str = "default") -> None:
+def keys_create(
+    tenant: TenantOpt = "default",
+    name: str = "default",
+    job: Annotated[
+        uuid.UUID | None,
+        typer.Option(help="Scope the key to this job: read it and refresh it, nothing else."),
+    ] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="Expire after this long: 90s, 15m, 12h, 30d, 2w.")
+    ] = None,
+) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
-    with open_session() as session:
-        row, plain = create_api_key(session, get_or_create_tenant(session, tenant), name)
-        session.commit()
-    console.print(f"tenant {escape(tenant)}, key {row.prefix}… (id {row.id})")
+    expires_at = utcnow() + parse_duration(expires_in) if expires_in else None
+    try:
+        with open_session() as session:
+            t = _existing_tenant(session, tenant) if job else get_or_create_tenant(session, tenant)
+            row, plain = create_api_key(session, t, name, job_id=job, expires_at=expires_at)
+            session.commit()
+    except DistillError as exc:
+        fail(exc)
+    scope = f", job {job}" if job else ""
+    until = f", expires {expires_at.isoformat(timespec='seconds')}" if expires_at else ""
+    console.print(f"tenant {escape(tenant)}, key {row.prefix}… (id {row.id}){scope}{until}")
     typer.echo(plain)
+
+
+@keys_app.command("list")
+def keys_list(tenant: TenantOpt = "default") -> None:
+    """The tenant's keys (never the keys themselves): scope, expiry, revocation, last use."""
+    with open_session() as session:
+        try:
+            t = _existing_tenant(session, tenant)
+        except NotFound as exc:
+            fail(exc)
+        table = Table("name", "prefix", "job", "expires", "revoked", "created")
+        table.add_column("id", no_wrap=True, min_width=36)
+
+        def when(moment: Any) -> str:
+            return moment.isoformat(timespec="seconds") if moment else "-"
+
+        for key in list_api_keys(session, t.id):
+            table.add_row(
+                escape(key.name),
+                key.prefix + "…",
+                str(key.job_id) if key.job_id else "(tenant)",
+                when(key.expires_at),
+                when(key.revoked_at),
+                when(key.created_at),
+                str(key.id),
+            )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: uuid.UUID, tenant: TenantOpt = "default") -> None:
+    """Revoke a key: refused from the next request on."""
+    try:
+        with open_session() as session:
+            t = _existing_tenant(session, tenant)
+            row = revoke_api_key(session, t.id, key_id)
+            session.commit()
+    except DistillError as exc:
+        fail(exc)
+    console.print(f"key {row.prefix}… (id {row.id}) revoked")
 
 
 @datasets_app.command("upload")

@@ -4,7 +4,8 @@ DistillError
 ├── BadRequest (400)
 │   └── ValidationFailed (422) — a field or a JSONL line is wrong; details name it
 ├── Unauthorized (401)
-├── Forbidden (403) — e.g. a dashboard form without the session's CSRF token
+├── Forbidden (403) — a valid key that may not do this (a job-scoped key outside its job),
+│                     or a dashboard form without the session's CSRF token
 ├── NotFound (404) — also another tenant's ids, which must not be distinguishable
 ├── Conflict (409) — e.g. a state transition that is not allowed
 └── PayloadTooLarge (413)

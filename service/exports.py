@@ -13,7 +13,7 @@ from service.errors import NotFound, ValidationFailed
 from service.models import Export, Job
 
 
-def request_export(session: Session, job: Job, fmt: str) -> Export:
+def request_export(session: Session, job: Job, fmt: str, iteration: int | None = None) -> Export:
     if fmt not in ALL_FORMATS:
         raise ValidationFailed(
             f"format: unknown export format {fmt!r}",
@@ -25,7 +25,12 @@ def request_export(session: Session, job: Job, fmt: str) -> Export:
             f"(this job is {job.strategy})",
             details=[{"field": "format", "message": "use jsonl, lineage or chat"}],
         )
-    export = Export(job_id=job.id, format=fmt, status=ExportStatus.pending)
+    if iteration is not None and iteration > job.current_iteration:
+        raise ValidationFailed(
+            f"iteration: the job has no iteration {iteration} yet",
+            details=[{"field": "iteration", "message": f"latest is {job.current_iteration}"}],
+        )
+    export = Export(job_id=job.id, format=fmt, status=ExportStatus.pending, iteration=iteration)
     session.add(export)
     session.flush()
     tasks.enqueue(session, tasks.EXPORT_WRITE, str(export.id))

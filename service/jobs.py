@@ -33,6 +33,7 @@ from service.splits import (
     min_class_rows_for_validation,
 )
 from service.teachers import create_teacher, get_teacher
+from service.webhooks import record_job_event
 
 
 def spec_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
@@ -425,6 +426,8 @@ def transition_job(
         values["started_at"] = utcnow()
     if target in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
         values["finished_at"] = utcnow()
+    elif job.status is JobStatus.succeeded:  # reopened by a refresh
+        values["finished_at"] = None
     result = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == job.status, Job.status.in_(allowed_from))
@@ -442,6 +445,8 @@ def transition_job(
             .execution_options(synchronize_session=False)
         )
     session.refresh(job)
+    if changed:
+        record_job_event(session, job)  # job.completed / job.failed webhooks, if subscribed
     return changed
 
 

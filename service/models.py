@@ -28,10 +28,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.domain.statuses import (
     BatchStatus,
+    DeliveryStatus,
     ExampleStatus,
     ExportStatus,
     IterationStatus,
     JobStatus,
+    RefreshStatus,
 )
 
 NAMING_CONVENTION = {
@@ -95,6 +97,11 @@ class ApiKey(IdMixin, TimestampMixin, Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Scoped keys (service/auth.py): set, the key reads and refreshes this one job, nothing else.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     tenant: Mapped[Tenant] = relationship(lazy="raise")
 
 
@@ -233,6 +240,11 @@ class Iteration(IdMixin, TimestampMixin, Base):
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set on the iterations a refresh started: its note (commit SHA, CI run URL) and its id.
+    note: Mapped[str | None] = mapped_column(Text)
+    refresh_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("job_refreshes.id", ondelete="SET NULL")
+    )
 
     job: Mapped[Job] = relationship(back_populates="iterations", lazy="raise")
 
@@ -351,3 +363,81 @@ class Export(IdMixin, TimestampMixin, Base):
     row_count: Mapped[int] = mapped_column(Integer, default=0)
     manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    # The dataset as of this iteration (included iterations up to it); None: the best one.
+    iteration: Mapped[int | None] = mapped_column(Integer)
+
+
+# --- refreshes and webhooks -------------------------------------------------------------------
+
+
+class JobRefresh(IdMixin, TimestampMixin, Base):
+    """A request for the next iteration(s) of a job, aimed at its latest student's errors."""
+
+    __tablename__ = "job_refreshes"
+    __table_args__ = (
+        UniqueConstraint("job_id", "idempotency_key"),
+        Index("ix_job_refreshes_job_status", "job_id", "status", "created_at"),
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    status: Mapped[RefreshStatus] = mapped_column(_enum(RefreshStatus, "refresh_status"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    student: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    extra_budget: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # True when the refresh reopened a finished job (its budget then counts from the refresh).
+    reopened: Mapped[bool] = mapped_column(Boolean, default=False)
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL")
+    )
+    # Filled in when the loop starts it: the iteration whose metric is the refreshed student's,
+    # the first iteration it generates, and the best metric before the student's iteration.
+    student_iteration: Mapped[int | None] = mapped_column(Integer)
+    iteration: Mapped[int | None] = mapped_column(Integer)
+    baseline_metric: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookSubscription(IdMixin, TimestampMixin, Base):
+    """Where a tenant's (or one job's) events are POSTed, signed with the subscription's secret."""
+
+    __tablename__ = "webhook_subscriptions"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    description: Mapped[str | None] = mapped_column(String(500))
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    # As for teachers: only an operator's setting lets deliveries reach private addresses.
+    allow_private_network: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
+
+
+class WebhookDelivery(IdMixin, TimestampMixin, Base):
+    """One event for one subscription: attempted and retried with backoff from this row."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "event_key"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_subscriptions.id", ondelete="CASCADE")
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    event: Mapped[str] = mapped_column(String(64))
+    # What makes a redelivered step emit nothing twice, e.g. "iteration.completed:<id>".
+    event_key: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_status"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -68,6 +68,28 @@ class ApiSettings(BaseModel):
         description="How long a dashboard sign-in lasts; the cookie is signed with "
         "DISTILL_SECRET_KEY.",
     )
+    allow_private_webhook_urls: bool = Field(
+        False,
+        description="Let tenants point webhooks at private/loopback addresses, as "
+        "allow_private_teacher_urls does for teachers (and a refreshed endpoint student).",
+    )
+
+
+class WebhookSettings(BaseModel):
+    interval_s: float = Field(
+        10.0, gt=0, description="How often the periodic task sends the deliveries that are due."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of one delivery.")
+    max_attempts: int = Field(
+        30,
+        ge=1,
+        description="Attempts before a delivery is marked failed (kept in the log); with the "
+        "default delays, 30 attempts span about a day.",
+    )
+    retry_base_s: float = Field(
+        10.0, gt=0, description="First retry delay; doubled per attempt, with jitter."
+    )
+    retry_max_s: float = Field(3600.0, gt=0, description="Longest delay between two attempts.")
 
 
 class WorkerSettings(BaseModel):
@@ -104,6 +126,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     # The two conventional names win when set, so compose files and PaaS add-ons just work.
     database_url_env: str | None = Field(None, validation_alias="DATABASE_URL")

@@ -20,6 +20,7 @@ ITERATION_EVALUATE = "iterations.evaluate"
 BATCH_GENERATE = "batches.generate"
 PHASE_FINISH = "iterations.finish_phase"
 EXPORT_WRITE = "exports.write"
+WEBHOOKS_DELIVER = "webhooks.deliver"
 
 QUEUES: dict[str, str] = {
     JOB_START: "control",
@@ -28,6 +29,8 @@ QUEUES: dict[str, str] = {
     PHASE_FINISH: "evaluation",
     BATCH_GENERATE: "generation",
     EXPORT_WRITE: "export",
+    # Periodic, bounded by the delivery timeout; it never holds up a step of the loop.
+    WEBHOOKS_DELIVER: "control",
 }
 ALL_QUEUES = ("control", "generation", "evaluation", "export")
 

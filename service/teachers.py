@@ -33,13 +33,29 @@ def is_private_address(address: str) -> bool:
     )
 
 
-def check_base_url(url: str, *, allow_private: bool) -> None:
-    """Reject URLs a tenant must not point a worker at (cloud metadata, the internal network)."""
+TEACHER_PRIVATE_HINT = (
+    "only an operator can allow such a teacher: set DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true "
+    "on the API, or create the job with an inline teacher through the CLI (distill run / "
+    "distill jobs create)"
+)
+
+
+def check_base_url(
+    url: str,
+    *,
+    allow_private: bool,
+    field: str = "base_url",
+    private_hint: str = TEACHER_PRIVATE_HINT,
+) -> None:
+    """Reject URLs a tenant must not point a worker at (cloud metadata, the internal network).
+
+    Teachers, webhooks and a refreshed endpoint student share it; `field` names the request
+    field in the error, `private_hint` says who can allow a private address."""
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValidationFailed(
-            "base_url must be an http(s) URL",
-            details=[{"field": "base_url", "message": f"got {url!r}"}],
+            f"{field} must be an http(s) URL",
+            details=[{"field": field, "message": f"got {url!r}"}],
         )
     if allow_private:
         return
@@ -47,17 +63,14 @@ def check_base_url(url: str, *, allow_private: bool) -> None:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ValidationFailed(
-            "base_url host does not resolve",
-            details=[{"field": "base_url", "message": str(exc)}],
+            f"{field} host does not resolve",
+            details=[{"field": field, "message": str(exc)}],
         ) from exc
     for info in infos:
         if is_private_address(str(info[4][0])):
             raise ValidationFailed(
-                "base_url points at a private, loopback or link-local address; only an "
-                "operator can allow such a teacher: set "
-                "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API, or create the job "
-                "with an inline teacher through the CLI (distill run / distill jobs create)",
-                details=[{"field": "base_url", "message": f"{parts.hostname} → {info[4][0]}"}],
+                f"{field} points at a private, loopback or link-local address; {private_hint}",
+                details=[{"field": field, "message": f"{parts.hostname} → {info[4][0]}"}],
                 code="private_address",
             )
 

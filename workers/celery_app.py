@@ -6,7 +6,7 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
 from service.settings import get_settings
-from service.tasks import ALL_QUEUES, JOB_RECONCILE, QUEUES
+from service.tasks import ALL_QUEUES, JOB_RECONCILE, QUEUES, WEBHOOKS_DELIVER
 
 
 def make_celery() -> Celery:
@@ -34,7 +34,9 @@ def make_celery() -> Celery:
             "reconcile": {
                 "task": JOB_RECONCILE,
                 "schedule": float(settings.worker.reconcile_interval_s),
-            }
+            },
+            # Webhook deliveries are rows; this sends the due ones and schedules retries.
+            "webhooks": {"task": WEBHOOKS_DELIVER, "schedule": settings.webhooks.interval_s},
         },
     )
     app.conf.imports = ("workers.tasks",)

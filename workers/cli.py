@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import structlog
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -81,6 +82,8 @@ def serve(
     executor.start()
     reconciler = threading.Thread(target=_reconcile_loop, args=(stop,), daemon=True)
     reconciler.start()
+    webhooks = threading.Thread(target=_webhook_loop, args=(stop,), daemon=True)
+    webhooks.start()
     try:
         uvicorn.run(create_app(settings, task_sender=sender), host=host, port=port)
     finally:
@@ -113,6 +116,20 @@ def _reconcile_loop(stop: threading.Event) -> None:
     interval = get_settings().worker.reconcile_interval_s
     while not stop.wait(interval):
         inline_sender().send(TaskMessage(JOB_RECONCILE, ()))
+
+
+def _webhook_loop(stop: threading.Event) -> None:
+    """Embedded mode's beat for webhooks: its own thread, so a slow receiver never holds up
+    the steps the in-process executor runs."""
+    from workers.runtime import run_step
+    from workers.steps.webhooks import deliver_due
+
+    interval = get_settings().webhooks.interval_s
+    while not stop.wait(interval):
+        try:
+            run_step(deliver_due, with_ports=False)
+        except Exception:  # a bad row or a database hiccup must not end the deliveries
+            structlog.get_logger().exception("webhook.delivery_run_failed")
 
 
 @app.command()

@@ -30,6 +30,7 @@ def _handlers() -> dict[str, Callable[..., None]]:
     from workers.steps.export import write_export
     from workers.steps.generate import generate_batch
     from workers.steps.job import reconcile, start_job
+    from workers.steps.webhooks import deliver_due
 
     return {
         names.JOB_START: lambda job_id: run_step(start_job, job_id, with_ports=False),
@@ -40,6 +41,7 @@ def _handlers() -> dict[str, Callable[..., None]]:
         names.JOB_RECONCILE: lambda: run_step(
             reconcile, get_settings().worker.stuck_after_s, with_ports=False
         ),
+        names.WEBHOOKS_DELIVER: lambda: run_step(deliver_due, with_ports=False),
     }
 
 

@@ -17,6 +17,7 @@ from workers.steps.evaluate import StudentUnavailable, evaluate_iteration, finis
 from workers.steps.export import write_export
 from workers.steps.generate import TeacherUnavailable, generate_batch
 from workers.steps.job import reconcile, start_job
+from workers.steps.webhooks import deliver_due
 
 _COMMON: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
 
@@ -68,3 +69,8 @@ def job_reconcile() -> None:
 @celery_app.task(name=names.EXPORT_WRITE, **_COMMON)
 def export_write(export_id: str) -> None:
     run_step(write_export, export_id, with_ports=False)
+
+
+@celery_app.task(name=names.WEBHOOKS_DELIVER, **_COMMON)
+def webhooks_deliver() -> None:
+    run_step(deliver_due, with_ports=False)

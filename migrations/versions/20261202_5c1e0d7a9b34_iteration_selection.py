@@ -1,7 +1,7 @@
 """iteration selection: why an iteration's examples were kept or excluded, and the comparisons
 
 Revision ID: 5c1e0d7a9b34
-Revises: 33e3e265dac2
+Revises: ccb7053a0aa5
 Create Date: 2026-12-02 14:30:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "5c1e0d7a9b34"
-down_revision: str | None = "33e3e265dac2"
+down_revision: str | None = "ccb7053a0aa5"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
-from service.api.routes import datasets, exports, health, jobs, teachers
+from service.api.routes import (
+    datasets,
+    exports,
+    health,
+    jobs,
+    keys,
+    refreshes,
+    teachers,
+    webhooks,
+)
 from service.dashboard import install_dashboard
 from service.db import session_factory
 from service.settings import Settings, get_settings
@@ -81,7 +90,16 @@ def create_app(
         "/metrics",
         metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value()),
     )
-    for router in (health.router, datasets.router, teachers.router, jobs.router, exports.router):
+    for router in (
+        health.router,
+        datasets.router,
+        teachers.router,
+        jobs.router,
+        exports.router,
+        refreshes.router,
+        keys.router,
+        webhooks.router,
+    ):
         app.include_router(router)
     install_dashboard(app)  # the pages at / and /jobs/... (service/dashboard)
     return app

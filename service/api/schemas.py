@@ -9,7 +9,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.spec import Text
-from service.domain.statuses import ExampleStatus, ExportStatus, IterationStatus, JobStatus
+from service.domain.statuses import (
+    DeliveryStatus,
+    ExampleStatus,
+    ExportStatus,
+    IterationStatus,
+    JobStatus,
+)
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
@@ -157,6 +163,8 @@ class IterationRead(_Read):
     timings: dict[str, Any]
     started_at: datetime | None
     finished_at: datetime | None
+    note: str | None = Field(None, description="The note of the refresh that started it.")
+    refresh_id: uuid.UUID | None = None
 
 
 class ExampleRead(_Read):
@@ -186,6 +194,14 @@ class ExportCreate(BaseModel):
         description="jsonl (the task's own fields), lineage (plus kind, iteration, source row), "
         "chat (OpenAI fine-tuning messages), or dpo (ARTE's preference pairs).",
     )
+    iteration: int | None = Field(
+        None,
+        ge=0,
+        le=PG_INT_MAX,
+        description="The dataset as of this iteration: seed rows plus the accepted examples of "
+        "every included iteration up to it (e.g. a refresh's new iteration, which a student "
+        "trained outside the loop learns from before it is judged). Default: the best iteration.",
+    )
 
 
 class ExportRead(_Read):
@@ -196,9 +212,130 @@ class ExportRead(_Read):
     row_count: int
     manifest: dict[str, Any]
     error: str | None
+    iteration: int | None = None
     created_at: datetime
 
 
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+# --- API keys ---------------------------------------------------------------------------------
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Text = Field("default", min_length=1, max_length=200)
+    job_id: uuid.UUID | None = Field(
+        None, description="Scope the key to this job: it may read and refresh it, nothing else."
+    )
+    expires_at: datetime | None = Field(None, description="When the key stops working.")
+    expires_in_s: int | None = Field(
+        None, ge=1, le=10 * 366 * 86400, description="Or: seconds from now until it expires."
+    )
+
+
+class ApiKeyRead(_Read):
+    id: uuid.UUID
+    name: str
+    prefix: str = Field(..., description="The first characters of the key, to recognise it.")
+    job_id: uuid.UUID | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(..., description="The key itself; shown this once, never stored.")
+
+
+# --- refreshes --------------------------------------------------------------------------------
+
+
+class RefreshRead(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    status: str = Field(
+        ...,
+        description="pending (waits for the iteration under way), evaluating (an endpoint "
+        "student's revision is scored first), started (its iteration is planned).",
+    )
+    outcome: str = Field(
+        ...,
+        description="waiting; ready_for_student (an external student's turn: train on the new "
+        "data and post predictions); succeeded; failed; cancelled.",
+    )
+    note: str | None
+    student: dict[str, Any]
+    extra_budget: dict[str, Any]
+    student_iteration: int | None = Field(
+        None, description="The iteration whose metric is the refreshed student's."
+    )
+    iteration: int | None = Field(None, description="The first iteration the refresh generates.")
+    dataset_iteration: int | None = Field(
+        None,
+        description="Export as of this iteration for the next student to train on (the "
+        "refresh's newest iteration when the student is trained outside the loop).",
+    )
+    metric: float | None = Field(None, description="The refreshed student's metric.")
+    baseline_metric: float | None = Field(
+        None, description="The best metric before the refreshed student's iteration."
+    )
+    job_status: JobStatus
+    job_status_reason: str | None
+    best_iteration: int | None
+    iterations: list[IterationRead]
+    created_at: datetime
+    started_at: datetime | None
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: Text = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
+    events: list[Text] = Field(
+        ...,
+        min_length=1,
+        description="Any of iteration.completed, job.completed, job.failed.",
+    )
+    job_id: uuid.UUID | None = Field(None, description="Only this job's events; default: all.")
+    secret: Text | None = Field(
+        None,
+        min_length=16,
+        max_length=200,
+        description="Signing secret; generated (and shown once) when omitted.",
+    )
+    description: Text | None = Field(None, max_length=500)
+
+
+class WebhookRead(_Read):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    job_id: uuid.UUID | None
+    description: str | None
+    created_at: datetime
+
+
+class WebhookCreated(WebhookRead):
+    secret: str = Field(..., description="The signing secret; shown this once.")
+
+
+class WebhookDeliveryRead(_Read):
+    id: uuid.UUID = Field(..., description="Also the X-Distill-Delivery header: dedupe on it.")
+    subscription_id: uuid.UUID
+    job_id: uuid.UUID | None
+    event: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    response_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    created_at: datetime

@@ -215,7 +215,10 @@ def sign_in(
         principal = authenticate(db, f"Bearer {key}") if key else None
     except Unauthorized:
         principal = None
-    if principal is None:
+    scoped = principal is not None and principal.job_id is not None
+    if principal is None or scoped:
+        # A job-scoped key (a CI secret) reads and refreshes one job over the API; the
+        # dashboard acts on every job of the tenant, so it takes tenant keys only.
         return render(
             request,
             "sign_in.html",
@@ -223,7 +226,10 @@ def sign_in(
                 "next": _safe_next(next_),
                 "why": None,
                 "signed_out": False,
-                "error": "That API key is not valid, or it was revoked."
+                "error": "That key is limited to one job (a CI key): sign in with a key of "
+                "the whole tenant."
+                if scoped
+                else "That API key is not valid, or it was revoked."
                 if key
                 else "Enter an API key.",
                 "sign_in_token": csrf_token,

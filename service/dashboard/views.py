@@ -122,7 +122,7 @@ def selection(it: Iteration) -> tuple[bool, str]:
 
     The decision rule's own sentence (`selection_reason`) when the row has one; otherwise what
     the flags say."""
-    reason = getattr(it, "selection_reason", None)
+    reason = it.selection_reason
     excluded = not it.included
     if isinstance(reason, str) and reason.strip():
         return excluded, reason.strip()
@@ -309,7 +309,7 @@ def job_signature(job: Job, iterations: Sequence[Iteration], exports: Sequence[E
                     it.examples_rejected,
                     it.tokens_in + it.tokens_out,
                     it.included,
-                    getattr(it, "selection_reason", None),
+                    it.selection_reason,
                 )
                 for it in iterations
             ],

@@ -46,6 +46,20 @@ class ExportStatus(StrEnum):
     failed = "failed"
 
 
+class RefreshStatus(StrEnum):
+    """A refresh waits for the loop's next decision point, then starts its iteration(s)."""
+
+    pending = "pending"  # recorded; the loop starts it when the iteration under way completes
+    evaluating = "evaluating"  # an endpoint student's revision is being evaluated first
+    started = "started"  # its first generation iteration is planned
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"  # waiting for its next attempt
+    succeeded = "succeeded"
+    failed = "failed"  # every attempt failed; kept in the delivery log
+
+
 JOB_TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -56,7 +70,8 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         {JobStatus.paused, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
     ),
     JobStatus.paused: frozenset({JobStatus.running, JobStatus.queued, JobStatus.cancelled}),
-    JobStatus.succeeded: frozenset(),
+    # A refresh (POST /v1/jobs/{id}/refresh, service/refreshes.py) reopens a finished job.
+    JobStatus.succeeded: frozenset({JobStatus.running}),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }

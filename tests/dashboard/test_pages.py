@@ -22,7 +22,7 @@ from service.auth import create_api_key, get_or_create_tenant
 from service.cli import upgrade_database
 from service.dashboard.sessions import SESSION_COOKIE
 from service.db import make_engine, session_factory
-from service.models import ApiKey, Example, Iteration, TeacherCall, utcnow
+from service.models import ApiKey, Example, Iteration, TeacherCall, Tenant, utcnow
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings, get_settings
 from tests.conftest import fresh_database
 from tests.dashboard.conftest import form_token, job_spec, sign_in
@@ -195,6 +195,23 @@ def test_a_wrong_key_is_refused_and_sets_no_session(dash: Dash, client: TestClie
         assert 'role="alert"' in resp.text
         assert SESSION_COOKIE not in resp.headers.get("set-cookie", "")
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_a_job_scoped_ci_key_cannot_sign_in(dash: Dash, client: TestClient) -> None:
+    with dash.sessions() as s:
+        tenant = s.scalar(select(Tenant).where(Tenant.name == "team-a"))
+        assert tenant is not None
+        _, scoped = create_api_key(s, tenant, "ci", job_id=uuid.UUID(dash.job))
+        s.commit()
+    page = client.get("/sign-in")
+    resp = client.post(
+        "/sign-in",
+        data={"api_key": scoped, "csrf_token": form_token(page.text), "next": "/"},
+        follow_redirects=False,
+    )
+    assert resp.status_code == 401
+    assert "limited to one job" in resp.text
+    assert SESSION_COOKIE not in resp.headers.get("set-cookie", "")
 
 
 def test_the_sign_in_form_needs_its_own_token(dash: Dash, client: TestClient) -> None:
@@ -423,8 +440,11 @@ def test_an_excluded_iteration_is_shown_as_such_with_its_reason(
             select(Iteration).where(Iteration.job_id == uuid.UUID(dash.job), Iteration.number == 1)
         )
         assert it is not None
+        reason = "excluded: measurably worse than iteration 0 — validation accuracy -9.0 pts"
         s.execute(
-            update(Iteration).where(Iteration.id == it.id).values(included=False, regressed=True)
+            update(Iteration)
+            .where(Iteration.id == it.id)
+            .values(included=False, regressed=True, selection_reason=reason)
         )
         s.commit()
     try:
@@ -433,13 +453,13 @@ def test_an_excluded_iteration_is_shown_as_such_with_its_reason(
             r'data-iteration="1"\s+data-value="[^"]*" data-best="false" data-excluded="true"', html
         )
         row = re.search(r'<tr data-iteration="1">(.*?)</tr>', html, re.S)
-        assert row is not None and "excluded: its data lowered the metric" in row.group(1)
+        assert row is not None and "measurably worse than iteration 0" in row.group(1)
     finally:
         with dash.sessions() as s:
             s.execute(
                 update(Iteration)
                 .where(Iteration.job_id == uuid.UUID(dash.job), Iteration.number == 1)
-                .values(included=True, regressed=False)
+                .values(included=True, regressed=False, selection_reason=None)
             )
             s.commit()
 
@@ -477,8 +497,8 @@ def test_the_lineage_shows_the_seed_row_the_wrong_prediction_prompt_and_call(
     dash: Dash, client: TestClient
 ) -> None:
     sign_in(client, dash.key_a)
-    example = _an_example(dash, status="accepted")
-    assert example.source_row_id is not None and example.target_reason == "wrong_seed"
+    example = _an_example(dash, status="accepted", target_reason="wrong_seed")
+    assert example.source_row_id is not None
     with dash.sessions() as s:
         call = s.get(TeacherCall, example.teacher_call_id)
         assert call is not None

@@ -51,7 +51,10 @@ def _file_stem(name: str) -> str:
     return stem or "job"
 
 
-def best_dataset(session: Session, job: Job) -> list[ExportRow]:
+def best_dataset(session: Session, job: Job, through: int | None = None) -> list[ExportRow]:
+    """Seed rows + accepted examples of the included iterations up to the best one (or up to
+    `through`: a refresh's new iteration, before a student trained outside the loop is judged
+    on it)."""
     ctx = load_job_context(session, job)
     typed = _typed_labels(session, ctx)
     rows = [
@@ -65,6 +68,8 @@ def best_dataset(session: Session, job: Job) -> list[ExportRow]:
         for r in ctx.train
     ]
     best = job.best_iteration if job.best_iteration is not None else job.current_iteration
+    if through is not None:
+        best = through
     stmt = (
         select(Example, Iteration.number)
         .join(Iteration, Iteration.id == Example.iteration_id)
@@ -157,7 +162,7 @@ def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = 
             lines = render_preference_lines(pairs)
             counts = {"preference_pair": len(pairs)}
         else:
-            rows = best_dataset(session, job)
+            rows = best_dataset(session, job, export.iteration)
             lines = render_lines(ctx.spec.task, rows, export.format)
             counts = dict(Counter(r.kind for r in rows))
         directory = out_dir or get_settings().exports_dir / str(job.id)
@@ -184,6 +189,7 @@ def write_export(session: Session, export_id: uuid.UUID, out_dir: Path | None = 
         "by_kind": counts,
         "best_iteration": job.best_iteration,
         **_selection_summary(session, job),
+        "through_iteration": export.iteration,
         # An export may be taken while the job runs (the best data so far): say so.
         "job_status": job.status.value,
         "job_finished": job.status in JOB_TERMINAL,

@@ -111,6 +111,10 @@ def budget_reason(job: Job, ctx: JobContext) -> str | None:
 
 def decide_and_continue(session: Session, job: Job) -> None:
     """After an iteration completed: stop (and mark the best) or plan the next one."""
+    from workers.steps.refresh import start_due_refresh  # it plans through this module
+
+    if start_due_refresh(session, job):
+        return  # a refresh asked for the next iteration (workers/steps/refresh.py)
     ctx = load_job_context(session, job)
     past = history(session, job)
     last = past[-1].iteration if past else 0

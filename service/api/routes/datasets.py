@@ -21,6 +21,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
+    403: {"model": ErrorBody},  # a job-scoped API key
     413: {"model": ErrorBody},
     422: {"model": ErrorBody},
 }

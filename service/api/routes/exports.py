@@ -20,6 +20,7 @@ from service.models import Export
 router = APIRouter(prefix="/v1", tags=["exports"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
+    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
@@ -33,8 +34,11 @@ def create_export(
     job_id: uuid.UUID, body: ExportCreate, session: SessionDep, principal: PrincipalDep
 ) -> Export:
     """Starts writing the best dataset (seed rows + accepted examples of included iterations
-    up to the best one); follow the returned export until it has succeeded."""
-    export = request_export(session, get_job(session, principal.tenant_id, job_id), body.format)
+    up to the best one, or up to `iteration`); follow the returned export until it has
+    succeeded."""
+    export = request_export(
+        session, get_job(session, principal.tenant_id, job_id), body.format, body.iteration
+    )
     session.commit()
     return export
 

@@ -38,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 IterationNumber = Annotated[int, Path(ge=0, le=PG_INT_MAX, description="Iteration number.")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
+    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},

@@ -17,6 +17,7 @@ from service.teachers import create_teacher, delete_teacher, get_teacher, update
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
+    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
