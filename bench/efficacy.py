@@ -241,6 +241,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5, help="seed rows per class")
     parser.add_argument("--budget-per-class", type=int, default=10)
     parser.add_argument("--teacher-mode", choices=["nearest", "random"], default="nearest")
+    parser.add_argument(
+        "--mislabel",
+        type=float,
+        default=0.0,
+        help="share of the teacher's rows given a wrong label (a lying teacher: the keep/exclude "
+        "rule should then exclude iterations)",
+    )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
     args = parser.parse_args()
 
@@ -297,7 +304,12 @@ def main() -> None:
                 known = {r["text"]: r["label"] for r in split.train + split.test}
                 for strategy in strategies:
                     teacher = RetrievalTeacher(
-                        pool, embed, mode=args.teacher_mode, known=known, seed=seed
+                        pool,
+                        embed,
+                        mode=args.teacher_mode,
+                        known=known,
+                        seed=seed,
+                        mislabel=args.mislabel,
                     )
                     with TeacherThread(teacher) as server:
                         spec = {
@@ -344,7 +356,9 @@ def gap(score: float, seed_only: float, full: float) -> float:
 def print_table(results: dict[str, Any], strategies: list[str], args: argparse.Namespace) -> None:
     print(
         f"\nEfficacy: K={args.k} seed rows per class, budget {args.budget_per_class} x classes, "
-        f"{args.seeds} seed(s), retrieval teacher ({args.teacher_mode}), judge = MiniLM + "
+        f"{args.seeds} seed(s), retrieval teacher ({args.teacher_mode}"
+        + (f", {100 * args.mislabel:.0f}% mislabelled" if args.mislabel else "")
+        + "), judge = MiniLM + "
         "balanced logistic regression, test accuracy.\nGap closed, mean over seeds "
         "(per seed in brackets):\n"
     )

@@ -13,6 +13,9 @@ instruction asks for — and answers with pool rows of that label:
 - mode ``random``: unused pool rows of that label drawn at random (an on-label teacher that does
   not follow the prompt's examples).
 
+With `mislabel` > 0 the teacher lies: that share of the rows it gives out carry a wrong label
+(drawn at random from the others), which is what the keep/exclude rule must catch.
+
 A pool row is given out once per server (a teacher writes new text); once a label's pool is used
 up the nearest used rows come back, and the product's dedup filter rejects them, visibly.
 Prompts that ask for the label of a given text (rationales, verification) are answered with the
@@ -245,10 +248,13 @@ class RetrievalTeacher:
         mode: str = "nearest",
         known: Mapping[str, str] | None = None,
         seed: int = 0,
+        mislabel: float = 0.0,
     ) -> None:
         if mode not in ("nearest", "random"):
             raise ValueError(f"mode must be nearest or random, not {mode!r}")
         self.pool, self.embed, self.mode, self.seed = pool, embed, mode, seed
+        self.mislabel = mislabel
+        self._lies = random.Random(f"{seed}:lies")
         self.known = dict(known or {})
         self.used: set[int] = set()
         self.requests = 0
@@ -278,8 +284,12 @@ class RetrievalTeacher:
             label = self._label_for(prompt, messages)
         picked = self._pick(prompt, label, n, messages)
         examples = []
+        others = sorted(set(self.pool.by_label) - {label})
         for index in picked:
-            item: dict[str, Any] = {text_key: self.pool.texts[index], label_key: label}
+            told = label
+            if others and self._lies.random() < self.mislabel:
+                told = self._lies.choice(others)
+            item: dict[str, Any] = {text_key: self.pool.texts[index], label_key: told}
             if "rationale" in required or "rationale" in keys:
                 item["rationale"] = f"This text is an example of {label}, so its label is {label}."
             examples.append(item)
@@ -441,9 +451,12 @@ def main() -> None:
     parser.add_argument("--pool", type=Path, required=True, help="JSONL rows with text, label")
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--mode", choices=["nearest", "random"], default="nearest")
+    parser.add_argument("--mislabel", type=float, default=0.0, help="share of wrong labels")
     args = parser.parse_args()
     embed = EmbeddingTable(minilm_encoder())
-    teacher = RetrievalTeacher(load_pool(args.pool, embed), embed, mode=args.mode)
+    teacher = RetrievalTeacher(
+        load_pool(args.pool, embed), embed, mode=args.mode, mislabel=args.mislabel
+    )
     web.run_app(create_app(teacher), host="127.0.0.1", port=args.port)
 
 
