@@ -325,6 +325,9 @@ def _run_spec(
             exit_code=1,
         )
     console.print(escape(f"export: {export.path} ({export.row_count} rows)"), soft_wrap=True)
+    holds = (export.manifest or {}).get("holds")
+    if holds:
+        console.print(escape(f"the export holds {holds}"), soft_wrap=True)
 
 
 def _did_not_succeed(
