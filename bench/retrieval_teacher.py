@@ -324,6 +324,8 @@ class RetrievalTeacher:
             picked.append(index)
             if len(picked) == n:
                 break
+        while picked and len(picked) < n:  # a label with fewer rows than asked: repeat them
+            picked.append(picked[len(picked) % len(set(picked))])
         self.reused += sum(1 for i in picked if i in self.used)
         self.used.update(picked)
         self.rows_served += len(picked)

@@ -156,10 +156,17 @@ def _held_out_first(rows: list[EvaluatedRow], rng: random.Random) -> list[Evalua
 
 
 def _relevant_first(
-    rows: Sequence[EvaluatedRow], relevant: Callable[[EvaluatedRow], bool], n: int
+    rows: Sequence[EvaluatedRow], relevant: Callable[[EvaluatedRow], bool], n: int, part: int = 0
 ) -> list[EvaluatedRow]:
-    """Up to n rows, those about the target's classes first, each group in the given order."""
-    ordered = [r for r in rows if relevant(r)] + [r for r in rows if not relevant(r)]
+    """Up to n rows, those about the target's classes first, each group in the given order.
+
+    The `part`-th prompt of one target starts `part * n` rows further into the relevant ones, so
+    prompts that split a large share show different rows rather than the same ones again."""
+    chosen = [r for r in rows if relevant(r)]
+    if chosen and part:
+        start = (part * n) % len(chosen)
+        chosen = chosen[start:] + chosen[:start]
+    ordered = chosen + [r for r in rows if not relevant(r)]
     return ordered[:n]
 
 
@@ -247,6 +254,17 @@ class PGKD(Strategy):
         def involves(row: EvaluatedRow) -> bool:
             return row.gold in focus or row.predicted in focus
 
+        # The rows the student already gets right are shown from the classes it confuses with
+        # the target, never from the target itself: a teacher writes near what it is shown,
+        # and examples like the ones the student handles teach it little.
+        neighbours = {p.predicted for p in report.confusion_pairs if p.gold == gold} | {
+            p.gold for p in report.confusion_pairs if p.predicted == gold
+        }
+        contrast = ({other} if other is not None else neighbours) - {gold}
+
+        def contrasting(row: EvaluatedRow) -> bool:
+            return row.gold in contrast
+
         def exact_pair(row: EvaluatedRow) -> bool:
             return row.gold == gold and (row.predicted == other if is_pair else True)
 
@@ -254,6 +272,7 @@ class PGKD(Strategy):
             _relevant_first(negatives, exact_pair, len(negatives)),
             involves,
             params.n_hard_negatives,
+            part,
         )
         # Lineage: the most confident mistake that this target answers, when there is one.
         source = next((row.row_id for row in negatives if exact_pair(row)), None)
@@ -277,11 +296,16 @@ class PGKD(Strategy):
                 "report": _report_table(report, labels, focus, params.max_report_classes),
                 "correct": [
                     {"text": r.input, "label": r.gold}
-                    for r in _relevant_first(correct, involves, params.n_correct_shown)
+                    for r in _relevant_first(
+                        [r for r in correct if r.gold != gold],
+                        contrasting,
+                        params.n_correct_shown,
+                        part,
+                    )
                 ],
                 "wrong": [
                     {"text": r.input, "gold": r.gold, "predicted": r.predicted}
-                    for r in _relevant_first(wrong_pool, involves, params.n_wrong_shown)
+                    for r in _relevant_first(wrong_pool, involves, params.n_wrong_shown, part)
                 ],
                 "hard_negatives": [
                     {

@@ -169,9 +169,22 @@ def test_prompt_carries_hard_negatives_paired_with_the_confused_class() -> None:
         {"text": "text of v05", "gold": "shipping", "predicted": "billing"},
         {"text": "text of v09", "gold": "other", "predicted": None},
     ]
+    # Rows the student gets right come from the class it confuses the target with (all three
+    # billing ones), then from other classes, never from the target itself.
     correct = blocks["Classified correctly"]
     assert len(correct) == 4
-    assert {row["label"] for row in correct} <= {"billing", "shipping"}
+    assert [row["label"] for row in correct[:3]] == ["billing"] * 3
+    assert "shipping" not in {row["label"] for row in correct}
+
+
+def test_the_prompts_of_one_large_share_show_different_rows() -> None:
+    params = {"examples_per_target": 1, "n_hard_negatives": 1}
+    targets = _by_id(PGKD().plan(_ctx(params, max_examples=40)))
+    shown = [
+        _blocks(targets[f"weak:shipping{suffix}"])["Hard negatives (confident mistakes)"]
+        for suffix in ("", "#2")
+    ]
+    assert [s[0]["text"] for s in shown] == ["text of v03", "text of v04"]
 
 
 def test_prompt_request_names_the_pair() -> None:
