@@ -3,6 +3,8 @@
     python -m bench.efficacy                          # TREC, SST-2, HWU64; 3 seeds; all strategies
     python -m bench.efficacy --data hwu64 --seeds 1 --strategies pgkd,random
     python -m bench.efficacy --teacher-mode random    # an on-label teacher that ignores the prompt
+    python -m bench.efficacy --mislabel 0.5           # a teacher that lies half the time
+    python -m bench.efficacy --teacher-url http://vllm:8000/v1 --teacher-model Qwen/Qwen2.5-7B-Instruct
 
 For each data set (read where it lies, ../shared/data) and seed: K rows per class are the seed
 set, a stratified validation set is drawn from the data's validation split (from the rest of the
@@ -249,7 +251,17 @@ def main() -> None:
         "rule should then exclude iterations)",
     )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
+    parser.add_argument(
+        "--teacher-url",
+        help="a real OpenAI-compatible teacher instead of the retrieval teacher (e.g. "
+        "http://vllm:8000/v1); the pool then only serves the uniform reference",
+    )
+    parser.add_argument("--teacher-model", help="the model name at --teacher-url")
+    parser.add_argument("--api-key-env", help="environment variable holding the teacher's key")
+    parser.add_argument("--concurrency", type=int, default=16, help="with --teacher-url")
     args = parser.parse_args()
+    if bool(args.teacher_url) != bool(args.teacher_model):
+        parser.error("give both --teacher-url and --teacher-model, or neither")
 
     names = [n for n in args.data.split(",") if n]
     missing = [str(DATA / n) for n in names if not (DATA / n / "train.jsonl").exists()]
@@ -312,6 +324,18 @@ def main() -> None:
                         mislabel=args.mislabel,
                     )
                     with TeacherThread(teacher) as server:
+                        endpoint = {
+                            "base_url": server.base_url,
+                            "model": "retrieval-teacher",
+                            "limits": {"max_concurrency": 1},
+                        }
+                        if args.teacher_url:
+                            endpoint = {
+                                "base_url": args.teacher_url,
+                                "model": args.teacher_model,
+                                "api_key_env": args.api_key_env,
+                                "limits": {"max_concurrency": args.concurrency},
+                            }
                         spec = {
                             "name": f"{name}-{seed}-{strategy}",
                             "strategy": strategy,
@@ -321,11 +345,7 @@ def main() -> None:
                                 "validation": ids["validation"],
                                 "test": ids["test"],
                             },
-                            "teacher": {
-                                "base_url": server.base_url,
-                                "model": "retrieval-teacher",
-                                "limits": {"max_concurrency": 1},
-                            },
+                            "teacher": endpoint,
                             "budget": {"max_examples": budget},
                             "seed": seed,
                         }
@@ -356,9 +376,15 @@ def gap(score: float, seed_only: float, full: float) -> float:
 def print_table(results: dict[str, Any], strategies: list[str], args: argparse.Namespace) -> None:
     print(
         f"\nEfficacy: K={args.k} seed rows per class, budget {args.budget_per_class} x classes, "
-        f"{args.seeds} seed(s), retrieval teacher ({args.teacher_mode}"
-        + (f", {100 * args.mislabel:.0f}% mislabelled" if args.mislabel else "")
-        + "), judge = MiniLM + "
+        f"{args.seeds} seed(s), "
+        + (
+            f"teacher {args.teacher_model} at {args.teacher_url}"
+            if args.teacher_url
+            else f"retrieval teacher ({args.teacher_mode}"
+            + (f", {100 * args.mislabel:.0f}% mislabelled" if args.mislabel else "")
+            + ")"
+        )
+        + ", judge = MiniLM + "
         "balanced logistic regression, test accuracy.\nGap closed, mean over seeds "
         "(per seed in brackets):\n"
     )
