@@ -154,6 +154,7 @@ class JobResult:
     rejected: int
     teacher_calls: int
     validation: list[str] = field(default_factory=list)
+    selection: list[str] = field(default_factory=list)
     score: float = 0.0
     seconds: float = 0.0
 
@@ -228,6 +229,7 @@ class Runner:
                     for it in iterations
                     if it.metric is not None
                 ],
+                selection=[f"{it.number}: {it.selection_reason}" for it in iterations],
                 score=0.0,
                 seconds=time.monotonic() - started,
             ), [(r.input, r.output) for r in rows]
@@ -251,6 +253,9 @@ def main() -> None:
         "rule should then exclude iterations)",
     )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print why each iteration was kept"
+    )
     parser.add_argument(
         "--teacher-url",
         help="a real OpenAI-compatible teacher instead of the retrieval teacher (e.g. "
@@ -359,6 +364,9 @@ def main() -> None:
                         f"calls {result.teacher_calls} {result.seconds:.0f}s — {result.reason}",
                         flush=True,
                     )
+                    if args.verbose:
+                        for line in result.selection:
+                            print(f"      {line}", flush=True)
                 embed.save()
                 per_seed.append(row)
             results[name] = {"full": full, "labels": n_labels, "budget": budget, "seeds": per_seed}

@@ -25,42 +25,56 @@ from pydantic import BaseModel
 MetricName = Literal["accuracy", "macro_f1"]
 
 
-def validation_halves(
-    rows: Sequence[tuple[str, str]], seed: int
-) -> tuple[frozenset[str], frozenset[str]]:
-    """The validation rows `(row_id, label)` as two halves, stratified by label and seeded.
+class ValidationRoles(BaseModel):
+    """Which validation rows steer an iteration and which judge it (`validation_roles`)."""
 
-    Each iteration shows the teacher one half (the student's mistakes there steer what it
-    writes) and judges the iteration's examples on the other: rows that steered the teacher
-    would flatter its data (the student is fixed exactly where the teacher was shown it fails),
-    so they never decide whether that data is kept. The halves take turns, odd iterations
-    steering with the first and even ones with the second, so over the loop every validation row
-    steers and every decision is made on rows its own prompts never showed. Each comparison is
-    paired (the same rows, students with and without the iteration's examples), so what earlier
-    iterations were steered by weighs on both sides alike.
-    """
+    steering: frozenset[str]
+    # Rows the iteration's prompts never showed: the step from the previous kept iteration is
+    # judged on them.
+    judging_step: frozenset[str]
+    # Rows no iteration ever shows: the comparison with the seed-only student, and the metric
+    # every iteration reports, are computed on them.
+    held_out: frozenset[str]
+
+
+def validation_thirds(
+    rows: Sequence[tuple[str, str]], seed: int
+) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The validation rows `(row_id, label)` in three parts, stratified by label and drawn with
+    the job seed: two that take turns steering, one that is never shown."""
     by_label: dict[str, list[str]] = {}
     for row_id, label in rows:
         by_label.setdefault(label, []).append(row_id)
-    halves: tuple[set[str], set[str]] = (set(), set())
+    parts: tuple[set[str], set[str], set[str]] = (set(), set(), set())
     turn = 0
     for label in sorted(by_label):
         ranked = sorted(
             by_label[label],
-            key=lambda row_id: hashlib.sha256(f"{seed}:half:{row_id}".encode()).hexdigest(),
+            key=lambda row_id: hashlib.sha256(f"{seed}:part:{row_id}".encode()).hexdigest(),
         )
         for row_id in ranked:
-            halves[turn % 2].add(row_id)
-            turn += 1  # continues across labels, so odd-sized labels even out the halves
-    return frozenset(halves[0]), frozenset(halves[1])
+            parts[turn % 3].add(row_id)
+            turn += 1  # continues across labels, so small labels even out the parts
+    return frozenset(parts[0]), frozenset(parts[1]), frozenset(parts[2])
 
 
-def steering_half(
-    rows: Sequence[tuple[str, str]], seed: int, iteration: int
-) -> tuple[frozenset[str], frozenset[str]]:
-    """(rows that steer iteration `iteration`, rows that judge it); see `validation_halves`."""
-    first, second = validation_halves(rows, seed)
-    return (first, second) if iteration % 2 == 1 else (second, first)
+def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int) -> ValidationRoles:
+    """The roles of the validation rows in iteration `iteration`, for a strategy that shows
+    validation rows to the teacher.
+
+    A row that steered the teacher would flatter its data (the student is fixed exactly where
+    the teacher was shown it fails), so it must not judge that data. The rows are cut in three
+    (`validation_thirds`): odd iterations steer with the first third, even ones with the second,
+    so each iteration aims at mistakes the loop has not aimed at yet; the third third is never
+    shown. An iteration's step is judged on the two thirds its own prompts never showed: the
+    two students compared differ only by this iteration's examples, so what earlier iterations
+    were steered by weighs on both alike. The comparison with the seed-only student spans every
+    iteration's examples, and the metric each iteration reports must be comparable across
+    iterations, so both use the third that is never shown.
+    """
+    first, second, never = validation_thirds(rows, seed)
+    steering, other = (first, second) if iteration % 2 == 1 else (second, first)
+    return ValidationRoles(steering=steering, judging_step=other | never, held_out=never)
 
 
 # 90% two-sided interval: "measurably worse" is a one-sided 95% call.
@@ -72,6 +86,7 @@ class Comparison(BaseModel):
     """metric(candidate) - metric(reference) on the same rows, with a bootstrap interval."""
 
     reference: int
+    measure: str = "metric"  # or "gold_log_probability"
     delta: float
     low: float
     high: float
@@ -163,6 +178,27 @@ def paired_bootstrap_correct(
 ) -> Comparison:
     """`paired_bootstrap` of accuracy from each row's correctness (QA answers are checked by
     `answers.answers_match`, not by equality, so their rows come as verdicts)."""
+    return paired_bootstrap_scores(
+        [float(c) for c in candidate],
+        [float(r) for r in reference],
+        reference_iteration=reference_iteration,
+        resamples=resamples,
+        confidence=confidence,
+        seed=seed,
+    )
+
+
+def paired_bootstrap_scores(
+    candidate: Sequence[float],
+    reference: Sequence[float],
+    *,
+    reference_iteration: int,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> Comparison:
+    """The mean of a per-row score (1/0 for a right/wrong answer, the log-probability of the
+    gold label, ...) of the candidate minus the reference's, with a paired bootstrap interval."""
     n = len(candidate)
     if len(reference) != n:
         raise ValueError("candidate and reference must cover the same rows")
@@ -201,36 +237,52 @@ def select_iteration(
     metric: MetricName = "accuracy",
     min_delta: float = 0.0,
     new_examples: int = 1,
+    certainty: Sequence[Comparison] = (),
 ) -> Selection:
     """Keep the iteration's examples unless a comparison shows it measurably worse: the whole
-    interval below `-min_delta`. It *improved* when the interval against the previous kept
-    iteration (the first comparison) lies wholly above `min_delta`."""
+    metric interval below `-min_delta`, or, where the student gives probabilities, a lower
+    metric together with a mean log-probability of the gold label whose whole interval is below
+    zero (`certainty`, one per reference). The second test has far more power on a small
+    validation set, because a wrong label teaches the student doubt on many rows long before it
+    flips their predictions; it needs the metric to have dropped too, so a tie keeps the data.
+    The iteration *improved* when the metric interval against the previous kept iteration (the
+    first comparison) lies wholly above `min_delta`."""
     name = "macro-F1" if metric == "macro_f1" else "accuracy"
     if new_examples == 0:
         return Selection(
             included=True,
             improved=False,
             reason="kept: no new examples (the student is the previous one)",
-            comparisons=list(comparisons),
+            comparisons=[*comparisons, *certainty],
         )
     if not comparisons:
         return Selection(
             included=True, improved=False, reason="kept: nothing to compare with", comparisons=[]
         )
-    worse = [c for c in comparisons if c.high < -min_delta]
-    first = comparisons[0]
-    if worse:
-        c = worse[0]
+    doubt = {c.reference: c for c in certainty}
+    every = [*comparisons, *certainty]
+    for c in comparisons:
+        less_sure = doubt.get(c.reference)
+        if c.high < -min_delta:
+            why = (
+                f"validation {name} {_points(c.delta)} (90% interval {_points(c.low)} to "
+                f"{_points(c.high)}, {c.n} rows)"
+            )
+        elif less_sure is not None and less_sure.high < 0 and c.delta < -min_delta:
+            why = (
+                f"less sure of the right labels (mean log-probability of the gold label "
+                f"{less_sure.delta:+.3f}, 90% interval {less_sure.low:+.3f} to "
+                f"{less_sure.high:+.3f}) and validation {name} {_points(c.delta)}, {c.n} rows"
+            )
+        else:
+            continue
         return Selection(
             included=False,
             improved=False,
-            reason=(
-                f"excluded: measurably worse than iteration {c.reference} — validation {name} "
-                f"{_points(c.delta)} (90% interval {_points(c.low)} to {_points(c.high)}, "
-                f"{c.n} rows)"
-            ),
-            comparisons=list(comparisons),
+            reason=f"excluded: measurably worse than iteration {c.reference} — {why}",
+            comparisons=every,
         )
+    first = comparisons[0]
     improved = first.low > min_delta
     verdict = "better than" if improved else "within the noise of"
     return Selection(
@@ -241,7 +293,7 @@ def select_iteration(
             f"{_points(first.delta)} (90% interval {_points(first.low)} to "
             f"{_points(first.high)}, {first.n} rows)"
         ),
-        comparisons=list(comparisons),
+        comparisons=every,
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.domain.selection import steering_half
+from service.domain.selection import ValidationRoles, validation_roles
 from service.domain.spec import JobSpec
 from service.domain.statuses import ExampleStatus
 from service.domain.strategies import get_strategy, validate_params
@@ -50,9 +50,14 @@ class JobContext:
     def stable_id(self, row_uuid: uuid.UUID) -> str | None:
         return self.rows.stable_id(row_uuid)
 
-    def validation_halves(self, iteration: int) -> tuple[frozenset[str], frozenset[str]]:
-        """(validation row ids that steer iteration `iteration`, those that judge it)."""
-        return steering_half(
+    def validation_roles(self, iteration: int) -> ValidationRoles:
+        """Which validation rows steer iteration `iteration` and which judge it
+        (`selection.validation_roles`); a strategy that never shows validation rows to the
+        teacher is judged on all of them."""
+        if not self.strategy.steers_with_validation:
+            every = frozenset(r.row_id for r in self.validation)
+            return ValidationRoles(steering=frozenset(), judging_step=every, held_out=every)
+        return validation_roles(
             [(r.row_id, r.output) for r in self.validation], self.spec.seed, iteration
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from service.domain.selection import (
     Selection,
     paired_bootstrap,
     paired_bootstrap_correct,
+    paired_bootstrap_scores,
     select_iteration,
 )
 from service.domain.spec import Metric, StudentType, TaskKind
@@ -57,6 +59,19 @@ def _report(ctx: JobContext, rows: list[LabelledRow], preds: list[Prediction]) -
             [r.output for r in rows], [p.predicted for p in preds], ctx.labels
         ).model_dump(mode="json")
     return qa_report([bool(p.correct) for p in preds]).model_dump(mode="json")
+
+
+def _split_report(
+    ctx: JobContext, split: str, rows: list[LabelledRow], preds: list[Prediction], number: int
+) -> dict[str, Any]:
+    """A split's report; for validation, on the rows no iteration shows the teacher (rows that
+    steered it would flatter its data), so the metric is fair and comparable across
+    iterations."""
+    if split == "validation":
+        held_out = ctx.validation_roles(number).held_out
+        kept = [(r, p) for r, p in zip(rows, preds, strict=True) if r.row_id in held_out]
+        rows, preds = [r for r, _ in kept], [p for _, p in kept]
+    return _report(ctx, rows, preds)
 
 
 def _metric(ctx: JobContext, report: dict[str, Any]) -> float:
@@ -277,7 +292,7 @@ def _fit_and_score(
             ],
             ["iteration_id", "split", "row_id"],
         )
-        reports[split] = _report(ctx, rows, preds)
+        reports[split] = _split_report(ctx, split, rows, preds, iteration.number)
     record_metrics(session, job, iteration, ctx, reports)
     iteration.timings = {
         **(iteration.timings or {}),
@@ -311,7 +326,7 @@ def _posted_reports(
             )
             for r in rows
         ]
-        reports[split] = _report(ctx, rows, preds)
+        reports[split] = _split_report(ctx, split, rows, preds, iteration.number)
     return reports
 
 
@@ -381,12 +396,8 @@ def _validation_predictions(
 def _select(session: Session, job: Job, iteration: Iteration, ctx: JobContext) -> Selection:
     """Compare this iteration's student with the previous kept one and the seed-only one."""
     session.flush()  # this iteration's predictions were just inserted
-    _, judging = ctx.validation_halves(iteration.number)
-    candidate = {
-        row_id: p
-        for row_id, p in _validation_predictions(session, iteration.id).items()
-        if ctx.stable_id(row_id) in judging  # rows that steered this iteration judge nothing
-    }
+    roles = ctx.validation_roles(iteration.number)
+    predictions = _validation_predictions(session, iteration.id)
     references = [
         it
         for number in dict.fromkeys([job.best_iteration, 0])
@@ -397,10 +408,25 @@ def _select(session: Session, job: Job, iteration: Iteration, ctx: JobContext) -
     metric = ctx.spec.stopping.metric
     classification = ctx.spec.task.kind is TaskKind.classification
     comparisons: list[Comparison] = []
+    certainty: list[Comparison] = []
     for reference in references:
+        # The step from the previous kept iteration differs by this iteration's examples only:
+        # judged on every row its prompts never showed. Further back, earlier iterations'
+        # examples differ too: judged on the rows no iteration shows.
+        judging = roles.judging_step if reference.number == job.best_iteration else roles.held_out
+        candidate = {
+            row_id: p for row_id, p in predictions.items() if ctx.stable_id(row_id) in judging
+        }
         before = _validation_predictions(session, reference.id)
         rows = [row_id for row_id in candidate if row_id in before]
         seed = ctx.spec.seed * 1000 + iteration.number
+        now, then = _gold_log_probabilities(candidate, rows), _gold_log_probabilities(before, rows)
+        if classification and now is not None and then is not None:
+            certainty.append(
+                paired_bootstrap_scores(
+                    now, then, reference_iteration=reference.number, seed=seed
+                ).model_copy(update={"measure": "gold_log_probability"})
+            )
         if classification and metric is Metric.macro_f1:
             comparisons.append(
                 paired_bootstrap(
@@ -427,7 +453,27 @@ def _select(session: Session, job: Job, iteration: Iteration, ctx: JobContext) -
         metric="macro_f1" if classification and metric is Metric.macro_f1 else "accuracy",
         min_delta=ctx.spec.stopping.min_delta,
         new_examples=iteration.examples_accepted,
+        certainty=certainty,
     )
+
+
+# A probability of 0 for the gold label would make its logarithm -inf; 1e-6 bounds what one row
+# can weigh (a student that is sure and wrong on a row costs it about 14 units).
+_MIN_PROBABILITY = 1e-6
+
+
+def _gold_log_probabilities(
+    predictions: dict[uuid.UUID, PredictionRow], rows: list[uuid.UUID]
+) -> list[float] | None:
+    """log p(gold) of each row, or None when the student gave no probabilities for some row
+    (an endpoint or external student)."""
+    out = []
+    for row_id in rows:
+        p = predictions[row_id]
+        if not p.probabilities or p.gold is None or p.gold not in p.probabilities:
+            return None
+        out.append(math.log(max(float(p.probabilities[p.gold]), _MIN_PROBABILITY)))
+    return out
 
 
 def finish_phase(session: Session, iteration_id: uuid.UUID, phase: str, ports: Ports) -> None:
@@ -580,7 +626,7 @@ def score_drafts(
         return []
     student = ports.make_student(ctx.spec.task, ctx.spec.student)
     # Drafts are scored on rows that steer this iteration, never on those that judge it.
-    steering, _ = ctx.validation_halves(iteration.number)
+    steering = ctx.validation_roles(iteration.number).steering
     probe_rows = [r for r in ctx.validation if r.row_id in steering]
     every = max(1, len(probe_rows) // int(getattr(ctx.params, "score_rows", 32)))
     probe = _eval_rows(probe_rows[::every][: int(getattr(ctx.params, "score_rows", 32))])

@@ -171,7 +171,7 @@ def plan_context(
     evaluated = evaluated_rows(session, best, ctx) if best is not None else []
     # The strategy sees only the validation rows that steer this iteration; the others judge
     # whether its examples are kept (service/domain/selection.py).
-    steering, _ = ctx.validation_halves(number)
+    steering = ctx.validation_roles(number).steering
     evaluated = [r for r in evaluated if r.split != "validation" or r.row_id in steering]
     max_examples = examples_for_iteration(
         ctx.spec.budget,

@@ -130,6 +130,7 @@ class ARTE(Strategy):
     name: ClassVar[str] = "arte"
     Params = ARTEParams
     mining_split: ClassVar[Literal["train", "validation"]] = "validation"
+    steers_with_validation: ClassVar[bool] = True
     phases: ClassVar[tuple[str, ...]] = (DRAFT, FINAL)
     # The in-context score needs a checkable answer, so free-form generation is not supported.
     task_kinds: ClassVar[frozenset[TaskKind]] = frozenset({TaskKind.classification, TaskKind.qa})

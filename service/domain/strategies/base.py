@@ -155,6 +155,10 @@ class Strategy(ABC):
     mining_split: ClassVar[Literal["train", "validation"]]
     phases: ClassVar[tuple[str, ...]] = ("generate",)
     task_kinds: ClassVar[frozenset[TaskKind]]
+    # Whether the strategy shows validation rows to the teacher (its prompts are aimed at the
+    # student's mistakes there). Then each iteration sees a third of the validation set and is
+    # judged on rows it never saw (`selection.validation_roles`); otherwise all of it judges.
+    steers_with_validation: ClassVar[bool] = False
 
     @classmethod
     def validate_params(cls, raw: Mapping[str, Any]) -> BaseModel:

@@ -184,6 +184,7 @@ class LLM2LLM(Strategy):
     name: ClassVar[str] = "llm2llm"
     Params = LLM2LLMParams
     mining_split: ClassVar[Literal["train", "validation"]] = "train"
+    steers_with_validation: ClassVar[bool] = True
     task_kinds: ClassVar[frozenset[TaskKind]] = frozenset(TaskKind)
 
     def plan(self, ctx: PlanContext) -> list[GenerationTarget]:

@@ -6,10 +6,10 @@ Scale" (Di Palo, Singhi, Fadlallah; EMNLP 2024).
 1. Train a small classifier on the seed set: the orchestration.
 2. Evaluate it on held-out rows, a per-class report and the confusions: the seed rows, each
    predicted by a student that did not train on it (out of fold, for the built-in students;
-   `mining_split` "train" asks for those), and the half of the validation set that steers this
-   iteration (the orchestration hands the strategy only that half: the other half decides
-   whether the iteration's examples are kept, because rows that steer the teacher would flatter
-   its data; see `service.domain.selection.validation_halves`). `mining_report` builds the
+   `mining_split` "train" asks for those), and the third of the validation set that steers this
+   iteration (the orchestration hands the strategy only those rows: rows the iteration never
+   saw decide whether its examples are kept, because rows that steer the teacher would flatter
+   its data; see `service.domain.selection.validation_roles`). `mining_report` builds the
    report from those rows.
 3. Hard-negative mining, the held-out rows it got wrong with high confidence paired with the class
    it confused them with: `hard_negatives` (`metrics.confident_mistakes`, `min_confidence`).
@@ -174,6 +174,7 @@ class PGKD(Strategy):
     name: ClassVar[str] = "pgkd"
     Params = PGKDParams
     mining_split: ClassVar[Literal["train", "validation"]] = "train"
+    steers_with_validation: ClassVar[bool] = True
     task_kinds: ClassVar[frozenset[TaskKind]] = frozenset({TaskKind.classification})
 
     def plan(self, ctx: PlanContext) -> list[GenerationTarget]:

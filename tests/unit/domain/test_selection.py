@@ -13,8 +13,8 @@ from service.domain.selection import (
     paired_bootstrap,
     paired_bootstrap_correct,
     select_iteration,
-    steering_half,
-    validation_halves,
+    validation_roles,
+    validation_thirds,
 )
 from service.domain.spec import Budget
 from service.domain.strategies.base import (
@@ -138,25 +138,37 @@ def test_no_rows_to_compare_keeps_the_data() -> None:
 # --------------------------------------------------------------------------- halves
 
 
-def test_validation_halves_are_stratified_disjoint_and_take_turns() -> None:
+def test_validation_thirds_are_stratified_disjoint_and_drawn_with_the_job_seed() -> None:
     rows = [(f"validation:{i}", "abc"[i % 3]) for i in range(31)]
-    first, second = validation_halves(rows, seed=0)
-    assert first.isdisjoint(second) and first | second == {r for r, _ in rows}
-    assert abs(len(first) - len(second)) <= 1
+    first, second, never = validation_thirds(rows, seed=0)
+    assert first | second | never == {r for r, _ in rows}
+    assert not (first & second or first & never or second & never)
+    assert max(map(len, (first, second, never))) - min(map(len, (first, second, never))) <= 1
     for label in "abc":
-        in_first = sum(1 for r, lab in rows if lab == label and r in first)
-        in_second = sum(1 for r, lab in rows if lab == label and r in second)
-        assert abs(in_first - in_second) <= 1
-    assert steering_half(rows, 0, 1) == (first, second)
-    assert steering_half(rows, 0, 2) == (second, first)
-    assert steering_half(rows, 0, 3) == (first, second)
-    assert validation_halves(rows, seed=1) != (first, second), "the job seed draws the halves"
+        counts = [
+            sum(1 for r, lab in rows if lab == label and r in part)
+            for part in (first, second, never)
+        ]
+        assert max(counts) - min(counts) <= 1
+    assert validation_thirds(list(reversed(rows)), seed=0) == (first, second, never)
+    assert validation_thirds(rows, seed=1) != (first, second, never), "the job seed draws them"
 
 
-def test_single_row_labels_still_split_the_set_evenly() -> None:
-    rows = [(f"v{i}", f"label{i}") for i in range(10)]
-    first, second = validation_halves(rows, seed=4)
-    assert len(first) == len(second) == 5
+def test_each_iteration_steers_with_a_third_and_is_judged_on_rows_it_never_saw() -> None:
+    rows = [(f"v{i}", "ab"[i % 2]) for i in range(30)]
+    first, second, never = validation_thirds(rows, seed=3)
+    one, two, three = (validation_roles(rows, 3, n) for n in (1, 2, 3))
+    assert (one.steering, two.steering, three.steering) == (first, second, first)
+    for roles in (one, two, three):
+        assert roles.held_out == never
+        assert roles.steering.isdisjoint(roles.judging_step)
+        assert roles.steering | roles.judging_step == {r for r, _ in rows}
+
+
+def test_many_small_labels_still_cut_the_set_evenly() -> None:
+    rows = [(f"v{i}", f"label{i // 2}") for i in range(64 * 5 // 2)]
+    sizes = sorted(len(part) for part in validation_thirds(rows, seed=4))
+    assert sizes[-1] - sizes[0] <= 1
 
 
 # --------------------------------------------------------------------------- budget
