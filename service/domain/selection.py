@@ -91,6 +91,14 @@ class Comparison(BaseModel):
     low: float
     high: float
     n: int
+    # The share of resamples in which the candidate is worse: how sure "worse" is.
+    p_worse: float = 0.0
+
+
+# A lower metric backed by measurably lower certainty excludes only when the metric is probably
+# lower too (in this share of resamples or more): a truthful teacher's examples can make a
+# student a little less sure without making it any less right.
+PROBABLY_WORSE = 0.8
 
 
 class Selection(BaseModel):
@@ -228,6 +236,7 @@ def _comparison(
         low=float(low),
         high=float(high),
         n=n,
+        p_worse=float(np.mean(deltas[1:] < 0)),
     )
 
 
@@ -240,11 +249,12 @@ def select_iteration(
     certainty: Sequence[Comparison] = (),
 ) -> Selection:
     """Keep the iteration's examples unless a comparison shows it measurably worse: the whole
-    metric interval below `-min_delta`, or, where the student gives probabilities, a lower
-    metric together with a mean log-probability of the gold label whose whole interval is below
-    zero (`certainty`, one per reference). The second test has far more power on a small
-    validation set, because a wrong label teaches the student doubt on many rows long before it
-    flips their predictions; it needs the metric to have dropped too, so a tie keeps the data.
+    metric interval below `-min_delta`, or, where the student gives probabilities, a metric
+    that is probably lower (in PROBABLY_WORSE of the resamples) together with a mean
+    log-probability of the gold label whose whole interval is below zero (`certainty`, one per
+    reference). The second test has more power on a small validation set, because a wrong label
+    teaches the student doubt on many rows before it flips their predictions; it needs the
+    metric to have dropped too, so a tie keeps the data.
     The iteration *improved* when the metric interval against the previous kept iteration (the
     first comparison) lies wholly above `min_delta`."""
     name = "macro-F1" if metric == "macro_f1" else "accuracy"
@@ -268,7 +278,12 @@ def select_iteration(
                 f"validation {name} {_points(c.delta)} (90% interval {_points(c.low)} to "
                 f"{_points(c.high)}, {c.n} rows)"
             )
-        elif less_sure is not None and less_sure.high < 0 and c.delta < -min_delta:
+        elif (
+            less_sure is not None
+            and less_sure.high < 0
+            and c.delta < -min_delta
+            and c.p_worse >= PROBABLY_WORSE
+        ):
             why = (
                 f"less sure of the right labels (mean log-probability of the gold label "
                 f"{less_sure.delta:+.3f}, 90% interval {less_sure.low:+.3f} to "

@@ -79,6 +79,31 @@ def test_any_comparison_measurably_worse_excludes() -> None:
     assert "iteration 0" in selection.reason
 
 
+def test_doubt_about_the_right_labels_excludes_only_with_a_probably_lower_metric() -> None:
+    doubt = Comparison(
+        reference=1, measure="gold_log_probability", delta=-0.06, low=-0.1, high=-0.02, n=100
+    )
+    probably_lower = Comparison(reference=1, delta=-0.05, low=-0.11, high=0.01, n=100, p_worse=0.9)
+    excluded = select_iteration([probably_lower], certainty=[doubt])
+    assert not excluded.included
+    assert "less sure of the right labels" in excluded.reason
+    assert doubt in excluded.comparisons
+    barely_lower = probably_lower.model_copy(update={"delta": -0.01, "p_worse": 0.6})
+    assert select_iteration([barely_lower], certainty=[doubt]).included
+    tie = probably_lower.model_copy(update={"delta": 0.0, "p_worse": 0.45})
+    assert select_iteration([tie], certainty=[doubt]).included
+    sure = doubt.model_copy(update={"high": 0.01})
+    assert select_iteration([probably_lower], certainty=[sure]).included
+
+
+def test_p_worse_is_the_share_of_resamples_where_the_candidate_is_worse() -> None:
+    reference = [True] * 300 + [False] * 100
+    assert paired_bootstrap_correct(
+        [True] * 240 + [False] * 160, reference, reference_iteration=0
+    ).p_worse == pytest.approx(1.0)
+    assert paired_bootstrap_correct(reference, reference, reference_iteration=0).p_worse == 0.0
+
+
 def test_min_delta_is_a_tolerance_in_both_directions() -> None:
     slightly_worse = Comparison(reference=1, delta=-0.02, low=-0.03, high=-0.01, n=5000)
     assert not select_iteration([slightly_worse]).included
