@@ -19,18 +19,55 @@ from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Job, Teacher
 from service.secrets import encrypt_secret
 
+# Names of cloud metadata services. Their addresses are refused anyway (link-local or shared
+# address space), but a worker may resolve a name differently than the API did, so the names
+# themselves are refused too, wherever they would resolve.
+METADATA_HOSTS = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.tencentyun.com",
+        "metadata.platformequinix.com",
+    }
+)
+
 
 def is_private_address(address: str) -> bool:
-    """Loopback, private, link-local (cloud metadata), reserved, multicast or unspecified."""
+    """Whether an address is anything but a public unicast one: loopback, private, shared
+    (100.64.0.0/10, where Alibaba Cloud's metadata service lives), link-local (cloud
+    metadata), benchmarking, documentation, reserved, multicast or unspecified.
+
+    `ipaddress`'s `is_global` is the complete IANA special-purpose registry, so no range is
+    listed by hand; an IPv6 address that embeds an IPv4 one (mapped, 6to4, NAT64) is judged
+    by the embedded address too, since that is where the packets end up.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id is not part of it
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
+    if ip.is_multicast or not ip.is_global:
+        return True
+    if ip in _IETF_PROTOCOL and ip not in _IETF_GLOBAL:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_private_address(str(embedded))
+    return False
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# The registry's 192.0.0.0/24 is not global except two anycast hosts; Python before 3.12.4
+# knows only part of it (192.0.0.8 counts as global on 3.11.7).
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+_IETF_GLOBAL = frozenset({ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")})
+
+
+def is_metadata_host(host: str) -> bool:
+    """A cloud metadata service's name (any case, with or without the final dot)."""
+    return host.rstrip(".").lower() in METADATA_HOSTS
 
 
 TEACHER_PRIVATE_HINT = (
@@ -59,6 +96,12 @@ def check_base_url(
         )
     if allow_private:
         return
+    if is_metadata_host(parts.hostname):
+        raise ValidationFailed(
+            "base_url names a cloud metadata service; a tenant's teacher cannot point there",
+            details=[{"field": "base_url", "message": parts.hostname}],
+            code="private_address",
+        )
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:

@@ -35,6 +35,16 @@ def test_create_never_returns_the_key(client: TestClient, auth: dict[str, str]) 
         "http://10.0.0.5/v1",
         "http://localhost:9/v1",
         "ftp://example.org/v1",
+        # Not private in RFC 1918's sense, but no tenant's business either (issue 11): a cloud
+        # metadata address in shared address space, the rest of 100.64.0.0/10, benchmarking
+        # and IETF ranges, an IPv4-mapped private address, and metadata service names.
+        "http://100.100.100.200/latest/meta-data",
+        "http://100.64.12.7/v1",
+        "http://198.18.0.1/v1",
+        "http://192.0.0.8/v1",
+        "http://[::ffff:10.0.0.1]/v1",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://instance-data/latest",
     ],
 )
 def test_tenants_cannot_point_a_teacher_at_private_addresses(

@@ -3,8 +3,9 @@
 The API refuses a tenant's base URL that resolves to a private address when the teacher is
 created or changed, but a name can resolve elsewhere later (DNS rebinding) and a server can
 redirect. For such teachers the gateway's HTTP client resolves through `PublicOnlyResolver`,
-which drops every private, loopback, link-local or reserved address (and fails when nothing
-else is left), and does not follow redirects. aiohttp's resolver hook is the one place where
+which drops every address that is not public unicast (`ipaddress`'s `is_global`: private,
+shared, loopback, link-local, reserved, ...), refuses cloud metadata names, fails when
+nothing else is left, and does not follow redirects. aiohttp's resolver hook is the one place where
 the address that will be connected to is known; no library wraps it.
 """
 
@@ -20,7 +21,7 @@ import httpx2
 import openai
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from service.teachers import is_private_address
+from service.teachers import is_metadata_host, is_private_address
 
 
 class PrivateAddressError(OSError):
@@ -36,6 +37,10 @@ class PublicOnlyResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        if is_metadata_host(host):
+            raise PrivateAddressError(
+                f"{host} is a cloud metadata service: refused for a teacher a tenant configured"
+            )
         found = await self._inner.resolve(host, port, family)
         public = [r for r in found if not is_private_address(str(r["host"]))]
         if not public:
@@ -85,10 +90,13 @@ def private_address_error(exc: BaseException) -> PrivateAddressError | None:
 
 
 def literal_private_host(url: str) -> str | None:
-    """The URL's host when it is a private IP literal (which no resolver sees), else None."""
+    """The URL's host when it is a private IP literal (which no resolver sees) or a cloud
+    metadata service's name, else None."""
     host = urlsplit(url).hostname
     if host is None:
         return None
+    if is_metadata_host(host):
+        return host
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
