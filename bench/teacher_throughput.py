@@ -89,6 +89,7 @@ class Row:
     retries: int
     refused_429: int
     redis_calls_per_request: tuple[float, float] | None = None  # (scripts, publishes)
+    cpu_ms_per_call: float | None = None  # this process's CPU (user + system) per request
 
     @property
     def ratio(self) -> float:
@@ -311,6 +312,7 @@ def run_scenario(
     limiter_key = f"bench-{uuid.uuid4().hex[:6]}"
     calls_before = redis_calls()
     retries = 0
+    cpu_before = time.process_time()
     try:
         if scenario.client == "baseline":
             wall, succeeded, retries = run(run_baseline(fake.base_url, n, tag, concurrency))
@@ -331,6 +333,7 @@ def run_scenario(
             retries = sum(sum(r.retry_causes.values()) for r in results)
     finally:
         delete_prefix(prefix)
+    cpu = time.process_time() - cpu_before
     calls_after = redis_calls()
     stats = fake.stats()
     refused = int(stats["by_status"].get("429", 0))
@@ -359,6 +362,8 @@ def run_scenario(
             if uses_redis
             else None
         ),
+        # The two-process scenario's work happens in its children.
+        cpu_ms_per_call=None if scenario.client == "two-processes" else cpu * 1000 / n,
     )
 
 
@@ -392,7 +397,7 @@ def print_table(rows: Sequence[Row]) -> None:
     header = (
         f"{'scenario':<14}{'client':<16}{'N':>6}{'wall s':>9}{'ideal s':>9}{'ratio':>8}"
         f"{'max in-flight':>15}{'lost':>6}{'dup':>5}{'retries':>9}{'429s':>7}"
-        f"{'scripts/req':>13}{'pub/req':>9}"
+        f"{'scripts/req':>13}{'pub/req':>9}{'CPU ms/call':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -400,10 +405,12 @@ def print_table(rows: Sequence[Row]) -> None:
         calls = row.redis_calls_per_request
         scripts_text = "-" if calls is None else f"{calls[0]:.2f}"
         publish_text = "-" if calls is None else f"{calls[1]:.2f}"
+        cpu_text = "-" if row.cpu_ms_per_call is None else f"{row.cpu_ms_per_call:.2f}"
         print(
             f"{row.scenario:<14}{row.client:<16}{row.n:>6}{row.wall_s:>9.2f}{row.ideal_s:>9.2f}"
             f"{row.ratio:>8.3f}{row.max_in_flight:>15}{row.lost:>6}{row.duplicated:>5}"
             f"{row.retries:>9}{row.refused_429:>7}{scripts_text:>13}{publish_text:>9}"
+            f"{cpu_text:>13}"
         )
 
 

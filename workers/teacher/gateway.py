@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
@@ -26,11 +27,7 @@ from service.domain.teacher import (
 from workers.teacher.adaptive import AimdController, ConcurrencyWindow, VllmLoadMonitor
 from workers.teacher.limits import Lease, Limiter, TeacherQuota
 from workers.teacher.metrics import TeacherMetrics
-from workers.teacher.network import (
-    PrivateAddressError,
-    literal_private_host,
-    public_only_http_client,
-)
+from workers.teacher.network import PrivateAddressError, literal_private_host
 from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error
 from workers.teacher.structured import (
     DEFAULT_CAPABILITIES,
@@ -44,29 +41,17 @@ from workers.teacher.structured import (
     response_format,
     schema_info,
 )
+from workers.teacher.transport import (
+    AiohttpTransport,
+    ChatTransport,
+    HttpxTransport,
+    status_error,
+)
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 _MODE_RANK = {StructuredMode.json_schema: 0, StructuredMode.json_object: 1, StructuredMode.text: 2}
-# The SDK's telemetry headers are half of what it sends, and its header handling costs time per
-# header on every request: without them a call takes about 10% less CPU (measured).
-_REQUEST_OPTIONS: openai.RequestOptions = {
-    "headers": {
-        name: openai.Omit()
-        for name in (
-            "X-Stainless-Lang",
-            "X-Stainless-Package-Version",
-            "X-Stainless-OS",
-            "X-Stainless-Arch",
-            "X-Stainless-Runtime",
-            "X-Stainless-Runtime-Version",
-            "X-Stainless-Async",
-            "X-Stainless-Retry-Count",
-            "X-Stainless-Read-Timeout",
-        )
-    }
-}
 
 
 def _always() -> bool:
@@ -171,10 +156,10 @@ def _reasoning_text(message: Any) -> str | None:
 class OpenAITeacher:
     """Teacher over any OpenAI-compatible server: vLLM, llama.cpp, hosted APIs.
 
-    Transport: the official `openai.AsyncOpenAI` on its aiohttp transport (about twice the
-    requests per CPU second of the default httpx transport here, and a lower ratio in
-    bench/teacher_throughput.py, which measures both), with SDK retries off: retries are ours,
-    so that the wait between attempts happens after the concurrency slot is given back.
+    Transport: a plain aiohttp POST (`workers.teacher.transport`: the `openai` SDK's own
+    transport cost the workers several times the CPU per request; its error classes and error
+    semantics are kept). Retries are ours, so that the wait between attempts happens after the
+    concurrency slot is given back.
     """
 
     def __init__(
@@ -197,10 +182,9 @@ class OpenAITeacher:
         self._http_client = http_client
         self._backoff = backoff or BackoffPolicy()
         self._rng = random.Random()
-        self._client: openai.AsyncOpenAI | None = None
+        self._client: ChatTransport | None = None
         self._monitor: VllmLoadMonitor | None = None
-        # Absolute, so the SDK parses one URL per request instead of three (about 10% of its
-        # CPU, measured); it is exactly what the SDK builds from base_url + "/chat/completions".
+        # What the SDK builds from base_url + "/chat/completions".
         self._completions_url = endpoint.base_url.rstrip("/") + "/chat/completions"
         # aiohttp does not resolve an IP literal, so the public-only resolver never sees it.
         self._refused_host = (
@@ -214,21 +198,13 @@ class OpenAITeacher:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _openai(self) -> openai.AsyncOpenAI:
+    def _transport(self) -> ChatTransport:
         if self._client is None:
             endpoint = self.endpoint
-            self._client = openai.AsyncOpenAI(
-                base_url=endpoint.base_url,
-                # Local servers (vLLM, llama.cpp) accept any key; the SDK insists on one.
-                api_key=endpoint.api_key or "EMPTY",
-                max_retries=0,
-                timeout=endpoint.timeout_s,
-                http_client=self._http_client
-                or (
-                    public_only_http_client()
-                    if endpoint.public_only
-                    else openai.DefaultAioHttpClient()
-                ),
+            self._client = (
+                HttpxTransport(self._http_client, endpoint.api_key)
+                if self._http_client is not None
+                else AiohttpTransport(endpoint.api_key, public_only=endpoint.public_only)
             )
         return self._client
 
@@ -254,7 +230,7 @@ class OpenAITeacher:
             await monitor.aclose()
         client, self._client = self._client, None
         if client is not None:
-            await client.close()
+            await client.aclose()
         elif self._http_client is not None:
             await self._http_client.aclose()
 
@@ -287,7 +263,7 @@ class OpenAITeacher:
     async def _stream_indexed(
         self, requests: Sequence[TeacherRequest], should_continue: Callable[[], bool]
     ) -> AsyncGenerator[tuple[int, TeacherResult], None]:
-        self._openai()
+        self._transport()
         self._start_monitor()
         queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd] = asyncio.Queue()
         tasks: dict[asyncio.Task[None], _Call] = {}
@@ -480,24 +456,19 @@ class OpenAITeacher:
         queue.put_nowait((call.index, result))
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        # `client.post` rather than `client.chat.completions.create`: the typed method walks
-        # every parameter (messages, the JSON schema) through the SDK's TypedDict transformer
-        # and builds pydantic models of the answer, about 60% of its CPU per request (profiled)
-        # for a body we build and an answer we read ourselves. Auth, base URL, timeouts and the
-        # mapping of HTTP errors to typed exceptions are still the SDK's.
         if self._refused_host is not None:
             raise PrivateAddressError(
                 f"{self._refused_host} is a private address: refused for a teacher a tenant "
                 "configured (an operator can allow it)"
             )
         async with asyncio.timeout(self.endpoint.timeout_s):
-            response = await self._openai().post(
-                self._completions_url, cast_to=httpx2.Response, body=body, options=_REQUEST_OPTIONS
-            )
-            try:
-                data = response.json()
-            except ValueError as exc:
-                raise BadResponseError(f"the answer is not JSON: {exc}") from None
+            answer = await self._transport().post(self._completions_url, body)
+        if not 200 <= answer.status < 300:
+            raise status_error(self._completions_url, answer)
+        try:
+            data = json.loads(answer.content)
+        except ValueError as exc:
+            raise BadResponseError(f"the answer is not JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             said = data.get("error") if isinstance(data, dict) else None
             if isinstance(said, dict):

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx2
-import openai
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from service.teachers import is_metadata_host, is_private_address
@@ -53,19 +51,6 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def public_only_http_client() -> httpx2.AsyncClient:
-    """The SDK's aiohttp client, resolving through `PublicOnlyResolver`, redirects off."""
-    # The SDK ships its aiohttp transport in a vendored module; a `client` factory is its
-    # documented way to supply the aiohttp session (and with it the connector's resolver).
-    from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
-
-    def session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PublicOnlyResolver()))
-
-    kwargs: dict[str, Any] = {"transport": AiohttpTransport(client=session)}
-    return openai.DefaultAioHttpClient(follow_redirects=False, **kwargs)
 
 
 E = TypeVar("E", bound=BaseException)
