@@ -260,8 +260,14 @@ class GenerationBatch(IdMixin, TimestampMixin, Base):
     index: Mapped[int] = mapped_column(Integer)
     status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus, "batch_status"), index=True)
     targets: Mapped[list[Any]]
+    # Incremented by every claim: the claim's token. A worker whose lease lapsed (and whose batch
+    # another worker took over) can no longer move the batch, since its token is stale.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # A pending batch whose teacher calls failed transiently is not claimed before this time.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the teacher first failed this batch; it fails for good past the retry deadline.
+    unavailable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -93,8 +93,35 @@ class WebhookSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    reconcile_interval_s: int = Field(60, ge=1)
-    stuck_after_s: int = Field(900, ge=1, description="Work older than this is re-enqueued.")
+    reconcile_interval_s: int = Field(
+        5, ge=1, description="How often beat runs the reconcile that re-sends lost or stuck work."
+    )
+    stuck_after_s: int = Field(
+        60,
+        ge=1,
+        description="A running job with no live lease and no progress for this long has its "
+        "next step re-sent (a message lost with the broker).",
+    )
+    lease_s: float = Field(
+        20.0,
+        ge=1,
+        description="A claimed batch or evaluation is renewed every lease_s / 3 by its worker; "
+        "one not renewed for lease_s (the worker died) is taken over. Recovery after a crash "
+        "takes at most lease_s + reconcile_interval_s.",
+    )
+    requeue_after_s: float = Field(
+        60.0,
+        ge=1,
+        description="A pending batch nobody claimed for this long is sent again (its message "
+        "was lost); a duplicate message is a no-op.",
+    )
+    teacher_retry_deadline_s: float = Field(
+        1800.0,
+        ge=0,
+        description="A batch whose teacher calls keep failing transiently (down, timing out, "
+        "overloaded) is retried with backoff for this long, then fails with the reason; a "
+        "phase whose every batch failed so fails its job.",
+    )
     teacher_lease_ttl_s: float = Field(
         30.0,
         ge=1,

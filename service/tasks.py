@@ -39,6 +39,7 @@ ALL_QUEUES = ("control", "generation", "evaluation", "export")
 class TaskMessage:
     name: str
     args: tuple[Any, ...]
+    countdown: float = 0.0  # seconds before it may run (a scheduled retry)
 
     @property
     def queue(self) -> str:
@@ -62,7 +63,12 @@ class CeleryTaskSender:
         self._app.conf.broker_transport_options = options
 
     def send(self, message: TaskMessage) -> None:
-        self._app.send_task(message.name, args=list(message.args), queue=message.queue)
+        self._app.send_task(
+            message.name,
+            args=list(message.args),
+            queue=message.queue,
+            countdown=message.countdown or None,
+        )
 
 
 class RecordingTaskSender:
@@ -79,11 +85,14 @@ _PENDING = "distill.pending_tasks"
 SENDER = "distill.task_sender"
 
 
-def enqueue(session: Session, name: str, *args: Any) -> None:
-    """Queue a task to be sent when this session commits; dropped on rollback."""
+def enqueue(session: Session, name: str, *args: Any, countdown: float = 0.0) -> None:
+    """Queue a task to be sent when this session commits; dropped on rollback.
+
+    A message with a countdown is a convenience, not the record: the row it is about says
+    when it is due, and the reconcile re-sends it if the message is lost."""
     if name not in QUEUES:
         raise ValueError(f"unknown task {name!r}")
-    session.info.setdefault(_PENDING, []).append(TaskMessage(name, tuple(args)))
+    session.info.setdefault(_PENDING, []).append(TaskMessage(name, tuple(args), countdown))
 
 
 @event.listens_for(Session, "after_commit")

@@ -97,9 +97,12 @@ def _resume_embedded_work(sender: Any) -> None:
     from service.tasks import SENDER
     from workers.steps.job import reconcile
 
+    worker = get_settings().worker.model_copy(
+        update={"lease_s": 0.0, "stuck_after_s": 0, "requeue_after_s": 0.0}
+    )
     with service_cli.sessions()() as session:
         session.info[SENDER] = sender
-        reconcile(session, stuck_after_s=0)
+        reconcile(session, worker)
         session.commit()
 
 

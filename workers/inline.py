@@ -38,9 +38,7 @@ def _handlers() -> dict[str, Callable[..., None]]:
         names.PHASE_FINISH: lambda it, phase: run_step(finish_phase, it, phase),
         names.ITERATION_EVALUATE: lambda it: run_step(evaluate_iteration, it),
         names.EXPORT_WRITE: lambda export_id: run_step(write_export, export_id, with_ports=False),
-        names.JOB_RECONCILE: lambda: run_step(
-            reconcile, get_settings().worker.stuck_after_s, with_ports=False
-        ),
+        names.JOB_RECONCILE: lambda: run_step(reconcile, get_settings().worker, with_ports=False),
         names.WEBHOOKS_DELIVER: lambda: run_step(deliver_due, with_ports=False),
     }
 
@@ -54,7 +52,8 @@ class InlineTaskSender:
         self.on_task_done: Callable[[TaskMessage], None] | None = None
 
     def send(self, message: TaskMessage) -> None:
-        self._queue.put((0.0, message, 0))
+        not_before = time.monotonic() + message.countdown if message.countdown else 0.0
+        self._queue.put((not_before, message, 0))
 
     def _run_one(self, item: tuple[float, TaskMessage, int]) -> None:
         not_before, message, attempt = item
@@ -64,11 +63,10 @@ class InlineTaskSender:
         if self._handlers is None:
             self._handlers = _handlers()
         from workers.steps.evaluate import StudentUnavailable
-        from workers.steps.generate import TeacherUnavailable
 
         try:
             self._handlers[message.name](*message.args)
-        except (TeacherUnavailable, StudentUnavailable) as exc:
+        except StudentUnavailable as exc:
             wait = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
             log.warning("task.retry_scheduled", task=message.name, wait_s=wait, error=str(exc))
             self._queue.put((time.monotonic() + wait, message, attempt + 1))

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
-
 from service import tasks as names
 from service.settings import get_settings
 from workers.celery_app import celery_app
 from workers.runtime import run_step
 from workers.steps.evaluate import StudentUnavailable, evaluate_iteration, finish_phase
 from workers.steps.export import write_export
-from workers.steps.generate import TeacherUnavailable, generate_batch
+from workers.steps.generate import generate_batch
 from workers.steps.job import reconcile, start_job
 from workers.steps.webhooks import deliver_due
 
@@ -27,19 +25,12 @@ def job_start(job_id: str) -> None:
     run_step(start_job, job_id, with_ports=False)
 
 
-@celery_app.task(
-    name=names.BATCH_GENERATE,
-    bind=True,
-    # A teacher that is down must not fail the job: back off (capped) and try again, forever;
-    # the batch keeps every call that did succeed, so a retry re-pays nothing.
-    autoretry_for=(TeacherUnavailable,),
-    retry_backoff=2,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=None,
-    **_COMMON,
-)
-def batch_generate(self: Task, batch_id: str) -> None:
+@celery_app.task(name=names.BATCH_GENERATE, **_COMMON)
+def batch_generate(batch_id: str) -> None:
+    # No Celery retries: a batch whose teacher calls failed transiently is put back with its
+    # retry time in its row and re-sent (by this step with a countdown, or by the reconcile if
+    # that message is lost), until the teacher retry deadline fails it. An infrastructure
+    # error (Postgres, Redis) ends the task; the batch's lease lapses and it is taken over.
     run_step(generate_batch, batch_id)
 
 
@@ -63,7 +54,7 @@ def iteration_evaluate(iteration_id: str) -> None:
 
 @celery_app.task(name=names.JOB_RECONCILE, **_COMMON)
 def job_reconcile() -> None:
-    run_step(reconcile, get_settings().worker.stuck_after_s, with_ports=False)
+    run_step(reconcile, get_settings().worker, with_ports=False)
 
 
 @celery_app.task(name=names.EXPORT_WRITE, **_COMMON)

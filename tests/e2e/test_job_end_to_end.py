@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from service.domain.statuses import BatchStatus, IterationStatus, JobStatus
 from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall
+from service.settings import WorkerSettings
 from service.tasks import SENDER, CeleryTaskSender, RecordingTaskSender
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import DISTILL, Stack, trec_slice, wait_for
@@ -336,7 +337,7 @@ def test_worker_killed_mid_iteration_job_completes_without_duplicates(
     with sessions() as session:
         sender = CeleryTaskSender(REDIS_URL, key_prefix=stack.prefix)
         session.info[SENDER] = sender
-        reconcile(session, stuck_after_s=2)
+        reconcile(session, WorkerSettings(stuck_after_s=2, lease_s=2))
         session.commit()
     job = wait_for(
         lambda: (j := _job(api, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,

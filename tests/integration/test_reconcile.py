@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from service import tasks
 from service.domain.statuses import BatchStatus, IterationStatus
 from service.models import GenerationBatch, Iteration, Job, utcnow
+from service.settings import WorkerSettings
 from service.tasks import SENDER, RecordingTaskSender
 from tests.e2e.conftest import trec_slice
 from tests.integration.conftest import InlineStack
@@ -27,7 +28,7 @@ def _reconcile(st: InlineStack, stuck_after_s: int) -> list[tasks.TaskMessage]:
     recorder = RecordingTaskSender()
     with st.sessions() as session:
         session.info[SENDER] = recorder
-        reconcile(session, stuck_after_s=stuck_after_s)
+        reconcile(session, WorkerSettings(stuck_after_s=stuck_after_s, lease_s=stuck_after_s))
         session.commit()
     return recorder.sent
 

@@ -90,7 +90,7 @@ def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) 
     if job.status is not JobStatus.running:
         return
     previous = iteration.status
-    if not _claim(session, iteration, ports.settings.worker.stuck_after_s):
+    if not _claim(session, iteration, ports.settings.worker.lease_s):
         return  # finished, waiting for feedback, or being evaluated by another worker
     ctx = load_job_context(session, job)
     if ctx.spec.student.type is StudentType.external:
@@ -113,7 +113,7 @@ def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) 
             Iteration,
             iteration.id,
             IterationStatus.evaluating,
-            every_s=interval_for(ports.settings.worker.stuck_after_s),
+            every_s=interval_for(ports.settings.worker.lease_s),
         ):
             _train_and_evaluate(session, job, iteration, ctx, ports)
     except StudentConfigurationError as exc:
@@ -138,11 +138,11 @@ def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) 
     session.commit()
 
 
-def _claim(session: Session, iteration: Iteration, stuck_after_s: int) -> bool:
+def _claim(session: Session, iteration: Iteration, lease_s: float) -> bool:
     """Compare-and-set to `evaluating`: a redelivered or duplicated evaluation of an iteration
     that another worker is evaluating is a no-op; one left by a dead worker is taken over once
-    it is older than the reconcile's deadline."""
-    stale = utcnow() - timedelta(seconds=stuck_after_s)
+    its lease lapsed (the heartbeat renews it every lease_s / 3)."""
+    stale = utcnow() - timedelta(seconds=lease_s)
     result = session.execute(
         update(Iteration)
         .where(

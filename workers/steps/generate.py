@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service import tasks
@@ -60,17 +65,14 @@ from service.models import Teacher as TeacherRow
 from service.secrets import resolve_api_key
 from workers.ports import Ports
 from workers.steps.context import JobContext, load_job_context
-from workers.steps.heartbeat import heartbeat, interval_for
+from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 # How often a running batch re-reads the job (cancel/pause) and its spend (budgets).
 STATUS_POLL_S = 1.0
 MAX_REJECTED_TEXT = 4000
-
-
-class TeacherUnavailable(Exception):
-    """Some calls failed for transient reasons after all attempts; retry the batch later."""
 
 
 def endpoint_for(row: TeacherRow) -> TeacherEndpoint:
@@ -121,24 +123,26 @@ def _uncached(
     teacher: TeacherRow,
     requests: Sequence[TeacherRequest],
     fingerprints: Sequence[str],
-) -> list[tuple[TeacherRequest, str]]:
+) -> tuple[list[tuple[TeacherRequest, str]], dict[str, dict[str, int]]]:
     """The fingerprint cache: a finished call (valid or invalid) is reused by any worker and
-    never paid twice; a transient failure is forgotten, so it is called again; a final one
-    (context length exceeded, a 400 about this request) stands."""
+    never paid twice; a transient failure is called again (its row stays and the new attempts
+    are added to it, so every attempt at the teacher stays counted); a final one (context
+    length exceeded, a 400 about this request) stands.
+
+    Returns the requests to send (each fingerprint once) and, for those that failed before,
+    the retry causes recorded so far."""
     known = _calls_by_fingerprint(session, teacher, fingerprints)
-    failed = [
-        fp
+    previous = {
+        fp: dict(c.retry_causes or {})
         for fp, c in known.items()
         if c.status == TeacherCallStatus.failed.value and is_transient_failure(c.error_code)
-    ]
-    if failed:
-        session.execute(
-            delete(TeacherCall).where(
-                TeacherCall.teacher_id == teacher.id, TeacherCall.fingerprint.in_(failed)
-            )
-        )
-    done = set(known) - set(failed)
-    return [(r, fp) for r, fp in zip(requests, fingerprints, strict=True) if fp not in done]
+    }
+    done = set(known) - set(previous)
+    to_call: dict[str, TeacherRequest] = {}
+    for request, fp in zip(requests, fingerprints, strict=True):
+        if fp not in done:
+            to_call.setdefault(fp, request)
+    return [(r, fp) for fp, r in to_call.items()], previous
 
 
 @dataclass
@@ -157,50 +161,173 @@ def _job_spend(session: Session, job_id: uuid.UUID) -> _Spend:
     return _Spend(int(tokens), float(cost))
 
 
+def _merged(previous: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
+    merged = dict(previous or {})
+    for cause, count in new.items():
+        merged[cause] = merged.get(cause, 0) + count
+    if previous is not None:
+        merged["batch_retry"] = merged.get("batch_retry", 0) + 1
+    return merged
+
+
 def _store_calls(
     session: Session,
     teacher_id: uuid.UUID,
-    job: Job,
-    batch: GenerationBatch,
+    job_id: uuid.UUID,
+    batch_of: dict[str, uuid.UUID],
     requests: dict[str, TeacherRequest],
     results: Sequence[TeacherResult],
+    previous: dict[str, dict[str, int]],
 ) -> None:
+    """Store finished calls. A call that failed transiently before is updated in place, its
+    attempts, tokens and cost added to the earlier ones; a call another worker already
+    finished is left as it is (its answer was first)."""
+    if not results:
+        return
     now = utcnow()
-    insert_ignore(
-        session,
-        TeacherCall,
-        [
-            {
-                "id": uuid.uuid4(),
-                "teacher_id": teacher_id,
-                "job_id": job.id,
-                "batch_id": batch.id,
-                "fingerprint": result.fingerprint,
-                "template_id": requests[result.fingerprint].template_id,
-                "template_version": requests[result.fingerprint].template_version,
-                "status": result.status.value,
-                "text": result.text,
-                "parsed": result.parsed,
-                "error_code": result.error_code,
-                "error": result.error,
-                "finish_reason": result.finish_reason,
-                "tokens_in": result.tokens_in,
-                "tokens_out": result.tokens_out,
-                "latency_s": result.latency_s,
-                "attempts": result.attempts,
-                "reasks": result.reasks,
-                "cost_usd": result.cost_usd,
-                "retry_causes": result.retry_causes,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for result in results
-        ],
-        ["teacher_id", "fingerprint"],
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "teacher_id": teacher_id,
+            "job_id": job_id,
+            "batch_id": batch_of[result.fingerprint],
+            "fingerprint": result.fingerprint,
+            "template_id": requests[result.fingerprint].template_id,
+            "template_version": requests[result.fingerprint].template_version,
+            "status": result.status.value,
+            "text": result.text,
+            "parsed": result.parsed,
+            "error_code": result.error_code,
+            "error": result.error,
+            "finish_reason": result.finish_reason,
+            "tokens_in": result.tokens_in,
+            "tokens_out": result.tokens_out,
+            "latency_s": result.latency_s,
+            "attempts": result.attempts,
+            "reasks": result.reasks,
+            "cost_usd": result.cost_usd,
+            "retry_causes": _merged(previous.get(result.fingerprint), result.retry_causes),
+            "created_at": now,
+            "updated_at": now,
+        }
+        for result in {r.fingerprint: r for r in results}.values()
+    ]
+    table = TeacherCall.__table__
+    assert isinstance(table, Table)
+    dialect = session.get_bind().dialect.name
+    stmt: Any = (pg_insert if dialect == "postgresql" else sqlite_insert)(table).values(rows)
+    added = ("tokens_in", "tokens_out", "cost_usd", "attempts", "reasks")
+    replaced = (
+        "status",
+        "text",
+        "parsed",
+        "error_code",
+        "error",
+        "finish_reason",
+        "latency_s",
+        "retry_causes",
+        "job_id",
+        "batch_id",
+        "updated_at",
     )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["teacher_id", "fingerprint"],
+        set_={
+            **{name: table.c[name] + stmt.excluded[name] for name in added},
+            **{name: stmt.excluded[name] for name in replaced},
+        },
+        where=table.c.status == TeacherCallStatus.failed.value,
+    )
+    session.execute(stmt)
+
+
+def _claim(session: Session, batch_id: uuid.UUID, lease_s: float) -> int | None:
+    """Compare-and-set claim of one batch: a pending one that is due, or a running one whose
+    lease lapsed (its worker died). Returns the claim's token, or None when another worker
+    holds it (a duplicate or redelivered message) or it is not due yet."""
+    now = utcnow()
+    claimed = session.execute(
+        update(GenerationBatch)
+        .where(
+            GenerationBatch.id == batch_id,
+            or_(
+                and_(
+                    GenerationBatch.status == BatchStatus.pending,
+                    or_(
+                        GenerationBatch.retry_at.is_(None),
+                        GenerationBatch.retry_at <= now + timedelta(seconds=1),
+                    ),
+                ),
+                and_(
+                    GenerationBatch.status == BatchStatus.running,
+                    GenerationBatch.updated_at < now - timedelta(seconds=lease_s),
+                ),
+            ),
+        )
+        .values(
+            status=BatchStatus.running,
+            attempts=GenerationBatch.attempts + 1,
+            started_at=func.coalesce(GenerationBatch.started_at, now),
+            retry_at=None,
+            updated_at=now,
+        )
+        .returning(GenerationBatch.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if claimed is None:
+        session.rollback()
+        return None
+    session.commit()
+    return int(claimed)
+
+
+def _claim_next(
+    session: Session, iteration_id: uuid.UUID, phase: str
+) -> tuple[uuid.UUID, int] | None:
+    """Claim the next due pending batch of the same phase (the pipeline's next batch)."""
+    now = utcnow()
+    candidate = (
+        select(GenerationBatch.id)
+        .where(
+            GenerationBatch.iteration_id == iteration_id,
+            GenerationBatch.phase == phase,
+            GenerationBatch.status == BatchStatus.pending,
+            or_(GenerationBatch.retry_at.is_(None), GenerationBatch.retry_at <= now),
+        )
+        .order_by(GenerationBatch.index)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        update(GenerationBatch)
+        .where(GenerationBatch.id == candidate, GenerationBatch.status == BatchStatus.pending)
+        .values(
+            status=BatchStatus.running,
+            attempts=GenerationBatch.attempts + 1,
+            started_at=func.coalesce(GenerationBatch.started_at, now),
+            updated_at=now,
+        )
+        .returning(GenerationBatch.id, GenerationBatch.attempts)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        session.rollback()
+        return None
+    session.commit()
+    return row[0], int(row[1])
 
 
 def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
+    """Generate a batch, then the phase's other pending batches, through one pipeline.
+
+    The batch is leased (claimed under a token, renewed by a heartbeat every lease_s / 3);
+    its requests feed the teacher's window, and before they run out the pipeline claims the
+    phase's next pending batch and feeds it too, so the teacher is not idle between batches.
+    Every answer is stored as it arrives; a batch whose answers are all in is filtered and
+    closed beside the requests that are still running. A batch size is thus the unit of
+    durability and fan-out, not of concurrency.
+    """
     batch = session.get(GenerationBatch, batch_id)
     if batch is None or batch.status in (
         BatchStatus.succeeded,
@@ -213,86 +340,19 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
     if job.status is JobStatus.paused or job.status is JobStatus.queued:
         return  # resume re-enqueues pending batches
     if job.status is not JobStatus.running:
-        _close_batch(session, batch, BatchStatus.cancelled, f"job {job.status.value}")
+        if batch.status is BatchStatus.pending:
+            _close_batch(session, batch, BatchStatus.cancelled, f"job {job.status.value}")
         return
-    # Compare-and-set claim: a second delivery while another worker runs this batch is a
-    # no-op. A batch abandoned by a dead worker goes back to pending through the reconcile.
-    claimed = session.execute(
-        update(GenerationBatch)
-        .where(GenerationBatch.id == batch.id, GenerationBatch.status == BatchStatus.pending)
-        .values(
-            status=BatchStatus.running,
-            attempts=GenerationBatch.attempts + 1,
-            started_at=func.coalesce(GenerationBatch.started_at, utcnow()),
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if not getattr(claimed, "rowcount", 0):
-        session.rollback()
+    settings = ports.settings.worker
+    token = _claim(session, batch.id, settings.lease_s)
+    if token is None:
         return
     job.heartbeat_at = utcnow()
     session.commit()
-    session.refresh(batch)
-
-    ctx = load_job_context(session, job)
     teacher_row = session.get(TeacherRow, job.teacher_id)
     assert teacher_row is not None
-    targets = [GenerationTarget.model_validate(t) for t in batch.targets]
-    requests = _requests(targets, teacher_row, ctx)
-    fingerprints = [r.fingerprint(teacher_row.model) for r in requests]
-
-    to_call = _uncached(session, teacher_row, requests, fingerprints)
-    session.commit()
-    with heartbeat(
-        session.get_bind(),
-        GenerationBatch,
-        batch.id,
-        BatchStatus.running,
-        every_s=interval_for(ports.settings.worker.stuck_after_s),
-    ):
-        outcome = _call_teacher(session, ports, teacher_row, job, batch, ctx, to_call)
-    session.expire_all()
-    job = session.get(Job, batch.job_id)
-    batch = session.get(GenerationBatch, batch_id)
-    assert job is not None and batch is not None
-    if outcome.permanent_error:
-        transition_job(session, job, JobStatus.failed, reason=outcome.permanent_error)
-        _close_batch(session, batch, BatchStatus.failed, outcome.permanent_error)
-        log.warning("job.failed", job_id=str(job.id), reason=outcome.permanent_error)
-        return
-
-    calls = _calls_by_fingerprint(session, teacher_row, fingerprints)
-    rows = _candidate_rows(session, job, batch, ctx, targets, fingerprints, calls)
-    if ctx.spec.filters.teacher_verification:
-        rows = _verify(session, ports, teacher_row, job, batch, ctx, rows)
-    _insert_examples(session, rows)
-    missing = [fp for fp in fingerprints if fp not in calls]
-    failed = [
-        fp
-        for fp in fingerprints
-        if fp in calls
-        and calls[fp].status == TeacherCallStatus.failed.value
-        and is_transient_failure(calls[fp].error_code)
-    ]
-    if (failed or missing) and not outcome.stopped:
-        batch.status = BatchStatus.pending  # keep the claim off; the retry re-calls only these
-        batch.error = f"{len(failed)} teacher calls failed transiently: {outcome.last_error}"
-        job.status_reason = "teacher unavailable"
-        job.heartbeat_at = utcnow()
-        session.commit()
-        raise TeacherUnavailable(batch.error)
-    if job.status_reason == "teacher unavailable":
-        job.status_reason = None
-    if outcome.stopped and job.status is JobStatus.paused:
-        batch.status = BatchStatus.pending  # resume re-enqueues it; paid calls are cached
-        session.commit()
-        refresh_counters_after_batch(session, batch)
-        return
-    status = BatchStatus.succeeded
-    if missing and outcome.stopped:
-        status = BatchStatus.cancelled  # budget or user stop: some targets never went out
-    _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
+    pipeline = _Pipeline(session, ports, job, teacher_row, load_job_context(session, job))
+    pipeline.run(batch.id, token, batch.iteration_id, batch.phase)
 
 
 @dataclass
@@ -303,95 +363,320 @@ class _Outcome:
     last_error: str | None = None
 
 
+@dataclass
+class _Work:
+    """One batch the pipeline holds: its targets and the answers it still waits for."""
+
+    batch_id: uuid.UUID
+    token: int
+    targets: list[GenerationTarget]
+    fingerprints: list[str]
+    waiting: set[str] = field(default_factory=set)
+    fed: bool = False
+    closed: bool = False
+
+
+class _Pipeline:
+    """One worker's generation loop over a phase's batches (see `generate_batch`).
+
+    Threads: the event loop runs the teacher calls; every database step (claim, store,
+    filter, close) runs on one DB thread, one at a time, with the task's session; a third
+    thread renews the leases. The loop never waits for the database except to hand it work.
+    """
+
+    def __init__(
+        self, session: Session, ports: Ports, job: Job, teacher_row: TeacherRow, ctx: JobContext
+    ) -> None:
+        self.session = session
+        self.ports = ports
+        self.job = job
+        self.job_id = job.id
+        self.teacher_row = teacher_row
+        self.ctx = ctx
+        self.settings = ports.settings.worker
+        self.outcome = _Outcome()
+        self.go = True
+        self.works: dict[uuid.UUID, _Work] = {}
+        self.by_fp: dict[str, list[_Work]] = {}
+        self.requests: dict[str, TeacherRequest] = {}
+        self.previous: dict[str, dict[str, int]] = {}
+        self.held = HeldBatches()
+        self.spend = _Spend(0, 0.0)
+        self.checked = time.monotonic()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-db")
+
+    # ------------------------------------------------------------------ the event loop
+
+    def run(self, batch_id: uuid.UUID, token: int, iteration_id: uuid.UUID, phase: str) -> None:
+        self.iteration_id, self.phase = iteration_id, phase
+        self.spend = _job_spend(self.session, self.job_id)
+        self.session.commit()
+        with keep_batch_leases(
+            self.session.get_bind(),
+            self.job_id,
+            self.held,
+            every_s=interval_for(self.settings.lease_s),
+        ):
+            self.held.add(batch_id, token)
+            try:
+                asyncio.run(self._run(batch_id, token))
+            finally:
+                self.executor.shutdown(wait=True)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self, batch_id: uuid.UUID, token: int) -> None:
+        self._check()
+        teacher = self.ports.make_teacher(self.teacher_row)
+        pending: list[TeacherResult] = []
+        storing: asyncio.Future[None] | None = None
+        try:
+            stream = teacher.stream(self._feed(batch_id, token), should_continue=lambda: self.go)
+            async for result in stream:
+                if result.fingerprint not in self.by_fp:
+                    continue
+                pending.append(result)
+                self.spend.tokens += result.tokens_in + result.tokens_out
+                self.spend.cost += result.cost_usd
+                if result.status is TeacherCallStatus.failed:
+                    self.outcome.last_error = f"{result.error_code}: {result.error}"
+                    if result.permanent:
+                        self.outcome.permanent_error = (
+                            f"teacher error {result.error_code}: {result.error}"
+                        )
+                        self.go = False
+                self._check_budget()
+                # Results that land while a store runs are stored together by the next one.
+                if storing is None or storing.done():
+                    if storing is not None:
+                        await storing  # surfaces a failed store
+                    storing = asyncio.ensure_future(self._db(self._store, pending))
+                    pending = []
+        except Exception as exc:  # the limiter or the feed failed: what was sent is stored
+            log.warning("batch.pipeline_interrupted", job_id=str(self.job_id), error=str(exc))
+            self.outcome.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.go = False
+            if storing is not None:
+                await storing
+            if pending:
+                await self._db(self._store, pending)
+            await teacher.aclose()
+            await self._db(self._close_all)
+
+    async def _feed(self, batch_id: uuid.UUID, token: int) -> AsyncIterator[TeacherRequest]:
+        while True:
+            for request in await self._db(self._load, batch_id, token):
+                yield request
+            await self._db(self._fed, batch_id)
+            if not self.go:
+                return
+            following = await self._db(self._claim_following)
+            if following is None:
+                return
+            batch_id, token = following
+
+    # ------------------------------------------------------------------ the DB thread
+
+    def _load(self, batch_id: uuid.UUID, token: int) -> list[TeacherRequest]:
+        batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
+        assert batch is not None
+        targets = [GenerationTarget.model_validate(t) for t in batch.targets]
+        requests = _requests(targets, self.teacher_row, self.ctx)
+        fingerprints = [r.fingerprint(self.teacher_row.model) for r in requests]
+        to_call, previous = _uncached(self.session, self.teacher_row, requests, fingerprints)
+        self.session.commit()
+        work = _Work(batch_id, token, targets, fingerprints)
+        self.works[batch_id] = work
+        self.previous.update(previous)
+        send: list[TeacherRequest] = []
+        for request, fp in to_call:
+            self.requests[fp] = request
+            work.waiting.add(fp)
+            others = self.by_fp.setdefault(fp, [])
+            if not any(fp in other.waiting for other in others if other is not work):
+                send.append(request)  # a fingerprint another held batch waits for goes once
+            others.append(work)
+        return send
+
+    def _fed(self, batch_id: uuid.UUID) -> None:
+        work = self.works[batch_id]
+        work.fed = True
+        if not work.waiting:
+            self._finish(work, final=False)
+
+    def _claim_following(self) -> tuple[uuid.UUID, int] | None:
+        self.session.expire(self.job, ["status"])
+        if self.job.status is not JobStatus.running:
+            return None
+        following = _claim_next(self.session, self.iteration_id, self.phase)
+        if following is not None:
+            self.held.add(*following)
+        return following
+
+    def _store(self, results: list[TeacherResult]) -> None:
+        """Store finished calls (paid answers are durable within one store of their arrival),
+        then filter and close every batch whose answers are all in."""
+        if results:
+            batch_of = {r.fingerprint: self.by_fp[r.fingerprint][0].batch_id for r in results}
+            _store_calls(
+                self.session,
+                self.teacher_row.id,
+                self.job_id,
+                batch_of,
+                self.requests,
+                results,
+                self.previous,
+            )
+            self.session.commit()
+        ready: list[_Work] = []
+        for result in results:
+            for work in self.by_fp.get(result.fingerprint, ()):
+                work.waiting.discard(result.fingerprint)
+                if work.fed and not work.waiting and not work.closed and work not in ready:
+                    ready.append(work)
+        for work in ready:
+            self._finish(work, final=False)
+        if time.monotonic() - self.checked > STATUS_POLL_S:
+            self.checked = time.monotonic()
+            self._check()
+
+    def _close_all(self) -> None:
+        for work in list(self.works.values()):
+            if not work.closed:
+                self._finish(work, final=True)
+
+    def _check(self) -> None:
+        self.session.expire(self.job, ["status"])
+        if self.job.status is not JobStatus.running:
+            self.go = False
+            self.outcome.stopped, self.outcome.stop_reason = True, f"job {self.job.status.value}"
+        else:
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        budget = self.ctx.spec.budget
+        if budget.max_tokens is not None and self.spend.tokens >= budget.max_tokens:
+            self.go = False
+            self.outcome.stopped, self.outcome.stop_reason = True, "token budget reached"
+        if budget.max_cost_usd is not None and self.spend.cost >= budget.max_cost_usd:
+            self.go = False
+            self.outcome.stopped, self.outcome.stop_reason = True, "cost budget reached"
+
+    def _finish(self, work: _Work, *, final: bool) -> None:
+        """Examples from a batch's answers, then the batch's next status: closed, or pending
+        again to retry what failed transiently (until the retry deadline), or pending for a
+        resume after a pause."""
+        work.closed = True
+        self.held.discard(work.batch_id)
+        session = self.session
+        session.expire_all()
+        job = session.get(Job, self.job_id)
+        batch = session.get(GenerationBatch, work.batch_id)
+        assert job is not None and batch is not None
+        self.job = job
+        if batch.status is not BatchStatus.running or batch.attempts != work.token:
+            return  # our lease lapsed and another worker took the batch over
+        outcome = self.outcome
+        if outcome.permanent_error:
+            if job.status is JobStatus.running:
+                transition_job(session, job, JobStatus.failed, reason=outcome.permanent_error)
+                log.warning("job.failed", job_id=str(job.id), reason=outcome.permanent_error)
+            _close_batch(session, batch, BatchStatus.failed, outcome.permanent_error)
+            return
+        calls = _calls_by_fingerprint(session, self.teacher_row, work.fingerprints)
+        missing = [fp for fp in work.fingerprints if fp not in calls]
+        failed = [
+            fp
+            for fp in work.fingerprints
+            if fp in calls
+            and calls[fp].status == TeacherCallStatus.failed.value
+            and is_transient_failure(calls[fp].error_code)
+        ]
+        retry = bool(failed or missing) and not (final and outcome.stopped)
+        now = utcnow()
+        since = batch.unavailable_since or now
+        give_up = retry and (now - since).total_seconds() >= self.settings.teacher_retry_deadline_s
+        rows = _candidate_rows(
+            session, job, batch, self.ctx, work.targets, work.fingerprints, calls, final=give_up
+        )
+        if self.ctx.spec.filters.teacher_verification:
+            rows = _verify(session, self.ports, self.teacher_row, job, batch, self.ctx, rows)
+        _insert_examples(session, rows)
+        if give_up:
+            waited = (now - since).total_seconds()
+            reason = (
+                f"teacher unavailable for {waited:.0f} s (retry deadline "
+                f"{self.settings.teacher_retry_deadline_s:g} s): {len(failed) + len(missing)} "
+                f"of {len(work.fingerprints)} calls failed; last error {outcome.last_error}"
+            )
+            log.warning("batch.failed", batch_id=str(batch.id), reason=reason)
+            _close_batch(session, batch, BatchStatus.failed, reason)
+            return
+        if retry:
+            delay = _retry_delay(batch.attempts, self.settings.teacher_retry_deadline_s, since)
+            batch.status = BatchStatus.pending
+            batch.unavailable_since = since
+            batch.retry_at = now + timedelta(seconds=delay)
+            batch.error = (
+                f"{len(failed)} teacher calls failed transiently, {len(missing)} not sent: "
+                f"{outcome.last_error}; retried in {delay:.1f} s"
+            )
+            job.status_reason = "teacher unavailable"
+            job.heartbeat_at = now
+            tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
+            session.commit()
+            refresh_counters_after_batch(session, batch)
+            log.info("batch.retry_scheduled", batch_id=str(batch.id), delay_s=round(delay, 1))
+            return
+        if job.status_reason == "teacher unavailable":
+            job.status_reason = None
+        batch.unavailable_since = None
+        if outcome.stopped and job.status is JobStatus.paused:
+            batch.status = BatchStatus.pending  # resume re-enqueues it; paid calls are cached
+            session.commit()
+            refresh_counters_after_batch(session, batch)
+            return
+        status = BatchStatus.succeeded
+        if missing and outcome.stopped:
+            status = BatchStatus.cancelled  # budget or user stop: some targets never went out
+        _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
+
+
+def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:
+    """Exponential backoff with jitter between a batch's retries (2 s, 4 s, ... 5 min), never
+    past the retry deadline, so the last retry comes right at it."""
+    delay = min(300.0, 2.0 ** min(claims, 9)) * random.uniform(0.75, 1.0)
+    left = deadline_s - (utcnow() - since).total_seconds()
+    return max(0.5, min(delay, left))
+
+
 def _call_teacher(
     session: Session,
     ports: Ports,
     teacher_row: TeacherRow,
     job: Job,
     batch: GenerationBatch,
-    ctx: JobContext,
     to_call: list[tuple[TeacherRequest, str]],
-) -> _Outcome:
-    outcome = _Outcome()
+    previous: dict[str, dict[str, int]],
+) -> None:
+    """Send a few requests and store their answers (teacher verification of a batch)."""
     if not to_call:
-        return outcome
-    budget = ctx.spec.budget
-    spend = _job_spend(session, job.id)
-    state = {"checked": time.monotonic(), "go": True}
-    by_fp = {fp: r for r, fp in to_call}
+        return
+    requests = {fp: r for r, fp in to_call}
 
-    def check() -> None:
-        session.expire(job, ["status"])
-        if job.status is not JobStatus.running:
-            state["go"] = False
-            outcome.stopped, outcome.stop_reason = True, f"job {job.status.value}"
-        elif budget.max_tokens is not None and spend.tokens >= budget.max_tokens:
-            state["go"] = False
-            outcome.stopped, outcome.stop_reason = True, "token budget reached"
-        elif budget.max_cost_usd is not None and spend.cost >= budget.max_cost_usd:
-            state["go"] = False
-            outcome.stopped, outcome.stop_reason = True, "cost budget reached"
-
-    check()
-    if not state["go"]:
-        return outcome
-
-    def persist(results: list[TeacherResult]) -> None:
-        """Store finished calls and re-read the job's status; runs in a thread, one at a time,
-        so the event loop keeps every other request moving while Postgres commits."""
-        _store_calls(session, teacher_row.id, job, batch, by_fp, results)
-        job.heartbeat_at = utcnow()
-        batch.updated_at = job.heartbeat_at  # a live batch is never taken for an abandoned one
-        session.commit()  # paid calls are durable within one flush of their arrival
-        if time.monotonic() - float(state["checked"]) > STATUS_POLL_S:
-            state["checked"] = time.monotonic()
-            check()
-
-    async def consume() -> None:
+    async def consume() -> list[TeacherResult]:
         teacher = ports.make_teacher(teacher_row)
-        pending: list[TeacherResult] = []
-        flushing: asyncio.Task[None] | None = None
         try:
-            stream: AsyncIterator[TeacherResult] = teacher.stream(
-                [r for r, _ in to_call], should_continue=lambda: bool(state["go"])
-            )
-            async for result in stream:
-                if result.fingerprint not in by_fp:  # reported by the sent request's fingerprint
-                    continue
-                pending.append(result)
-                spend.tokens += result.tokens_in + result.tokens_out
-                spend.cost += result.cost_usd
-                if result.status is TeacherCallStatus.failed:
-                    outcome.last_error = f"{result.error_code}: {result.error}"
-                    if result.permanent:
-                        outcome.permanent_error = (
-                            f"teacher error {result.error_code}: {result.error}"
-                        )
-                        state["go"] = False
-                _check_budget_only()
-                # Results that land while a flush runs are stored together by the next one.
-                if flushing is None or flushing.done():
-                    if flushing is not None:
-                        await flushing  # surfaces a failed flush
-                    flushing = asyncio.create_task(asyncio.to_thread(persist, pending))
-                    pending = []
+            return await teacher.generate([r for r, _ in to_call])
         finally:
-            if flushing is not None:
-                await flushing
-            if pending:
-                await asyncio.to_thread(persist, pending)
             await teacher.aclose()
 
-    def _check_budget_only() -> None:
-        if budget.max_tokens is not None and spend.tokens >= budget.max_tokens:
-            state["go"] = False
-            outcome.stopped, outcome.stop_reason = True, "token budget reached"
-        if budget.max_cost_usd is not None and spend.cost >= budget.max_cost_usd:
-            state["go"] = False
-            outcome.stopped, outcome.stop_reason = True, "cost budget reached"
-
-    asyncio.run(consume())
-    return outcome
+    results = asyncio.run(consume())
+    batch_of = dict.fromkeys(requests, batch.id)
+    _store_calls(session, teacher_row.id, job.id, batch_of, requests, results, previous)
+    session.commit()
 
 
 def _candidate_examples(
@@ -428,8 +713,11 @@ def _candidate_rows(
     targets: list[GenerationTarget],
     fingerprints: list[str],
     calls: dict[str, TeacherCall],
+    *,
+    final: bool = False,
 ) -> list[dict[str, Any]]:
-    """Example rows for a batch's finished calls, each accepted or rejected by the filters."""
+    """Example rows for a batch's finished calls, each accepted or rejected by the filters.
+    With `final` (the batch gives up), transient failures leave rejected rows too."""
     iteration = session.get(Iteration, batch.iteration_id)
     assert iteration is not None
     plan_ctx = _plan_ctx(ctx, iteration, batch.phase)
@@ -441,7 +729,7 @@ def _candidate_rows(
         if call is None:
             continue
         if call.status == TeacherCallStatus.failed.value:
-            if not is_transient_failure(call.error_code):
+            if final or not is_transient_failure(call.error_code):
                 rows.append(_failed_row(_lineage(job, batch, ctx, target, call, fp), call, target))
             continue  # a transient failure is called again by the batch's retry
         examples, problem = _candidate_examples(target, call, ctx, plan_ctx)
@@ -574,9 +862,8 @@ def _verify(
         for r in accepted
     ]
     fps = [req.fingerprint(teacher_row.model) for req in requests]
-    _call_teacher(
-        session, ports, teacher_row, job, batch, ctx, _uncached(session, teacher_row, requests, fps)
-    )
+    to_call, previous = _uncached(session, teacher_row, requests, fps)
+    _call_teacher(session, ports, teacher_row, job, batch, to_call, previous)
     calls = _calls_by_fingerprint(session, teacher_row, fps)
     for row, fp in zip(accepted, fps, strict=True):
         call = calls.get(fp)
@@ -732,19 +1019,35 @@ def _close_batch(
     batch.status = status
     batch.error = error
     batch.finished_at = utcnow()
+    batch.retry_at = None
     session.commit()
     refresh_counters_after_batch(session, batch)
     # Fan-in through the database: whoever sees no open batch left enqueues the phase's end.
-    open_batches = session.scalar(
-        select(func.count()).where(
-            GenerationBatch.iteration_id == batch.iteration_id,
-            GenerationBatch.phase == batch.phase,
-            GenerationBatch.status.in_([BatchStatus.pending, BatchStatus.running]),
+    statuses = [
+        BatchStatus(s)
+        for s in session.scalars(
+            select(GenerationBatch.status).where(
+                GenerationBatch.iteration_id == batch.iteration_id,
+                GenerationBatch.phase == batch.phase,
+            )
         )
-    )
-    if not open_batches:
-        tasks.enqueue(session, tasks.PHASE_FINISH, str(batch.iteration_id), batch.phase)
+    ]
+    if any(s in (BatchStatus.pending, BatchStatus.running) for s in statuses):
+        return
+    job = session.get(Job, batch.job_id)
+    if (
+        status is BatchStatus.failed
+        and job is not None
+        and job.status is JobStatus.running
+        and all(s is BatchStatus.failed for s in statuses)
+    ):
+        # Not one batch of the phase got through: the teacher is gone, not a few requests.
+        transition_job(session, job, JobStatus.failed, reason=error)
         session.commit()
+        log.warning("job.failed", job_id=str(job.id), reason=error)
+        return
+    tasks.enqueue(session, tasks.PHASE_FINISH, str(batch.iteration_id), batch.phase)
+    session.commit()
 
 
 def refresh_counters_after_batch(session: Session, batch: GenerationBatch) -> None:

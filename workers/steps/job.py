@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import tasks
@@ -26,6 +26,7 @@ from service.domain.strategies.base import (
 )
 from service.jobs import transition_job
 from service.models import GenerationBatch, Iteration, Job, utcnow
+from service.settings import WorkerSettings
 from workers.steps.context import (
     JobContext,
     best_iteration,
@@ -270,28 +271,49 @@ def store_batches(
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
 
 
-def reconcile(session: Session, stuck_after_s: int) -> int:
-    """Re-enqueue work of running jobs that made no progress past the deadline (lost messages,
-    killed workers). Every step is idempotent, so a spurious re-enqueue costs nothing.
+def reconcile(session: Session, worker: WorkerSettings) -> int:
+    """Re-send work that a lost message or a dead worker left behind. Every step is
+    idempotent (compare-and-set claims), so a spurious re-send costs nothing.
 
-    Work a dead worker left claimed is released and re-enqueued here, whatever the state of
-    its job: a job whose other batches are still running looks alive, and would otherwise wait
-    for those to finish and for its own heartbeat to go stale before anyone noticed."""
-    deadline = utcnow() - timedelta(seconds=stuck_after_s)
-    # Batches left running by a dead worker go back to pending and are sent out again.
+    - A running batch or evaluation whose lease lapsed (not renewed for `lease_s`: its worker
+      died or lost Postgres) goes back to pending and is sent again, whatever the state of
+      the rest of its job.
+    - A pending batch that is due (its retry time passed, or nobody claimed it for
+      `requeue_after_s`: its message was lost with the broker) is sent again.
+    - A running or queued job with no live lease and no progress for `stuck_after_s` has its
+      next step sent again (a lost evaluation or phase-end message).
+    """
+    now = utcnow()
+    lapsed = now - timedelta(seconds=worker.lease_s)
     released = session.execute(
         update(GenerationBatch)
-        .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < deadline)
-        .values(status=BatchStatus.pending, updated_at=utcnow())
+        .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < lapsed)
+        .values(status=BatchStatus.pending, retry_at=None, updated_at=now)
         .returning(GenerationBatch.id, GenerationBatch.job_id)
         .execution_options(synchronize_session=False)
     ).all()
-    # An evaluation left claimed by a dead worker is ready to evaluate again.
     abandoned = session.execute(
         update(Iteration)
-        .where(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < deadline)
-        .values(status=IterationStatus.pending, updated_at=utcnow())
+        .where(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < lapsed)
+        .values(status=IterationStatus.pending, updated_at=now)
         .returning(Iteration.id, Iteration.job_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    running_jobs = select(Job.id).where(Job.status == JobStatus.running)
+    unclaimed = now - timedelta(seconds=worker.requeue_after_s)
+    due = session.execute(
+        update(GenerationBatch)
+        .where(
+            GenerationBatch.status == BatchStatus.pending,
+            GenerationBatch.job_id.in_(running_jobs),
+            GenerationBatch.id.not_in([batch_id for batch_id, _ in released] or [uuid.uuid4()]),
+            or_(
+                GenerationBatch.retry_at <= now,
+                and_(GenerationBatch.retry_at.is_(None), GenerationBatch.updated_at < unclaimed),
+            ),
+        )
+        .values(retry_at=None, updated_at=now)
+        .returning(GenerationBatch.id, GenerationBatch.job_id)
         .execution_options(synchronize_session=False)
     ).all()
     owners = {job_id for _, job_id in (*released, *abandoned)}
@@ -303,19 +325,41 @@ def reconcile(session: Session, stuck_after_s: int) -> int:
     for batch_id, job_id in released:
         if job_id in running:
             tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
+    for batch_id, _ in due:
+        tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
     for iteration_id, job_id in abandoned:
         if job_id in running:
             tasks.enqueue(session, tasks.ITERATION_EVALUATE, str(iteration_id))
-    if released or abandoned:
-        log.warning("reconcile.released", batches=len(released), evaluations=len(abandoned))
+    if released or abandoned or due:
+        log.warning(
+            "reconcile.released",
+            batches=len(released),
+            evaluations=len(abandoned),
+            due_batches=len(due),
+        )
+    # A job with a live lease is making progress; one without, quiet for stuck_after_s, lost
+    # the message of its next step.
+    live = now - timedelta(seconds=worker.lease_s)
+    leased = (
+        select(GenerationBatch.job_id)
+        .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at >= live)
+        .union(
+            select(Iteration.job_id).where(
+                Iteration.status == IterationStatus.evaluating, Iteration.updated_at >= live
+            )
+        )
+    )
+    deadline = now - timedelta(seconds=worker.stuck_after_s)
     stuck = session.scalars(
         select(Job).where(
             Job.status.in_([JobStatus.running, JobStatus.queued]),
             func.coalesce(Job.heartbeat_at, Job.updated_at) < deadline,
+            Job.id.not_in(leased),
         )
     ).all()
     for job in stuck:
         if job.status is JobStatus.queued:
+            job.heartbeat_at = now
             tasks.enqueue(session, tasks.JOB_START, str(job.id))
         else:
             advance(session, job)

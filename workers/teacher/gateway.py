@@ -58,16 +58,32 @@ def _always() -> bool:
     return True
 
 
+Requests = Sequence[TeacherRequest] | AsyncIterator[TeacherRequest]
+
+
+async def _each(requests: Requests) -> AsyncGenerator[TeacherRequest, None]:
+    if isinstance(requests, Sequence):
+        for request in requests:
+            yield request
+    else:
+        async for request in requests:
+            yield request
+
+
 class Teacher(Protocol):
     """Sends generation requests to a teacher LLM and reports each one's final result."""
 
     def stream(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         *,
         should_continue: Callable[[], bool] = _always,
     ) -> AsyncIterator[TeacherResult]:
         """Yield each result as soon as it is final, in completion order.
+
+        `requests` may be an async iterator: it is pulled one request at a time, as slots
+        free up, so a caller can feed the window from work it claims on the way (the next
+        batch) and the teacher never waits between batches.
 
         Stops dispatching once `should_continue()` is False (budget reached, job paused);
         requests already sent finish and are yielded, the others are not yielded at all.
@@ -76,7 +92,7 @@ class Teacher(Protocol):
 
     async def generate(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         *,
         should_continue: Callable[[], bool] = _always,
     ) -> list[TeacherResult]:
@@ -238,7 +254,7 @@ class OpenAITeacher:
 
     async def stream(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         *,
         should_continue: Callable[[], bool] = _always,
     ) -> AsyncIterator[TeacherResult]:
@@ -248,7 +264,7 @@ class OpenAITeacher:
 
     async def generate(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         *,
         should_continue: Callable[[], bool] = _always,
     ) -> list[TeacherResult]:
@@ -261,7 +277,7 @@ class OpenAITeacher:
     # ---------------------------------------------------------------- orchestration
 
     async def _stream_indexed(
-        self, requests: Sequence[TeacherRequest], should_continue: Callable[[], bool]
+        self, requests: Requests, should_continue: Callable[[], bool]
     ) -> AsyncGenerator[tuple[int, TeacherResult], None]:
         self._transport()
         self._start_monitor()
@@ -295,39 +311,55 @@ class OpenAITeacher:
 
     async def _dispatch(
         self,
-        requests: Sequence[TeacherRequest],
+        requests: Requests,
         should_continue: Callable[[], bool],
         queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd],
         tasks: dict[asyncio.Task[None], _Call],
     ) -> None:
         dispatched = 0
+        index = -1
         try:
-            for index, request in enumerate(requests):
-                if not should_continue():
-                    break
-                call = self._new_call(index, request)
-                rejected = self._reject_before_sending(call)
-                if rejected is not None:
-                    queue.put_nowait((index, rejected))
-                    dispatched += 1
-                    continue
-                self._prepare(call)
-                lease = await self._acquire(call)
-                if not should_continue():  # the budget may have run out while we waited
-                    await self._release(lease, input_tokens=0, output_tokens=0)
-                    break
-                call.lease = lease
-                task = asyncio.create_task(self._run_and_report(call, queue))
-                tasks[task] = call
-                task.add_done_callback(tasks.pop)
-                dispatched += 1
+            async with contextlib.aclosing(_each(requests)) as each:
+                async for request in each:
+                    index += 1
+                    if not should_continue():
+                        break
+                    if await self._send(index, request, should_continue, queue, tasks):
+                        dispatched += 1
+                    else:
+                        break
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the limiter (Redis) failed: stop sending, report the rest
+        except Exception as exc:  # the limiter (Redis) or the feed failed: report the rest
             log.error("teacher.dispatch_failed", error=str(exc), dispatched=dispatched)
             queue.put_nowait(_DispatchEnd(dispatched, exc))
             return
         queue.put_nowait(_DispatchEnd(dispatched))
+
+    async def _send(
+        self,
+        index: int,
+        request: TeacherRequest,
+        should_continue: Callable[[], bool],
+        queue: asyncio.Queue[tuple[int, TeacherResult] | _DispatchEnd],
+        tasks: dict[asyncio.Task[None], _Call],
+    ) -> bool:
+        """Start one request once a slot is free; False when it was not sent (stopped)."""
+        call = self._new_call(index, request)
+        rejected = self._reject_before_sending(call)
+        if rejected is not None:
+            queue.put_nowait((index, rejected))
+            return True
+        self._prepare(call)
+        lease = await self._acquire(call)
+        if not should_continue():  # the budget may have run out while we waited
+            await self._release(lease, input_tokens=0, output_tokens=0)
+            return False
+        call.lease = lease
+        task = asyncio.create_task(self._run_and_report(call, queue))
+        tasks[task] = call
+        task.add_done_callback(tasks.pop)
+        return True
 
     def _new_call(self, index: int, request: TeacherRequest) -> _Call:
         call = _Call(
@@ -423,6 +455,8 @@ class OpenAITeacher:
             await self._limiter.release(
                 lease, input_tokens=input_tokens, output_tokens=output_tokens
             )
+        except Exception as exc:  # the answer is what matters; the slot expires by itself
+            log.warning("teacher.release_failed", teacher=self.endpoint.limiter_key, error=str(exc))
         finally:
             window.release()
 

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.domain.teacher import TeacherEndpoint
 
@@ -240,8 +242,10 @@ class RedisLimiter:
         *,
         lease_ttl_s: float = 30.0,
         poll_s: float = 1.0,
+        unreachable_s: float = 60.0,
     ) -> None:
         self._url = redis_url
+        self._unreachable_s = unreachable_s
         self._prefix = prefix
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._poll_s = poll_s
@@ -346,7 +350,9 @@ class RedisLimiter:
                 # Cleared before asking, so a release landing between the answer and the wait
                 # below is not missed.
                 waiters.released.clear()
-                answer = await state.scripts["acquire"](keys=script_keys, args=args)
+                answer = await self._while_reachable(
+                    lambda: state.scripts["acquire"](keys=script_keys, args=args)
+                )
                 if int(answer[0]) == 1:
                     break
                 reason, wait_ms = int(answer[1]), int(answer[2])
@@ -362,8 +368,35 @@ class RedisLimiter:
             state.renewer = asyncio.create_task(self._renew_forever(state), name="limiter-renewer")
         return lease
 
+    async def _while_reachable(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one Redis call; while Redis is unreachable (restarting, failing over), wait and
+        try again for up to `unreachable_s`, so a restart does not fail the requests that were
+        waiting for a slot. Scripts come back by themselves (redis-py re-loads a script the
+        server lost)."""
+        deadline = time.monotonic() + self._unreachable_s
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("teacher.limiter_unreachable", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
     async def release(
         self, lease: Lease, *, input_tokens: int | None = None, output_tokens: int | None = None
+    ) -> None:
+        """Give the slot back. Never raises: a slot Redis cannot take back now expires by
+        itself after the lease TTL (or went away with a restarted Redis)."""
+        try:
+            await self._release(lease, input_tokens=input_tokens, output_tokens=output_tokens)
+        except Exception as exc:
+            log.warning("teacher.limiter_release_failed", error=str(exc))
+
+    async def _release(
+        self, lease: Lease, *, input_tokens: int | None, output_tokens: int | None
     ) -> None:
         state = self._state
         held = None if state is None else state.held.get(lease.quota.key)

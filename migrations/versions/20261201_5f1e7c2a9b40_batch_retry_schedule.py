@@ -1,0 +1,32 @@
+"""generation batches: a retry schedule and when the teacher first failed them
+
+Revision ID: 5f1e7c2a9b40
+Revises: 33e3e265dac2
+Create Date: 2026-12-01 14:30:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "5f1e7c2a9b40"
+down_revision: str | None = "33e3e265dac2"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "generation_batches", sa.Column("retry_at", sa.DateTime(timezone=True), nullable=True)
+    )
+    op.add_column(
+        "generation_batches",
+        sa.Column("unavailable_since", sa.DateTime(timezone=True), nullable=True),
+    )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("generation_batches") as batch:
+        batch.drop_column("unavailable_since")
+        batch.drop_column("retry_at")
