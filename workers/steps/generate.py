@@ -63,6 +63,7 @@ from service.jobs import transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall, utcnow
 from service.models import Teacher as TeacherRow
 from service.secrets import resolve_api_key
+from service.settings import WorkerSettings
 from workers.ports import Ports
 from workers.steps.context import JobContext, load_job_context
 from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
@@ -70,8 +71,9 @@ from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
 log = structlog.get_logger()
 T = TypeVar("T")
 
-# How often a running batch re-reads the job (cancel/pause) and its spend (budgets).
-STATUS_POLL_S = 1.0
+# How often a running pipeline re-reads its job (cancel/pause): a pipeline spans batches, so
+# this, not the batch size, bounds what is sent after a cancel (one primary-key read).
+STATUS_POLL_S = 0.25
 MAX_REJECTED_TEXT = 4000
 
 
@@ -420,8 +422,23 @@ class _Pipeline:
             self.held.add(batch_id, token)
             try:
                 asyncio.run(self._run(batch_id, token))
+            except Exception:
+                self.executor.shutdown(wait=True)
+                self._put_back_after_crash()
+                raise
             finally:
                 self.executor.shutdown(wait=True)
+
+    def _put_back_after_crash(self) -> None:
+        """A step that crashed gives its batches back at once (with a backoff, and failed
+        for good after `max_claims` claims: a poison batch must not loop forever), instead of
+        leaving them to lapse. With the database gone too, the leases lapse by themselves."""
+        try:
+            self.session.rollback()
+            for batch_id, token in self.held.snapshot().items():
+                release_crashed_batch(self.session, batch_id, token, self.settings)
+        except Exception as exc:
+            log.warning("batch.put_back_failed", job_id=str(self.job_id), error=str(exc))
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -503,6 +520,7 @@ class _Pipeline:
     def _fed(self, batch_id: uuid.UUID) -> None:
         work = self.works[batch_id]
         work.fed = True
+        self._check()
         if not work.waiting:
             self._finish(work, final=False)
 
@@ -642,6 +660,34 @@ class _Pipeline:
         if missing and outcome.stopped:
             status = BatchStatus.cancelled  # budget or user stop: some targets never went out
         _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
+
+
+def release_crashed_batch(
+    session: Session, batch_id: uuid.UUID, token: int | None, settings: WorkerSettings
+) -> None:
+    """Put back a batch whose worker crashed or died (token None: whoever held it), or fail it
+    once it has been claimed `max_claims` times (a batch that kills its workers)."""
+    batch = session.get(GenerationBatch, batch_id, populate_existing=True)
+    if batch is None or batch.status is not BatchStatus.running:
+        return
+    if token is not None and batch.attempts != token:
+        return
+    if batch.attempts >= settings.max_claims:
+        reason = (
+            f"given up after {batch.attempts} claims: its workers crashed or died each time "
+            f"({batch.error or 'no error recorded'})"
+        )
+        log.error("batch.poisoned", batch_id=str(batch.id), claims=batch.attempts)
+        _close_batch(session, batch, BatchStatus.failed, reason)
+        return
+    delay = min(300.0, 2.0 ** min(batch.attempts, 9))
+    batch.status = BatchStatus.pending
+    batch.retry_at = utcnow() + timedelta(seconds=delay)
+    session.commit()
+    job = session.get(Job, batch.job_id)
+    if job is not None and job.status is JobStatus.running:
+        tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
+        session.commit()
 
 
 def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:

@@ -283,8 +283,19 @@ def reconcile(session: Session, worker: WorkerSettings) -> int:
     - A running or queued job with no live lease and no progress for `stuck_after_s` has its
       next step sent again (a lost evaluation or phase-end message).
     """
+    from workers.steps.generate import release_crashed_batch
+
     now = utcnow()
     lapsed = now - timedelta(seconds=worker.lease_s)
+    # A batch claimed max_claims times already killed every worker that took it: fail it.
+    for batch_id in session.scalars(
+        select(GenerationBatch.id).where(
+            GenerationBatch.status == BatchStatus.running,
+            GenerationBatch.updated_at < lapsed,
+            GenerationBatch.attempts >= worker.max_claims,
+        )
+    ).all():
+        release_crashed_batch(session, batch_id, None, worker)
     released = session.execute(
         update(GenerationBatch)
         .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < lapsed)
