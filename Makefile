@@ -17,7 +17,10 @@ lint: ## Ruff lint and format check, the import contract (service never imports 
 typecheck: ## mypy --strict on service and workers
 	$(VENV)/bin/mypy
 
-test: ## The test suite (real Postgres and Redis on 127.0.0.1)
-	$(PY) -m pytest -q
+test: ## The test suite (real Postgres and Redis on 127.0.0.1), the fault suite's core included
+	$(PY) -m pytest -q -m "not faults"
+
+faults: ## The whole fault suite: real workers, beat, restarts and kills (a few minutes)
+	$(PY) -m pytest -q tests/faults
 
 check: lint typecheck test ## Everything CI runs

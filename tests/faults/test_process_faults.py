@@ -26,8 +26,6 @@ from tests.faults.conftest import (
     fault_stack,
 )
 
-pytestmark = pytest.mark.faults
-
 CAP = 4  # the job's teacher concurrency: at most this many answers can be in flight
 
 
@@ -63,6 +61,7 @@ def test_a_killed_worker_is_replaced_within_the_lease(stack: FaultStack) -> None
     st.check_exactly_once(job_id, in_flight=CAP)
 
 
+@pytest.mark.faults  # make faults; not in the default suite (time)
 def test_sigterm_mid_job_and_a_new_worker_finish_the_job(stack: FaultStack) -> None:
     st = stack
     st.start_beat()
@@ -76,6 +75,7 @@ def test_sigterm_mid_job_and_a_new_worker_finish_the_job(stack: FaultStack) -> N
     st.check_exactly_once(job_id, in_flight=CAP)
 
 
+@pytest.mark.faults  # make faults; not in the default suite (time)
 def test_postgres_dropping_every_connection_mid_job(stack: FaultStack) -> None:
     st = stack
     st.start_beat()
@@ -130,6 +130,7 @@ def test_a_redis_restart_mid_job_loses_no_paid_answer(tmp_path: Path) -> None:
         server.kill()
 
 
+@pytest.mark.faults  # make faults; not in the default suite (time)
 def test_a_poison_batch_fails_alone_after_max_claims(tmp_path: Path) -> None:
     with fault_stack(tmp_path, DISTILL_WORKER__MAX_CLAIMS="3") as st:
         st.teacher.configure(latency_ms=50)
@@ -196,6 +197,7 @@ def test_messages_lost_between_mining_and_generation_are_sent_again(stack: Fault
     st.check_exactly_once(job_id, in_flight=CAP)
 
 
+@pytest.mark.faults  # make faults; not in the default suite (time)
 def test_retry_delays_longer_than_the_visibility_timeout(tmp_path: Path) -> None:
     # Redis redelivers a message nobody acknowledged within the visibility timeout: a retry
     # scheduled further out arrives twice. The second delivery is a no-op.
