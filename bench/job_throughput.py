@@ -1,16 +1,17 @@
-"""A whole job's generation throughput against the gateway alone, measured in the same run.
+"""A whole job's generation against the teacher's physical limit, beside the gateway alone.
 
-    python -m bench.job_throughput [--n 1024] [--latency-ms 200] [--cap 64]
+    python -m bench.job_throughput [--n 2000] [--latency-ms 200] [--cap 64] [--only clean]
 
-Starts the fake teacher (latency L, cap C) and a fresh Postgres database, then sends N
-teacher requests three ways and prints wall time over the physical limit N x L / C:
-  1. the gateway alone, in process (the figure the job should match);
-  2. a job on the embedded executor (steps in this process, Postgres);
-  3. a job through Redis and real Celery worker processes (the production path).
-The jobs use the `random` strategy with one example per prompt, so the iteration's
-generation is exactly N teacher calls; the generation window is read from the rows (batch
-start to last stored call), so student training is not counted. Target: the Celery job within
-5% of the in-process gateway figure.
+Starts the fake teacher (latency L, at most C requests in flight, 429 above) and a fresh
+Postgres database, measures the gateway alone in process (the reference of the same run),
+then runs one job per scenario through Redis and a real `distill worker` process (the
+production path): clean, jitter (+-100 ms), faults (6% HTTP 500), over the cap (the job's
+limit 2 x C, so the teacher refuses with 429 + Retry-After), and two worker processes sharing
+the teacher. Each job uses the `random` strategy with one example per prompt, so its
+generation is exactly N teacher calls; the window is read from the rows (first batch start to
+last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
+targets of issue 14, the teacher's max in flight and 429s, answers paid twice, and the worker
+processes' CPU per teacher call (the student trains on a worker of its own).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +77,64 @@ def _gateway_alone(base_url: str, n: int, cap: int) -> float:
     return float(run_sync(go()))
 
 
+def _group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of every live process in a process group (a Celery worker:
+    its parent and pool children), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    server: dict[str, Any] = field(default_factory=dict)
+    job_cap_factor: int = 1  # the job's max_concurrency = factor x the teacher's cap
+    workers: int = 1
+
+
+SCENARIOS = (
+    Scenario("clean"),
+    Scenario("jitter", server={"jitter_ms": 100.0}),
+    Scenario("faults", server={"error_rate": 0.06}),
+    Scenario("over-cap", job_cap_factor=2),
+    Scenario("two-workers", workers=2),
+)
+SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
+TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
+
+
+@dataclass
+class Row:
+    label: str
+    wall: float
+    calls: int
+    refused: int = 0
+    max_in_flight: int = 0
+    cpu_ms: float | None = None
+    duplicates: int = 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=200)
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=512, help="the job spec default")
-    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--worker-concurrency", type=int, default=1)
+    parser.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
+    parser.add_argument("--embedded", action="store_true", help="also run the embedded executor")
     args = parser.parse_args()
 
     from service.auth import get_or_create_tenant
@@ -106,9 +157,9 @@ def main() -> None:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = f"{PG_SERVER}/{name}"
     prefix = f"distill-bench:{uuid.uuid4().hex[:8]}:"
-    results: list[tuple[str, float, int]] = []
-    refusals: list[int] = []
-    worker: subprocess.Popen[bytes] | None = None
+    rows: list[Row] = []
+    workers: list[subprocess.Popen[bytes]] = []
+    load_before = os.getloadavg()[0]
     try:
         upgrade_database(url)
         engine = make_engine(url)
@@ -116,22 +167,26 @@ def main() -> None:
         train, val = _rows(args.n)
         with FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap) as fake:
 
-            def refused() -> int:
-                count = int(fake.stats()["by_status"].get("429", 0))
+            def stats() -> dict[str, Any]:
+                found: dict[str, Any] = fake.stats()
                 fake.reset()
-                return count
+                return found
 
             alone = _gateway_alone(fake.base_url, args.n, args.cap)
-            results.append(("gateway alone, in process", alone, args.n))
-            refusals.append(refused())
+            found = stats()
+            rows.append(
+                Row(
+                    "gateway alone, in process", alone, args.n, max_in_flight=found["max_in_flight"]
+                )
+            )
 
-            def job(sender: Any, tag: str) -> uuid.UUID:
+            def job(sender: Any, tag: str, cap: int) -> uuid.UUID:
                 with sessions() as session:
                     session.info[SENDER] = sender
                     tenant = get_or_create_tenant(session, tag)
                     ids = [
-                        str(create_dataset(session, tenant.id, part, rows, 1).id)
-                        for part, rows in (("train", train), ("val", val))
+                        str(create_dataset(session, tenant.id, part, rows_, 1).id)
+                        for part, rows_ in (("train", train), ("val", val))
                     ]
                     spec = {
                         "name": tag,
@@ -141,13 +196,14 @@ def main() -> None:
                         "teacher": {
                             "base_url": fake.base_url,
                             "model": "fake-teacher",
-                            "limits": {"max_concurrency": args.cap},
+                            "limits": {"max_concurrency": cap},
+                            "max_attempts": 10,
                         },
                         "student": {"type": "builtin", "model": "tfidf"},
                         "budget": {"max_iterations": 1},
                         "params": {"rows_per_iteration": args.n, "examples_per_row": 1},
                         "batch_size": args.batch_size,
-                        "seed": len(tag),
+                        "seed": len(rows) + 100,  # a fresh seed: nothing comes from the cache
                     }
                     created, _ = create_job(
                         session, tenant.id, parse_spec(spec), allow_private_teacher=True
@@ -155,12 +211,23 @@ def main() -> None:
                     session.commit()
                     return created.id
 
-            inline = InlineTaskSender()
-            runtime.configure(sessions=sessions, sender=inline)
-            job_id = job(inline, "inline")
-            inline.run_until_idle()
-            results.append(("job, embedded executor", *_window(sessions, job_id)))
-            refusals.append(refused())
+            if args.embedded:
+                inline = InlineTaskSender()
+                runtime.configure(sessions=sessions, sender=inline)
+                job_id = job(inline, "inline", args.cap)
+                inline.run_until_idle()
+                wall, calls = _window(sessions, job_id)
+                found = stats()
+                rows.append(
+                    Row(
+                        "job, embedded executor",
+                        wall,
+                        calls,
+                        found["by_status"].get("429", 0),
+                        found["max_in_flight"],
+                        duplicates=found["duplicate_successes"],
+                    )
+                )
 
             env = {
                 **os.environ,
@@ -169,37 +236,66 @@ def main() -> None:
                 "DISTILL_BROKER__KEY_PREFIX": prefix,
                 "DISTILL_LOG_LEVEL": "WARNING",
             }
-            worker = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "distill"),
-                    "worker",
-                    "--concurrency",
-                    str(args.worker_concurrency),
-                    "--loglevel",
-                    "WARNING",
-                ],
-                env=env,
-                start_new_session=True,
-            )
-            celery = CeleryTaskSender(REDIS_URL, key_prefix=prefix)
-            job_id = job(celery, "celery")
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with sessions() as session:
-                    status = session.get(Job, job_id).status.value  # type: ignore[union-attr]
-                if status in ("succeeded", "failed", "cancelled"):
-                    break
-                time.sleep(0.5)
-            results.append(
-                (
-                    f"job, Celery ({args.worker_concurrency} worker processes)",
-                    *_window(sessions, job_id),
+
+            def start_worker(queues: str = "generation") -> subprocess.Popen[bytes]:
+                proc = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "distill"),
+                        "worker",
+                        "--queues",
+                        queues,
+                        "--concurrency",
+                        str(args.worker_concurrency if queues == "generation" else 1),
+                        "--loglevel",
+                        "WARNING",
+                    ],
+                    env=env,
+                    start_new_session=True,
                 )
-            )
-            refusals.append(refused())
+                return proc
+
+            # The student's training and evaluation run on a worker of their own, so the
+            # generation workers' CPU is generation's alone (store, filter, insert included).
+            control = start_worker("control,evaluation,export")
+            workers.append(start_worker())
+            time.sleep(5.0)  # the worker is up and its pool forked
+            celery = CeleryTaskSender(REDIS_URL, key_prefix=prefix)
+            for scenario in SCENARIOS:
+                if args.only and scenario.name not in args.only:
+                    continue
+                while len(workers) < scenario.workers:
+                    workers.append(start_worker())
+                    time.sleep(5.0)
+                fake.configure(**{**SERVER_DEFAULTS, **scenario.server})
+                fake.reset()
+                cpu_before = sum(_group_cpu_s(w.pid) for w in workers)
+                job_id = job(celery, scenario.name, args.cap * scenario.job_cap_factor)
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    with sessions() as session:
+                        status = session.get(Job, job_id).status.value  # type: ignore[union-attr]
+                    if status in ("succeeded", "failed", "cancelled"):
+                        break
+                    time.sleep(0.5)
+                cpu = sum(_group_cpu_s(w.pid) for w in workers) - cpu_before
+                wall, calls = _window(sessions, job_id)
+                found = stats()
+                rows.append(
+                    Row(
+                        f"job, Celery: {scenario.name}"
+                        + (f" ({scenario.workers} workers)" if scenario.workers > 1 else ""),
+                        wall,
+                        calls,
+                        found["by_status"].get("429", 0),
+                        found["max_in_flight"],
+                        cpu * 1000 / max(calls, 1),
+                        found["duplicate_successes"],
+                    )
+                )
+                print(f"  {rows[-1].label}: ratio {wall / ideal:.3f}", flush=True)
         engine.dispose()
     finally:
-        if worker is not None:
+        for worker in [*workers, *([control] if "control" in locals() else [])]:
             os.killpg(worker.pid, 15)
             worker.wait(timeout=60)
         import redis
@@ -215,14 +311,29 @@ def main() -> None:
 
     print(
         f"\nN={args.n} latency={args.latency_ms:.0f}ms cap={args.cap} "
-        f"ideal N*L/C={ideal:.2f}s batch_size={args.batch_size}"
+        f"ideal N*L/C={ideal:.2f}s batch_size={args.batch_size} "
+        f"worker concurrency={args.worker_concurrency}; load average before "
+        f"{load_before:.2f}, after {os.getloadavg()[0]:.2f} (2 cores: above ~1.5 the machine "
+        "is shared and the figures are noisy)"
     )
-    print(f"{'path':<42} {'calls':>6} {'429s':>6} {'wall s':>8} {'ratio':>7} {'vs gateway':>11}")
-    for (label, wall, calls), n429 in zip(results, refusals, strict=True):
+    print(
+        f"{'path':<44} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} {'wall s':>8} "
+        f"{'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12}"
+    )
+    for row in rows:
+        scenario = row.label.split(": ")[-1].split(" (")[0]
+        target = TARGETS.get(scenario) if row.label.startswith("job, Celery") else None
         print(
-            f"{label:<42} {calls:>6} {n429:>6} {wall:>8.2f} {wall / ideal:>7.3f} "
-            f"{wall / results[0][1]:>10.3f}x"
+            f"{row.label:<44} {row.calls:>6} {row.refused:>6} {row.max_in_flight:>7} "
+            f"{row.duplicates:>4} {row.wall:>8.2f} {row.wall / ideal:>7.3f} "
+            f"{'-' if target is None else f'{target:.2f}':>7} "
+            f"{row.wall / rows[0].wall:>10.3f}x "
+            f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12}"
         )
+    print(
+        "two workers: the teacher's max in flight must not exceed the cap "
+        f"({args.cap}); 429s are the teacher refusing requests over its cap."
+    )
 
 
 if __name__ == "__main__":

@@ -59,24 +59,28 @@ def iter_session(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 def insert_ignore(
     session: Session, model: type[Base], rows: Sequence[dict[str, Any]], conflict: Sequence[str]
-) -> int:
-    """INSERT … ON CONFLICT DO NOTHING on the natural key; returns how many rows were new.
+) -> None:
+    """INSERT … ON CONFLICT DO NOTHING on the natural key.
 
     The idempotent write that makes a redelivered task harmless (both dialects support it).
+    Rows are sent as one executemany (SQLAlchemy batches it into multi-row INSERTs itself):
+    one statement compiled once, instead of a VALUES list whose compilation costs more CPU
+    than the insert (profiled: ~40% of a generation worker's time before).
     """
     if not rows:
-        return 0
+        return
     table = model.__table__
     assert isinstance(table, Table)
     dialect = session.get_bind().dialect.name
     stmt: Any
     if dialect == "postgresql":
-        stmt = pg_insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=conflict)
+        stmt = pg_insert(table).on_conflict_do_nothing(index_elements=conflict)
     elif dialect == "sqlite":
-        stmt = (
-            sqlite_insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=conflict)
-        )
+        stmt = sqlite_insert(table).on_conflict_do_nothing(index_elements=conflict)
     else:  # pragma: no cover - only the two supported dialects are configured
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    result = session.execute(stmt)
-    return int(getattr(result, "rowcount", 0) or 0)
+    by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in rows:  # executemany wants the same keys in every row
+        by_keys.setdefault(frozenset(row), []).append(row)
+    for group in by_keys.values():
+        session.execute(stmt, group)

@@ -217,7 +217,7 @@ def _store_calls(
     table = TeacherCall.__table__
     assert isinstance(table, Table)
     dialect = session.get_bind().dialect.name
-    stmt: Any = (pg_insert if dialect == "postgresql" else sqlite_insert)(table).values(rows)
+    stmt: Any = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
     added = ("tokens_in", "tokens_out", "cost_usd", "attempts", "reasks")
     replaced = (
         "status",
@@ -240,7 +240,7 @@ def _store_calls(
         },
         where=table.c.status == TeacherCallStatus.failed.value,
     )
-    session.execute(stmt)
+    session.execute(stmt, rows)  # executemany: compiled once (see service.db.insert_ignore)
 
 
 def _claim(session: Session, batch_id: uuid.UUID, lease_s: float) -> int | None:
