@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
@@ -52,6 +52,15 @@ class TeacherQuota:
             output_tokens_per_minute=limits.output_tokens_per_minute,
         )
 
+    @property
+    def concurrency_only(self) -> bool:
+        """Limited by concurrency alone (no request or token buckets)."""
+        return (
+            self.requests_per_minute is None
+            and self.input_tokens_per_minute is None
+            and self.output_tokens_per_minute is None
+        )
+
     def clamp(self, input_tokens: int, output_tokens: int) -> tuple[int, int]:
         """A reservation larger than a whole minute's budget could never be granted: cap it."""
         if self.input_tokens_per_minute is not None:
@@ -69,6 +78,7 @@ class Lease:
     id: str
     input_tokens: int
     output_tokens: int
+    handoffs: int = 0  # times this slot went straight to another request of this process
 
 
 class Limiter(Protocol):
@@ -204,6 +214,13 @@ class _LocalWaiters:
 
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0  # acquires of this process waiting now
+    spare: list[Lease] = field(default_factory=list)  # slots handed over, not yet taken
+
+
+# A slot is handed from one request straight to the next of the same process at most this many
+# times, then given back through Redis, where other processes' waiters get their turn.
+MAX_HANDOFFS: Final = 16
 
 
 @dataclass(slots=True)
@@ -246,6 +263,7 @@ class RedisLimiter:
     ) -> None:
         self._url = redis_url
         self._unreachable_s = unreachable_s
+        self._background: set[asyncio.Task[None]] = set()
         self._prefix = prefix
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._poll_s = poll_s
@@ -345,24 +363,39 @@ class RedisLimiter:
             keys.output_tokens,
             keys.waiting,
         ]
-        async with waiters.turn:
-            while True:
-                # Cleared before asking, so a release landing between the answer and the wait
-                # below is not missed.
-                waiters.released.clear()
-                answer = await self._while_reachable(
-                    lambda: state.scripts["acquire"](keys=script_keys, args=args)
-                )
-                if int(answer[0]) == 1:
-                    break
-                reason, wait_ms = int(answer[1]), int(answer[2])
-                if reason == _RATE:
-                    await asyncio.sleep(wait_ms / 1000.0)
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(self._poll_s, wait_ms / 1000.0)):
-                        await waiters.released.wait()
-        lease = Lease(quota, lease_id, cost_in, cost_out)
+        handoffs = 0
+        waiters.waiting += 1
+        try:
+            async with waiters.turn:
+                while True:
+                    if waiters.spare:  # a slot another request of ours just gave up
+                        given = waiters.spare.pop()
+                        lease_id, handoffs = given.id, given.handoffs + 1
+                        break
+                    # Cleared before asking, so a release landing between the answer and the
+                    # wait below is not missed.
+                    waiters.released.clear()
+                    answer = await self._while_reachable(
+                        lambda: state.scripts["acquire"](keys=script_keys, args=args)
+                    )
+                    if int(answer[0]) == 1:
+                        break
+                    reason, wait_ms = int(answer[1]), int(answer[2])
+                    if reason == _RATE:
+                        await asyncio.sleep(wait_ms / 1000.0)
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(self._poll_s, wait_ms / 1000.0)):
+                            await waiters.released.wait()
+        finally:
+            waiters.waiting -= 1
+            if not waiters.waiting:
+                while waiters.spare:  # nobody left to take them (a waiter was cancelled)
+                    spare = waiters.spare.pop()
+                    task = asyncio.create_task(self.release(replace(spare, handoffs=MAX_HANDOFFS)))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+        lease = Lease(quota, lease_id, cost_in, cost_out, handoffs)
         state.held.setdefault(quota.key, {})[lease_id] = lease
         if state.renewer is None:
             state.renewer = asyncio.create_task(self._renew_forever(state), name="limiter-renewer")
@@ -400,9 +433,24 @@ class RedisLimiter:
     ) -> None:
         state = self._state
         held = None if state is None else state.held.get(lease.quota.key)
-        if state is None or held is None or held.pop(lease.id, None) is None:
+        if state is None or held is None or lease.id not in held:
             return  # released twice, or its loop is gone: its lease expires by itself
         quota = lease.quota
+        waiters = state.waiters.get(quota.key)
+        if (
+            waiters is not None
+            and waiters.waiting > len(waiters.spare)
+            and lease.handoffs < MAX_HANDOFFS
+            and quota.concurrency_only
+        ):
+            # Another request of this process waits for a slot: hand this one over without
+            # asking Redis (the two scripts per request were most of the limiter's cost). Only
+            # for a teacher limited by concurrency alone, since the request and token buckets
+            # must be charged per request. The lease stays held, and so renewed.
+            waiters.spare.append(lease)
+            waiters.released.set()
+            return
+        del held[lease.id]
         keys = self._keys_for(quota.key)
         delta_in = 0 if input_tokens is None else input_tokens - lease.input_tokens
         delta_out = 0 if output_tokens is None else output_tokens - lease.output_tokens
