@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import unicodedata
 import zlib
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -167,7 +169,17 @@ def _band_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 class _Sketcher:
-    """Makes MinHash signatures that share one set of permutations."""
+    """Makes MinHash signatures that share one set of permutations.
+
+    A candidate is checked against the dedup index and the contamination guard and then added
+    to the dedup index: three sketches of the same text, each the costliest step of a filter
+    pass (profiled: most of a generation worker's CPU). Sketchers with the same permutations
+    share one bounded cache of recent sketches, so a text is sketched once. Sketches are never
+    changed after they are made, so sharing them is safe."""
+
+    _cache: dict[tuple[int, int], OrderedDict[str, Any | None]] = {}
+    _cache_size = 4096
+    _lock = threading.Lock()
 
     def __init__(self, num_perm: int, seed: int) -> None:
         # crc32 is a C-speed hash that, unlike Python's hash(), is the same in every process;
@@ -178,11 +190,20 @@ class _Sketcher:
 
     def sketch(self, normalized: str) -> Any | None:
         """The MinHash of a normalized text, or None when it has no words to compare."""
+        cache = self._cache.setdefault(
+            (self._template.num_perm, self._template.seed), OrderedDict()
+        )
+        if normalized in cache:
+            cache.move_to_end(normalized)
+            return cache[normalized]
         shingles = _shingles(_words(normalized))
-        if not shingles:
-            return None
-        sketch = self._template.copy()
-        sketch.update_batch(shingles)
+        sketch = None
+        if shingles:
+            sketch = self._template.copy()
+            sketch.update_batch(shingles)
+        cache[normalized] = sketch
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
         return sketch
 
 
