@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service import tasks
@@ -74,6 +75,7 @@ T = TypeVar("T")
 # How often a running pipeline re-reads its job (cancel/pause): a pipeline spans batches, so
 # this, not the batch size, bounds what is sent after a cancel (one primary-key read).
 STATUS_POLL_S = 0.25
+STORE_EVERY_S = 0.05
 MAX_REJECTED_TEXT = 4000
 
 
@@ -446,14 +448,17 @@ class _Pipeline:
     async def _run(self, batch_id: uuid.UUID, token: int) -> None:
         self._check()
         teacher = self.ports.make_teacher(self.teacher_row)
-        pending: list[TeacherResult] = []
-        storing: asyncio.Future[None] | None = None
+        self._pending: list[TeacherResult] = []
+        self._arrived = asyncio.Event()
+        self._closing = False
+        storer = asyncio.create_task(self._store_arrivals())
         try:
             stream = teacher.stream(self._feed(batch_id, token), should_continue=lambda: self.go)
             async for result in stream:
                 if result.fingerprint not in self.by_fp:
                     continue
-                pending.append(result)
+                self._pending.append(result)
+                self._arrived.set()
                 self.spend.tokens += result.tokens_in + result.tokens_out
                 self.spend.cost += result.cost_usd
                 if result.status is TeacherCallStatus.failed:
@@ -464,23 +469,31 @@ class _Pipeline:
                         )
                         self.go = False
                 self._check_budget()
-                # Results that land while a store runs are stored together by the next one.
-                if storing is None or storing.done():
-                    if storing is not None:
-                        await storing  # surfaces a failed store
-                    storing = asyncio.ensure_future(self._db(self._store, pending))
-                    pending = []
         except Exception as exc:  # the limiter or the feed failed: what was sent is stored
             log.warning("batch.pipeline_interrupted", job_id=str(self.job_id), error=str(exc))
             self.outcome.last_error = f"{type(exc).__name__}: {exc}"
         finally:
             self.go = False
-            if storing is not None:
-                await storing
-            if pending:
-                await self._db(self._store, pending)
+            self._closing = True
+            self._arrived.set()
+            await storer
             await teacher.aclose()
             await self._db(self._close_all)
+
+    async def _store_arrivals(self) -> None:
+        """Store what arrived, every STORE_EVERY_S at most: one commit for many answers (a
+        commit per answer would cost more CPU than the answer), and an answer is durable
+        within STORE_EVERY_S plus one commit of its arrival."""
+        while True:
+            await self._arrived.wait()
+            if not self._closing:
+                await asyncio.sleep(STORE_EVERY_S)
+            self._arrived.clear()
+            arrived, self._pending = self._pending, []
+            if arrived:
+                await self._db(self._store, arrived)
+            if self._closing and not self._pending:
+                return
 
     async def _feed(self, batch_id: uuid.UUID, token: int) -> AsyncIterator[TeacherRequest]:
         while True:
@@ -538,16 +551,20 @@ class _Pipeline:
         then filter and close every batch whose answers are all in."""
         if results:
             batch_of = {r.fingerprint: self.by_fp[r.fingerprint][0].batch_id for r in results}
-            _store_calls(
-                self.session,
-                self.teacher_row.id,
-                self.job_id,
-                batch_of,
-                self.requests,
-                results,
-                self.previous,
-            )
-            self.session.commit()
+
+            def store() -> None:
+                _store_calls(
+                    self.session,
+                    self.teacher_row.id,
+                    self.job_id,
+                    batch_of,
+                    self.requests,
+                    results,
+                    self.previous,
+                )
+                self.session.commit()
+
+            self._while_database_returns(store)
         ready: list[_Work] = []
         for result in results:
             for work in self.by_fp.get(result.fingerprint, ()):
@@ -555,7 +572,7 @@ class _Pipeline:
                 if work.fed and not work.waiting and not work.closed and work not in ready:
                     ready.append(work)
         for work in ready:
-            self._finish(work, final=False)
+            self._while_database_returns(self._finishing(work, final=False))
         if time.monotonic() - self.checked > STATUS_POLL_S:
             self.checked = time.monotonic()
             self._check()
@@ -563,7 +580,34 @@ class _Pipeline:
     def _close_all(self) -> None:
         for work in list(self.works.values()):
             if not work.closed:
-                self._finish(work, final=True)
+                self._while_database_returns(self._finishing(work, final=True))
+
+    def _while_database_returns(self, step: Callable[[], None]) -> None:
+        """Run a database step; when Postgres goes away (a restart, a failover, a dropped
+        connection), roll back and try again for up to three leases, so the answers in hand
+        are stored rather than paid again by whoever takes the batch over. Both steps are
+        idempotent: a call's row is upserted once (the retry finds it), a batch is closed
+        under its claim token."""
+        deadline = time.monotonic() + 3 * self.settings.lease_s
+        delay = 0.2
+        while True:
+            try:
+                step()
+                return
+            except OperationalError as exc:
+                self.session.rollback()
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("batch.database_unavailable", error=str(exc)[:200], retry_s=delay)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    def _finishing(self, work: _Work, *, final: bool) -> Callable[[], None]:
+        def finish() -> None:
+            work.closed = False  # a try that failed half-way is tried again whole
+            self._finish(work, final=final)
+
+        return finish
 
     def _check(self) -> None:
         self.session.expire(self.job, ["status"])
