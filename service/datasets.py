@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -188,6 +188,150 @@ def create_dataset(
         ],
     )
     return dataset
+
+
+# Rows per INSERT of a streamed upload: memory stays a few times this, whatever the row count.
+CHUNK_ROWS = 2000
+
+
+class JsonlStream:
+    """JSONL parsed as its bytes arrive: complete lines become rows, errors are kept (with
+    their 1-based line numbers, as `parse_jsonl` reports them) and nothing is buffered but the
+    line being received."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._line = 0
+        self.errors: list[dict[str, Any]] = []
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The rows of the lines `data` completes, one at a time (a caller stores a chunk of
+        them before the next is parsed: a large chunk of body never becomes all its rows)."""
+        buffer = self._partial + data if self._partial else data
+        self._partial = b""
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            row = self._parse(buffer[start:end])
+            start = end + 1
+            if row is not None:
+                yield row
+        self._partial = buffer[start:]
+
+    def close(self) -> list[tuple[int, dict[str, Any]]]:
+        raw, self._partial = self._partial, b""
+        row = self._parse(raw) if raw else None
+        return [row] if row is not None else []
+
+    @property
+    def full(self) -> bool:
+        """Enough errors are known to report; parsing more changes nothing."""
+        return len(self.errors) >= MAX_REPORTED_ERRORS
+
+    def _parse(self, raw: bytes) -> tuple[int, dict[str, Any]] | None:
+        self._line += 1
+        if self.full:
+            return None
+        if self._line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            self.errors.append({"line": self._line, "message": f"not UTF-8: {exc}"})
+            return None
+        if not line.strip():
+            return None
+        value, problem = _parse_line(line)
+        if problem is None:
+            if not isinstance(value, dict):
+                problem = "each line must be a JSON object"
+            elif not value:
+                problem = "empty object"
+            else:
+                problem = unstorable(value)
+        if problem is not None:
+            self.errors.append({"line": self._line, "message": problem})
+            return None
+        return self._line, value
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            first = self.errors[0]
+            message = first["message"]
+            if message.startswith("not UTF-8"):
+                raise ValidationFailed("the file is not UTF-8", details=self.errors)
+            raise ValidationFailed(
+                f"line {first['line']}: {message}", details=self.errors, code="invalid_jsonl"
+            )
+
+
+class DatasetWriter:
+    """Stores a dataset's rows in chunks of CHUNK_ROWS as they come, inside the caller's
+    transaction (a rejected upload rolls back and stores nothing); the content hash, row
+    count and fields are computed on the way, as `content_hash` computes them."""
+
+    def __init__(self, session: Session, tenant_id: uuid.UUID, name: str) -> None:
+        problem = _string_problem(name)
+        if problem is None and len(name) > MAX_NAME_CHARS:
+            problem = f"is longer than {MAX_NAME_CHARS} characters"
+        if problem is not None:
+            raise ValidationFailed(
+                f"name {problem}", details=[{"field": "name", "message": problem}]
+            )
+        self.session = session
+        self.dataset = Dataset(
+            tenant_id=tenant_id, name=name, content_hash="", row_count=0, size_bytes=0, fields=[]
+        )
+        session.add(self.dataset)
+        session.flush()
+        self._digest = hashlib.sha256()
+        self._fields: set[str] = set()
+        self._chunk: list[dict[str, Any]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._chunk)
+
+    def add(self, line: int, row: dict[str, Any]) -> None:
+        self._digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        self._digest.update(b"\n")
+        self._fields.update(row)
+        self.dataset.row_count += 1
+        self._chunk.append(
+            {"id": uuid.uuid4(), "dataset_id": self.dataset.id, "index": line - 1, "data": row}
+        )
+
+    def flush(self) -> None:
+        chunk, self._chunk = self._chunk, []
+        if chunk:
+            self.session.execute(insert(DatasetRow), chunk)
+
+    def finish(self, size_bytes: int) -> Dataset:
+        if not self.dataset.row_count:
+            raise ValidationFailed(
+                "the dataset has no rows", details=[{"line": 1, "message": "empty"}]
+            )
+        self.flush()
+        self.dataset.content_hash = self._digest.hexdigest()
+        self.dataset.size_bytes = size_bytes
+        self.dataset.fields = sorted(self._fields)
+        self.session.flush()
+        return self.dataset
+
+
+def same_upload(session: Session, dataset: Dataset) -> Dataset | None:
+    """An earlier dataset of the tenant with this one's name and content: a retried upload."""
+    return session.scalar(
+        select(Dataset)
+        .where(
+            Dataset.tenant_id == dataset.tenant_id,
+            Dataset.name == dataset.name,
+            Dataset.content_hash == dataset.content_hash,
+            Dataset.row_count == dataset.row_count,
+            Dataset.id != dataset.id,
+        )
+        .order_by(Dataset.created_at)
+        .limit(1)
+    )
 
 
 def get_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:

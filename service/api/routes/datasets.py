@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
 from service.api.schemas import DatasetDetail, DatasetRead, DatasetRowRead, ErrorBody
-from service.datasets import create_dataset, get_dataset, parse_jsonl, preview_rows
+from service.datasets import (
+    CHUNK_ROWS,
+    DatasetWriter,
+    JsonlStream,
+    get_dataset,
+    preview_rows,
+    same_upload,
+)
 from service.errors import PayloadTooLarge, ValidationFailed
 from service.models import Dataset
 from service.pagination import Page, paginate
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+_READ_BYTES = 256 * 1024
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
@@ -27,25 +38,39 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+def _limited(request: Request, limit: int) -> Request:
+    """The same request, refusing (413) once more than `limit` bytes of body arrived."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
-    chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    receive = request.receive
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
+        return message
+
+    return Request(request.scope, counted)
+
+
+async def _file_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(_READ_BYTES):
+        yield chunk
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetRead,
-    responses=_ERRORS,
+    responses={
+        **_ERRORS,
+        200: {"model": DatasetRead, "description": "The same upload again: the earlier dataset"},
+    },
     openapi_extra={
         "requestBody": {
             "content": {
@@ -64,38 +89,75 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 )
 async def upload_dataset(
     request: Request,
+    response: Response,
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
     name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Dataset:
-    """Upload JSONL rows. A bad line is a 422 naming it; a rejected upload stores nothing."""
-    limit = settings.api.max_upload_bytes
-    body = await _read_limited(request, limit)
-    content_type = request.headers.get("content-type", "")
-    data = body
-    if content_type.startswith("multipart/form-data"):
-        request._body = body  # starlette re-reads the cached body when parsing the form
-        form = await request.form(max_part_size=limit)
+    """Upload JSONL rows. A bad line is a 422 naming it; a rejected upload stores nothing.
+
+    The body is parsed and stored as it arrives, in chunks of rows (memory does not grow with
+    the row count), in one transaction committed at the end: a client that goes away stops
+    the work and nothing is stored. The same upload again (same name and content) answers
+    200 with the dataset stored the first time.
+    """
+    limited = _limited(request, settings.api.max_upload_bytes)
+    chunks: AsyncIterator[bytes]
+    form = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        # Starlette spools a file part to disk past 1 MiB: read back in chunks below.
+        form = await limited.form(max_part_size=settings.api.max_upload_bytes)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ValidationFailed(
                 "multipart upload needs a 'file' part",
                 details=[{"field": "file", "message": "missing"}],
             )
-        data = await upload.read()
         name = name or upload.filename
-        await form.close()
-    rows = parse_jsonl(data)
-
-    def _store() -> Dataset:
-        dataset = create_dataset(
-            session, principal.tenant_id, name or "dataset", rows, size_bytes=len(data)
+        chunks = _file_chunks(upload)
+    else:
+        chunks = limited.stream()
+    try:
+        stream = JsonlStream()
+        writer = await run_in_threadpool(
+            DatasetWriter, session, principal.tenant_id, name or "dataset"
         )
-        session.commit()
-        return dataset
+        size = 0
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                for line, row in stream.feed(chunk):
+                    if stream.errors:  # after a bad line, only look for more errors
+                        continue
+                    writer.add(line, row)
+                    if writer.pending >= CHUNK_ROWS:
+                        await run_in_threadpool(writer.flush)
+        except ClientDisconnect:
+            await run_in_threadpool(session.rollback)
+            raise ValidationFailed(
+                "the client went away before the upload was complete; nothing was stored",
+                details=[{"field": "body", "message": "incomplete"}],
+            ) from None
+        for line, row in stream.close():
+            if not stream.errors:
+                writer.add(line, row)
+        stream.raise_errors()
 
-    return await run_in_threadpool(_store)
+        def store() -> Dataset:
+            dataset = writer.finish(size)
+            earlier = same_upload(session, dataset)
+            if earlier is not None:
+                session.rollback()
+                response.status_code = status.HTTP_200_OK
+                return earlier
+            session.commit()
+            return dataset
+
+        return await run_in_threadpool(store)
+    finally:
+        if form is not None:
+            await form.close()
 
 
 @router.get("", response_model=Page[DatasetRead], responses=_ERRORS)
