@@ -1,8 +1,8 @@
 """generation batches: a retry schedule and when the teacher first failed them
 
 Revision ID: 5f1e7c2a9b40
-Revises: 33e3e265dac2
-Create Date: 2026-12-01 14:30:00.000000
+Revises: 5c1e0d7a9b34
+Create Date: 2026-12-02 15:30:00.000000
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5f1e7c2a9b40"
-down_revision: str | None = "33e3e265dac2"
+down_revision: str | None = "5c1e0d7a9b34"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
