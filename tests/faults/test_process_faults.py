@@ -176,6 +176,7 @@ def _has_batches(st: FaultStack, job_id: str) -> bool:
         )
 
 
+@pytest.mark.faults  # make faults; not in the default suite (time)
 def test_messages_lost_between_mining_and_generation_are_sent_again(stack: FaultStack) -> None:
     st = stack
     control = st.start_worker("--queues", "control,evaluation,export")
