@@ -21,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     false,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
@@ -268,6 +269,8 @@ class GenerationBatch(IdMixin, TimestampMixin, Base):
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the teacher first failed this batch; it fails for good past the retry deadline.
     unavailable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Claims that ended with the worker crashing or dead (not retries): a poison batch's count.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

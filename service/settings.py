@@ -115,11 +115,11 @@ class WorkerSettings(BaseModel):
         description="A pending batch nobody claimed for this long is sent again (its message "
         "was lost); a duplicate message is a no-op.",
     )
-    max_claims: int = Field(
-        10,
+    max_crashes: int = Field(
+        5,
         ge=1,
-        description="A batch claimed this many times without finishing (its workers crashed "
-        "or died each time) fails with the reason instead of being sent again.",
+        description="A batch whose worker crashed or died this many times (a poison batch) "
+        "fails with the reason instead of being sent again.",
     )
     teacher_retry_deadline_s: float = Field(
         1800.0,

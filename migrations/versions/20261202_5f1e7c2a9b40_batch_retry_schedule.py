@@ -1,4 +1,4 @@
-"""generation batches: a retry schedule and when the teacher first failed them
+"""generation batches: a retry schedule, when the teacher first failed them, crashes
 
 Revision ID: 5f1e7c2a9b40
 Revises: 5c1e0d7a9b34
@@ -24,9 +24,14 @@ def upgrade() -> None:
         "generation_batches",
         sa.Column("unavailable_since", sa.DateTime(timezone=True), nullable=True),
     )
+    op.add_column(
+        "generation_batches",
+        sa.Column("crashes", sa.Integer(), server_default=sa.text("0"), nullable=False),
+    )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("generation_batches") as batch:
+        batch.drop_column("crashes")
         batch.drop_column("unavailable_since")
         batch.drop_column("retry_at")

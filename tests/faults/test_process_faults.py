@@ -131,8 +131,8 @@ def test_a_redis_restart_mid_job_loses_no_paid_answer(tmp_path: Path) -> None:
 
 
 @pytest.mark.faults  # make faults; not in the default suite (time)
-def test_a_poison_batch_fails_alone_after_max_claims(tmp_path: Path) -> None:
-    with fault_stack(tmp_path, DISTILL_WORKER__MAX_CLAIMS="3") as st:
+def test_a_poison_batch_fails_alone_after_max_crashes(tmp_path: Path) -> None:
+    with fault_stack(tmp_path, DISTILL_WORKER__MAX_CRASHES="3") as st:
         st.teacher.configure(latency_ms=50)
         job_id = st.create_job(concurrency=CAP, batch_size=2)
         # No worker yet: the first iteration is planned by a worker, so start one for control
@@ -160,8 +160,8 @@ def test_a_poison_batch_fails_alone_after_max_claims(tmp_path: Path) -> None:
         with st.sessions() as session:
             batch = session.get(GenerationBatch, poisoned)
             assert batch is not None and batch.status is BatchStatus.failed
-            assert batch.attempts == 3
-            assert "given up after 3 claims" in (batch.error or "")
+            assert batch.crashes == 3
+            assert "given up after 3 crashes" in (batch.error or "")
 
 
 def _has_batches(st: FaultStack, job_id: str) -> bool:

@@ -424,21 +424,21 @@ class _Pipeline:
             self.held.add(batch_id, token)
             try:
                 asyncio.run(self._run(batch_id, token))
-            except Exception:
+            except Exception as exc:
                 self.executor.shutdown(wait=True)
-                self._put_back_after_crash()
+                self._put_back_after_crash(f"{type(exc).__name__}: {exc}"[:500])
                 raise
             finally:
                 self.executor.shutdown(wait=True)
 
-    def _put_back_after_crash(self) -> None:
+    def _put_back_after_crash(self, error: str) -> None:
         """A step that crashed gives its batches back at once (with a backoff, and failed
-        for good after `max_claims` claims: a poison batch must not loop forever), instead of
+        for good after `max_crashes`: a poison batch must not loop forever), instead of
         leaving them to lapse. With the database gone too, the leases lapse by themselves."""
         try:
             self.session.rollback()
             for batch_id, token in self.held.snapshot().items():
-                release_crashed_batch(self.session, batch_id, token, self.settings)
+                release_crashed_batch(self.session, batch_id, token, self.settings, error)
         except Exception as exc:
             log.warning("batch.put_back_failed", job_id=str(self.job_id), error=str(exc))
 
@@ -581,6 +581,11 @@ class _Pipeline:
         for work in list(self.works.values()):
             if not work.closed:
                 self._while_database_returns(self._finishing(work, final=True))
+        for batch_id, token in self.held.snapshot().items():
+            if batch_id not in self.works:  # claimed, but its targets could not be loaded
+                error = self.outcome.last_error or "its targets could not be loaded"
+                release_crashed_batch(self.session, batch_id, token, self.settings, error)
+                self.held.discard(batch_id)
 
     def _while_database_returns(self, step: Callable[[], None]) -> None:
         """Run a database step; when Postgres goes away (a restart, a failover, a dropped
@@ -606,6 +611,7 @@ class _Pipeline:
         def finish() -> None:
             work.closed = False  # a try that failed half-way is tried again whole
             self._finish(work, final=final)
+            self.held.discard(work.batch_id)  # a crash before this puts the batch back
 
         return finish
 
@@ -631,7 +637,6 @@ class _Pipeline:
         again to retry what failed transiently (until the retry deadline), or pending for a
         resume after a pause."""
         work.closed = True
-        self.held.discard(work.batch_id)
         session = self.session
         session.expire_all()
         job = session.get(Job, self.job_id)
@@ -707,31 +712,39 @@ class _Pipeline:
 
 
 def release_crashed_batch(
-    session: Session, batch_id: uuid.UUID, token: int | None, settings: WorkerSettings
-) -> None:
-    """Put back a batch whose worker crashed or died (token None: whoever held it), or fail it
-    once it has been claimed `max_claims` times (a batch that kills its workers)."""
+    session: Session,
+    batch_id: uuid.UUID,
+    token: int | None,
+    settings: WorkerSettings,
+    error: str | None = None,
+) -> bool:
+    """Put back a batch whose worker crashed or died (token None: whoever held it), counting
+    the crash, or fail it at `max_crashes` (a batch that kills its workers must not loop).
+    Returns whether it was put back."""
     batch = session.get(GenerationBatch, batch_id, populate_existing=True)
     if batch is None or batch.status is not BatchStatus.running:
-        return
+        return False
     if token is not None and batch.attempts != token:
-        return
-    if batch.attempts >= settings.max_claims:
+        return False
+    batch.crashes += 1
+    batch.error = error or "its worker stopped renewing the lease (killed, hung or cut off)"
+    if batch.crashes >= settings.max_crashes:
         reason = (
-            f"given up after {batch.attempts} claims: its workers crashed or died each time "
-            f"({batch.error or 'no error recorded'})"
+            f"given up after {batch.crashes} crashes: its worker crashed or died each time "
+            f"(last: {batch.error})"
         )
-        log.error("batch.poisoned", batch_id=str(batch.id), claims=batch.attempts)
+        log.error("batch.poisoned", batch_id=str(batch.id), crashes=batch.crashes)
         _close_batch(session, batch, BatchStatus.failed, reason)
-        return
-    delay = min(300.0, 2.0 ** min(batch.attempts, 9))
+        return False
+    delay = min(60.0, 2.0 ** (batch.crashes - 1))
     batch.status = BatchStatus.pending
     batch.retry_at = utcnow() + timedelta(seconds=delay)
-    session.commit()
+    batch.updated_at = utcnow()
     job = session.get(Job, batch.job_id)
     if job is not None and job.status is JobStatus.running:
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
-        session.commit()
+    session.commit()
+    return True
 
 
 def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:

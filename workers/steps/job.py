@@ -287,22 +287,16 @@ def reconcile(session: Session, worker: WorkerSettings) -> int:
 
     now = utcnow()
     lapsed = now - timedelta(seconds=worker.lease_s)
-    # A batch claimed max_claims times already killed every worker that took it: fail it.
-    for batch_id in session.scalars(
-        select(GenerationBatch.id).where(
-            GenerationBatch.status == BatchStatus.running,
-            GenerationBatch.updated_at < lapsed,
-            GenerationBatch.attempts >= worker.max_claims,
+    # Batches whose worker stopped renewing their lease: a crash each (put back, or failed at
+    # max_crashes: a batch that kills its workers).
+    released: list[tuple[uuid.UUID, uuid.UUID]] = []
+    for batch_id, job_id in session.execute(
+        select(GenerationBatch.id, GenerationBatch.job_id).where(
+            GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < lapsed
         )
     ).all():
-        release_crashed_batch(session, batch_id, None, worker)
-    released = session.execute(
-        update(GenerationBatch)
-        .where(GenerationBatch.status == BatchStatus.running, GenerationBatch.updated_at < lapsed)
-        .values(status=BatchStatus.pending, retry_at=None, updated_at=now)
-        .returning(GenerationBatch.id, GenerationBatch.job_id)
-        .execution_options(synchronize_session=False)
-    ).all()
+        if release_crashed_batch(session, batch_id, None, worker):
+            released.append((batch_id, job_id))
     abandoned = session.execute(
         update(Iteration)
         .where(Iteration.status == IterationStatus.evaluating, Iteration.updated_at < lapsed)
@@ -333,9 +327,6 @@ def reconcile(session: Session, worker: WorkerSettings) -> int:
         if owners
         else ()
     )
-    for batch_id, job_id in released:
-        if job_id in running:
-            tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
     for batch_id, _ in due:
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch_id))
     for iteration_id, job_id in abandoned:
