@@ -1157,10 +1157,12 @@ def refresh_counters_after_batch(session: Session, batch: GenerationBatch) -> No
     """Bring the iteration's and the job's counters up to the rows after each batch, so spend
     and examples show while an iteration runs and stay right when it never finishes (a
     cancelled, paused or failed job skips the phase's end, where they were counted before).
-    The iteration row is locked first: batches closing together take turns, and the last one
-    counts every row the others committed."""
+    The job and iteration rows are locked: batches closing together take turns, and the last
+    one counts every row the others committed. Locks are taken in the order every writer
+    takes them, job first (a cancel updates the job, then its iterations; the other order
+    deadlocked with a cancel)."""
+    job = session.get(Job, batch.job_id, with_for_update=True)
     iteration = session.get(Iteration, batch.iteration_id, with_for_update=True)
-    job = session.get(Job, batch.job_id)
     if iteration is None or job is None:
         session.rollback()
         return

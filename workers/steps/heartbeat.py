@@ -110,6 +110,8 @@ def keep_batch_leases(
                     if session.get_bind().dialect.name == "postgresql":
                         session.execute(text("SET LOCAL lock_timeout = '2s'"))
                     now = utcnow()
+                    # The job first: every writer locks a job before its batches/iterations.
+                    session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now))
                     for batch_id, token in batches.items():
                         session.execute(
                             update(GenerationBatch)
@@ -120,7 +122,6 @@ def keep_batch_leases(
                             )
                             .values(updated_at=now)
                         )
-                    session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now))
                     session.commit()
             except Exception as exc:  # Postgres away: the next beat tries again
                 log.warning("batch.lease_renew_failed", job_id=str(job_id), error=str(exc))
