@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import ColumnDefault, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -99,11 +99,26 @@ def _copy_insert_ignore(
     connection, emptied at commit) and one INSERT … SELECT … ON CONFLICT DO NOTHING. Values
     pass through the columns' own SQLAlchemy bind processing, so they are stored exactly as
     the VALUES path stores them (a JSON None as JSON null, enums as their values)."""
-    names = list(dict.fromkeys(name for row in rows for name in row))
+    # Python-side column defaults (uuid4 ids, 0 counters, {} for JSON) are SQLAlchemy's to
+    # apply, as the VALUES path does: COPY would leave them NULL.
+    defaults = {
+        column.name: column.default
+        for column in table.columns
+        if isinstance(column.default, ColumnDefault)
+        and (column.default.is_scalar or column.default.is_callable)
+    }
+    names = list(dict.fromkeys([*(name for row in rows for name in row), *defaults]))
     dialect = session.get_bind().dialect
     columns_with = [
-        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect), defaults.get(name))
+        for name in names
     ]
+
+    def value(row: dict[str, Any], name: str, default: ColumnDefault | None) -> Any:
+        if name in row or default is None:
+            return row.get(name)
+        return default.arg if default.is_scalar else default.arg(None)
+
     stage = f"_stage_{table.name}"
     columns = ", ".join(f'"{name}"' for name in names)
     session.flush()
@@ -118,8 +133,10 @@ def _copy_insert_ignore(
             for row in rows:
                 copy.write_row(
                     [
-                        row.get(name) if process is None else process(row.get(name))
-                        for name, process in columns_with
+                        (row[name] if name in row else value(row, name, default))
+                        if process is None
+                        else process(row[name] if name in row else value(row, name, default))
+                        for name, process, default in columns_with
                     ]
                 )
         cursor.execute(
