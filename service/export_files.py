@@ -215,24 +215,30 @@ def write_files(
         for split in splits
     }
     counts = ExportCounts()
-    with contextlib.ExitStack() as stack:
-        handles = {
-            split: stack.enter_context(_partial(f.path).open("wb")) for split, f in files.items()
-        }
-        encoders = {split: _Encoder(gzip) for split in splits}
+    try:
+        with contextlib.ExitStack() as stack:
+            handles = {
+                split: stack.enter_context(_partial(f.path).open("wb"))
+                for split, f in files.items()
+            }
+            encoders = {split: _Encoder(gzip) for split in splits}
 
-        def write(split: Split, data: bytes) -> None:
-            if data:
-                handles[split].write(data)
-                files[split].digest.update(data)
-                files[split].bytes += len(data)
+            def write(split: Split, data: bytes) -> None:
+                if data:
+                    handles[split].write(data)
+                    files[split].digest.update(data)
+                    files[split].bytes += len(data)
 
-        for split, unit in iter_assigned(session, plan):
-            files[split].rows += 1
-            counts.add(unit.kind, unit.label, unit.iteration, split)
-            write(split, encoders[split].feed(unit.line))
-        for split in splits:
-            write(split, encoders[split].finish())
+            for split, unit in iter_assigned(session, plan):
+                files[split].rows += 1
+                counts.add(unit.kind, unit.label, unit.iteration, split)
+                write(split, encoders[split].feed(unit.line))
+            for split in splits:
+                write(split, encoders[split].finish())
+    except BaseException:
+        for f in files.values():  # no half-written file is left behind
+            _partial(f.path).unlink(missing_ok=True)
+        raise
     for f in files.values():
         _partial(f.path).replace(f.path)
     manifest = build_manifest(session, plan, counts, files, gzip=gzip)
