@@ -170,19 +170,46 @@ def count_examples(sessions: sessionmaker[Session], job_id: uuid.UUID) -> int:
         )
 
 
-def insert(sessions: sessionmaker[Session], job: BenchJob, rows: int, batch: int) -> float:
-    """Seconds spent in the insert path (and its commit) for `rows` rows."""
+def _backend_cpu_s(pid: int) -> float | None:
+    """CPU seconds a Postgres backend on this machine has used (None when it is elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class InsertTimes:
+    seconds: float  # wall time in the insert path and its commits
+    client_cpu_s: float  # this process's CPU time in them
+    server_cpu_s: float | None  # the Postgres backends' CPU time in them
+
+
+def insert(sessions: sessionmaker[Session], job: BenchJob, rows: int, batch: int) -> InsertTimes:
+    """Time spent in the insert path (and its commit) for `rows` rows. The CPU times say how
+    much of the wall time the machine's other load took: wall ~ client + server CPU when the
+    two had the cores to themselves."""
     from workers.steps.generate import _insert_examples
 
-    spent = 0.0
+    times = InsertTimes(0.0, 0.0, 0.0)
     for start in range(0, rows, batch):
         candidates = candidate_rows(job, start, min(batch, rows - start))
         with sessions() as session:
-            began = time.perf_counter()
+            pid = int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            session.commit()
+            server_before = _backend_cpu_s(pid)
+            began, cpu_began = time.perf_counter(), time.process_time()
             _insert_examples(session, candidates)
             session.commit()
-            spent += time.perf_counter() - began
-    return spent
+            times.seconds += time.perf_counter() - began
+            times.client_cpu_s += time.process_time() - cpu_began
+            server_after = _backend_cpu_s(pid)
+            if times.server_cpu_s is not None and server_before is not None and server_after:
+                times.server_cpu_s += server_after - server_before
+            else:
+                times.server_cpu_s = None
+    return times
 
 
 def reinsert(sessions: sessionmaker[Session], job: BenchJob, batch: int) -> tuple[int, float]:
@@ -328,7 +355,8 @@ def run(rows: int, batch: int, fmt: str) -> dict[str, Any]:
         sessions = session_factory(engine)
         try:
             job = create_bench_job(sessions)
-            insert_s = insert(sessions, job, rows, batch)
+            inserted = insert(sessions, job, rows, batch)
+            insert_s = inserted.seconds
             stored = count_examples(sessions, job.job_id)
             added, reinsert_s = reinsert(sessions, job, min(batch, rows))
             with engine.connect() as conn:  # fresh statistics, as autovacuum would have them
@@ -350,7 +378,17 @@ def run(rows: int, batch: int, fmt: str) -> dict[str, Any]:
         "rows": rows,
         "batch": batch,
         "format": fmt,
-        "insert": {"seconds": insert_s, "rows_s": insert_rate, "stored": stored},
+        "insert": {
+            "seconds": insert_s,
+            "rows_s": insert_rate,
+            "stored": stored,
+            "client_cpu_s": inserted.client_cpu_s,
+            "server_cpu_s": inserted.server_cpu_s,
+            "rows_per_cpu_s": rows / (inserted.client_cpu_s + inserted.server_cpu_s)
+            if inserted.server_cpu_s
+            else None,
+            "load_average": os.getloadavg()[0],
+        },
         "reinsert": {"rows_added": added, "seconds": reinsert_s},
         "copy": baseline.__dict__ | {"mb_s": baseline.mb_s},
         "export": export.__dict__ | {"mb_s": export.mb_s, "rss_growth_mb": rss_growth_mb},
@@ -384,6 +422,12 @@ def _report(result: dict[str, Any]) -> None:
         f"  inserts      {ins['rows_s']:>12,.0f} rows/s   ({ins['seconds']:.1f} s)"
         f"   target >= {TARGET_INSERT_ROWS_S:,}: {mark('inserts_rows_s')}"
     )
+    if ins["rows_per_cpu_s"]:
+        print(
+            f"               CPU: this process {ins['client_cpu_s']:.1f} s + Postgres "
+            f"{ins['server_cpu_s']:.1f} s = {ins['rows_per_cpu_s']:,.0f} rows per CPU-second "
+            f"(load average {ins['load_average']:.1f} on {os.cpu_count()} cores)"
+        )
     print(
         f"  re-insert    {rei['rows_added']:>12,} rows added ({rei['seconds']:.2f} s)"
         f"   target 0: {mark('reinsert_adds_nothing')}"
