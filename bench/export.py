@@ -6,7 +6,8 @@ In a fresh Postgres database, one job (a small seed set, one kept iteration) get
 example rows through the project's own insert path, the one generation uses
 (`workers.steps.generate._insert_examples`, a batch of `--batch` rows per call and a commit
 per batch, as one generation task stores its batch). Then:
-  1. inserts: rows/s (target >= 20,000);
+  1. inserts: rows/s (target >= 20,000), beside a plain `COPY ... FROM STDIN` of the same
+     rows into a copy of the table (same indexes), and the CPU time both ends spent;
   2. idempotence: the same batch inserted again stores nothing;
   3. baseline: `COPY (SELECT <the exported fields> ...) TO STDOUT` of the same rows, on the
      same server: MB/s and time to first byte;
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,41 @@ def insert(sessions: sessionmaker[Session], job: BenchJob, rows: int, batch: int
     return times
 
 
+def copy_in_baseline(url: str, job: BenchJob, rows: int, batch: int) -> float:
+    """Seconds for a plain `COPY ... FROM STDIN` of the same rows into a copy of the examples
+    table (its indexes, constraints and defaults): what Postgres ingests here, now, with no
+    conflict handling and no per-row work of ours."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from service.domain.filters import text_hash
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    spent = 0.0
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE bench_copy_in (LIKE examples INCLUDING ALL)")
+        conn.commit()
+        columns: list[str] = []
+        for start in range(0, rows, batch):
+            candidates = candidate_rows(job, start, min(batch, rows - start))
+            now = datetime.now(UTC)
+            for row in candidates:
+                row.update(id=uuid.uuid4(), input_hash=text_hash(row["input"]), created_at=now)
+                row["meta"] = Jsonb(row["meta"])
+            columns = columns or list(candidates[0])
+            began = time.perf_counter()
+            with conn.cursor() as cur:
+                names = ", ".join(columns)
+                with cur.copy(f"COPY bench_copy_in ({names}) FROM STDIN") as copy:
+                    for row in candidates:
+                        copy.write_row([row[c] for c in columns])
+            conn.commit()
+            spent += time.perf_counter() - began
+        conn.execute("DROP TABLE bench_copy_in")
+        conn.commit()
+    return spent
+
+
 def reinsert(sessions: sessionmaker[Session], job: BenchJob, batch: int) -> tuple[int, float]:
     """The first batch again, as a redelivered generation task would store it: rows added."""
     from workers.steps.generate import _insert_examples
@@ -359,6 +396,7 @@ def run(rows: int, batch: int, fmt: str) -> dict[str, Any]:
             insert_s = inserted.seconds
             stored = count_examples(sessions, job.job_id)
             added, reinsert_s = reinsert(sessions, job, min(batch, rows))
+            copy_in_s = copy_in_baseline(url, job, rows, batch)
             with engine.connect() as conn:  # fresh statistics, as autovacuum would have them
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
             baseline = copy_baseline(url, job.job_id)
@@ -388,6 +426,8 @@ def run(rows: int, batch: int, fmt: str) -> dict[str, Any]:
             if inserted.server_cpu_s
             else None,
             "load_average": os.getloadavg()[0],
+            "copy_in_rows_s": rows / copy_in_s if copy_in_s else None,
+            "over_copy_in": copy_in_s / insert_s if insert_s else None,
         },
         "reinsert": {"rows_added": added, "seconds": reinsert_s},
         "copy": baseline.__dict__ | {"mb_s": baseline.mb_s},
@@ -421,6 +461,10 @@ def _report(result: dict[str, Any]) -> None:
     print(
         f"  inserts      {ins['rows_s']:>12,.0f} rows/s   ({ins['seconds']:.1f} s)"
         f"   target >= {TARGET_INSERT_ROWS_S:,}: {mark('inserts_rows_s')}"
+    )
+    print(
+        f"  COPY FROM    {ins['copy_in_rows_s']:>12,.0f} rows/s   the same rows, plain COPY into a "
+        f"copy of the table: the insert path runs at {ins['over_copy_in']:.2f} x its rate"
     )
     if ins["rows_per_cpu_s"]:
         print(
