@@ -37,6 +37,7 @@ JOB_KEY_OPERATIONS: frozenset[tuple[str, str]] = frozenset(
         ("POST", "/v1/jobs/{job_id}/refresh"),
         ("GET", "/v1/jobs/{job_id}/refreshes"),
         ("GET", "/v1/jobs/{job_id}/refreshes/{refresh_id}"),
+        ("GET", "/v1/jobs/{job_id}/export"),  # the streamed export
         ("POST", "/v1/jobs/{job_id}/exports"),
         ("GET", "/v1/jobs/{job_id}/exports"),
         ("GET", "/v1/exports/{export_id}"),

@@ -26,6 +26,7 @@ from service.datasets import create_dataset, parse_jsonl
 from service.db import get_engine, session_factory
 from service.domain.statuses import JobStatus
 from service.errors import BadRequest, DistillError, NotFound, ValidationFailed
+from service.export_cli import export_command
 from service.jobs import create_job, get_job, parse_spec, request_transition
 from service.models import Job, Tenant, utcnow
 from service.refresh_cli import refresh_command
@@ -46,6 +47,8 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 # The CI step: a client of a (remote) server, no database of its own (service/refresh_cli.py).
 app.command("refresh")(refresh_command)
+# A job's dataset as files and a manifest (service/export_cli.py).
+app.command("export")(export_command)
 
 TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
 

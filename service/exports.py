@@ -1,40 +1,55 @@
-"""Export requests: a row that tracks the file a worker writes (JSONL + manifest)."""
+"""Export requests: a row that tracks the files a worker writes (JSONL + manifest)."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service import tasks
-from service.domain.export_formats import ALL_FORMATS, PREFERENCE_FORMATS
+from service.domain.export_formats import ExportSelection
 from service.domain.statuses import ExportStatus
-from service.errors import NotFound, ValidationFailed
+from service.errors import NotFound
+from service.export_rows import plan_export
 from service.models import Export, Job
 
 
-def request_export(session: Session, job: Job, fmt: str, iteration: int | None = None) -> Export:
-    if fmt not in ALL_FORMATS:
-        raise ValidationFailed(
-            f"format: unknown export format {fmt!r}",
-            details=[{"field": "format", "message": f"one of {sorted(ALL_FORMATS)}"}],
-        )
-    if fmt in PREFERENCE_FORMATS and job.strategy != "arte":
-        raise ValidationFailed(
-            f"format: {fmt!r} exports preference pairs, which only the arte strategy stores "
-            f"(this job is {job.strategy})",
-            details=[{"field": "format", "message": "use jsonl, lineage or chat"}],
-        )
-    if iteration is not None and iteration > job.current_iteration:
-        raise ValidationFailed(
-            f"iteration: the job has no iteration {iteration} yet",
-            details=[{"field": "iteration", "message": f"latest is {job.current_iteration}"}],
-        )
-    export = Export(job_id=job.id, format=fmt, status=ExportStatus.pending, iteration=iteration)
+def request_export(
+    session: Session,
+    job: Job,
+    fmt: str,
+    selection: ExportSelection | None = None,
+    *,
+    gzip: bool = False,
+) -> Export:
+    """Check the request (a ValidationFailed names the field) and queue the writing."""
+    selection = selection or ExportSelection()
+    plan_export(session, job, fmt, selection)
+    export = Export(
+        job_id=job.id,
+        format=fmt,
+        status=ExportStatus.pending,
+        iteration=selection.iteration if isinstance(selection.iteration, int) else None,
+        options={
+            "selection": selection.model_dump(mode="json", exclude_defaults=True),
+            "gzip": gzip,
+        },
+    )
     session.add(export)
     session.flush()
     tasks.enqueue(session, tasks.EXPORT_WRITE, str(export.id))
     return export
+
+
+def export_selection(export: Export) -> tuple[ExportSelection, bool]:
+    """The selection and gzip flag an export was requested with (rows written before exports
+    had options carry only `iteration`)."""
+    options: dict[str, Any] = export.options or {}
+    selection = dict(options.get("selection") or {})
+    if "iteration" not in selection and export.iteration is not None:
+        selection["iteration"] = export.iteration
+    return ExportSelection.model_validate(selection), bool(options.get("gzip"))
 
 
 def get_export(session: Session, tenant_id: uuid.UUID, export_id: uuid.UUID) -> Export:

@@ -311,7 +311,9 @@ class Example(IdMixin, Base):
     __tablename__ = "examples"
     __table_args__ = (
         UniqueConstraint("job_id", "dedup_key"),
-        Index("ix_examples_job_iteration", "job_id", "iteration_id", "status"),
+        # Also the order an export reads an iteration's rows in (created_at, id): the first row
+        # of a million is found without sorting them (service/export_rows.py).
+        Index("ix_examples_job_iteration", "job_id", "iteration_id", "status", "created_at", "id"),
     )
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     iteration_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -374,6 +376,8 @@ class Export(IdMixin, TimestampMixin, Base):
     error: Mapped[str | None] = mapped_column(Text)
     # The dataset as of this iteration (included iterations up to it); None: the best one.
     iteration: Mapped[int | None] = mapped_column(Integer)
+    # The rest of the request: the selection (export_formats.ExportSelection) and gzip.
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
 
 # --- refreshes and webhooks -------------------------------------------------------------------

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.domain.export_formats import FORMAT_HELP, ExportSelection
 from service.domain.spec import Text
 from service.domain.statuses import (
     DeliveryStatus,
@@ -186,22 +187,36 @@ class ExampleRead(_Read):
     created_at: datetime
 
 
-class ExportCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format: Text = Field(
-        "jsonl",
-        max_length=32,
-        description="jsonl (the task's own fields), lineage (plus kind, iteration, source row), "
-        "chat (OpenAI fine-tuning messages), or dpo (ARTE's preference pairs).",
-    )
-    iteration: int | None = Field(
+class ExportCreate(ExportSelection):
+    """An export to write: a format, the selection (the best dataset by default) and gzip."""
+
+    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    gzip: bool = Field(False, description="Write .jsonl.gz files (gzip, no timestamp).")
+
+    @property
+    def selection(self) -> ExportSelection:
+        return ExportSelection.model_validate(
+            self.model_dump(include=set(ExportSelection.model_fields))
+        )
+
+
+class ExportStreamQuery(ExportSelection):
+    """`GET /v1/jobs/{id}/export`: the format, the selection, the file and gzip."""
+
+    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    split: Literal["train", "validation"] | None = Field(
         None,
-        ge=0,
-        le=PG_INT_MAX,
-        description="The dataset as of this iteration: seed rows plus the accepted examples of "
-        "every included iteration up to it (e.g. a refresh's new iteration, which a student "
-        "trained outside the loop learns from before it is judged). Default: the best iteration.",
+        description="With a validation_fraction: which of the two files to stream.",
     )
+    gzip: bool = Field(
+        False, description="Send a .jsonl.gz file (application/gzip) instead of plain JSONL."
+    )
+
+    @property
+    def selection(self) -> ExportSelection:
+        return ExportSelection.model_validate(
+            self.model_dump(include=set(ExportSelection.model_fields))
+        )
 
 
 class ExportRead(_Read):
@@ -213,6 +228,9 @@ class ExportRead(_Read):
     manifest: dict[str, Any]
     error: str | None
     iteration: int | None = None
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The selection and gzip the export was requested with."
+    )
     created_at: datetime
 
 

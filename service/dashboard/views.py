@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.dashboard import charts
-from service.domain.export_formats import ALL_FORMATS, PREFERENCE_FORMATS
+from service.domain.export_formats import ALL_FORMATS, DPO_SOURCES, PREFERENCE_FORMATS
 from service.domain.statuses import (
     ITERATION_TERMINAL,
     JOB_TERMINAL,
@@ -410,7 +410,7 @@ def job_page(session: Session, job: Job) -> JobPage:
     current = next((it for it in reversed(iterations) if it.status in ACTIVE_ITERATION), None)
     formats = [f for f in EXPORT_FORMAT_ORDER if f in ALL_FORMATS]
     formats += sorted(ALL_FORMATS - set(formats))
-    if job.strategy != "arte":
+    if job.strategy not in DPO_SOURCES:  # no preference pairs to export
         formats = [f for f in formats if f not in PREFERENCE_FORMATS]
     return JobPage(
         job=job,

@@ -1,22 +1,30 @@
-"""Exports: request a JSONL snapshot of a job's best dataset, follow it, download it."""
+"""Exports: stream a job's dataset in a format, or request files written by a worker, follow
+them and download them."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+import anyio
+import structlog
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from service.api.deps import PrincipalDep, SessionDep
-from service.api.schemas import ErrorBody, ExportCreate, ExportRead
+from service.api.schemas import ErrorBody, ExportCreate, ExportRead, ExportStreamQuery
 from service.domain.statuses import ExportStatus
-from service.errors import Conflict
+from service.errors import Conflict, NotFound, ValidationFailed
+from service.export_files import ExportStream
 from service.exports import get_export, request_export
 from service.jobs import get_job
 from service.models import Export
 
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["exports"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
@@ -25,6 +33,64 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
 }
+NDJSON = "application/x-ndjson"
+GZIP = "application/gzip"
+
+
+class _ExportResponse(StreamingResponse):
+    """A streamed export that always ends its database session: when the body is sent, and
+    when the client goes away mid-way (Starlette then cancels the sending; the chunk being
+    read finishes first, then the cursor and the session are closed here)."""
+
+    def __init__(self, stream: ExportStream, media_type: str) -> None:
+        self._stream = stream
+        super().__init__(
+            self._body(),
+            media_type=media_type,
+            headers={"Content-Disposition": f'attachment; filename="{stream.file_name}"'},
+        )
+
+    async def _body(self) -> Any:
+        while (chunk := await anyio.to_thread.run_sync(next, self._stream, None)) is not None:
+            yield chunk
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # the body could not be sent: nothing to answer
+            log.info("export.stream_disconnected", job_id=str(self._stream.plan.job.id))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._stream.close)
+
+
+@router.get(
+    "/jobs/{job_id}/export",
+    response_class=StreamingResponse,
+    responses={**_ERRORS, 200: {"content": {NDJSON: {}, GZIP: {}}}},
+)
+def stream_export(
+    job_id: uuid.UUID,
+    query: Annotated[ExportStreamQuery, Query()],
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> StreamingResponse:
+    """Streams the dataset in a format, as it is read (memory independent of its size): the
+    best dataset by default, narrowed by the selection; with a `validation_fraction`, the
+    `split` file of the deterministic stratified split. The same selection of the same data
+    gives the same bytes as `distill export` and the exports a worker writes."""
+    get_job(session, principal.tenant_id, job_id)
+    session.commit()  # the stream reads in a session of its own; this one holds nothing open
+    stream = ExportStream(
+        request.app.state.session_factory,
+        job_id,
+        query.format,
+        query.selection,
+        split=query.split,
+        gzip=query.gzip,
+    )
+    return _ExportResponse(stream, GZIP if query.gzip else NDJSON)
 
 
 @router.post(
@@ -33,11 +99,15 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 def create_export(
     job_id: uuid.UUID, body: ExportCreate, session: SessionDep, principal: PrincipalDep
 ) -> Export:
-    """Starts writing the best dataset (seed rows + accepted examples of included iterations
-    up to the best one, or up to `iteration`); follow the returned export until it has
-    succeeded."""
+    """Starts writing the export's files and manifest (the best dataset by default: seed rows
+    plus the accepted examples of the included iterations up to the best one); follow the
+    returned export until it has succeeded, then download its file(s)."""
     export = request_export(
-        session, get_job(session, principal.tenant_id, job_id), body.format, body.iteration
+        session,
+        get_job(session, principal.tenant_id, job_id),
+        body.format,
+        body.selection,
+        gzip=body.gzip,
     )
     session.commit()
     return export
@@ -61,15 +131,32 @@ def read_export(export_id: uuid.UUID, session: SessionDep, principal: PrincipalD
 @router.get(
     "/exports/{export_id}/download",
     response_class=FileResponse,
-    responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
+    responses={**_ERRORS, 200: {"content": {NDJSON: {}, GZIP: {}}}},
 )
 def download_export(
-    export_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+    export_id: uuid.UUID,
+    session: SessionDep,
+    principal: PrincipalDep,
+    split: Annotated[
+        Literal["train", "validation"] | None,
+        Query(description="Of a split export: which file (default train)."),
+    ] = None,
 ) -> FileResponse:
     export = get_export(session, principal.tenant_id, export_id)
     if export.status is not ExportStatus.succeeded or not export.path:
         raise Conflict(
             f"export {export_id} is {export.status.value}", details={"status": export.status.value}
         )
+    files = export.manifest.get("files") or {}
     path = Path(export.path)
-    return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
+    if split is not None and split not in (files or {"train": None}):
+        raise ValidationFailed(
+            f"split: export {export_id} has no {split} file",
+            details=[{"field": "split", "message": f"one of {sorted(files) or ['train']}"}],
+        )
+    if split is not None and files:
+        path = path.with_name(files[split]["file"])
+    if not path.is_file():
+        raise NotFound(f"the file of export {export_id} is no longer on disk; export again")
+    media = GZIP if path.suffix == ".gz" else NDJSON
+    return FileResponse(path, media_type=media, filename=path.name)
