@@ -147,7 +147,10 @@ def training_rows(session: Session, job: Job, ctx: JobContext) -> list[tuple[str
             Example.kind != "preference_pair",
             Iteration.included.is_(True),
         )
-        .order_by(Example.created_at, Example.id)
+        # Content order (the dedup key is the prompt's fingerprint and the item's place), not
+        # arrival order: batches finish in any order, and the same examples must train the
+        # same student on any executor.
+        .order_by(Iteration.number, Example.dedup_key)
     )
     rows.extend((i, o) for i, o in session.execute(stmt) if o is not None)
     return rows
