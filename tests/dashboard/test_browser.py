@@ -21,7 +21,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.dashboard.conftest import job_spec
-from tests.e2e.conftest import DISTILL, trec_slice, wait_for
+from tests.data_factory import question_slice
+from tests.e2e.conftest import DISTILL, wait_for
 from tests.fake_teacher.client import FakeTeacherProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -79,7 +80,7 @@ def _upload(http: httpx.Client, data: bytes, name: str) -> str:
 
 
 def create_job(served: Served, teacher_url: str, **changes: Any) -> str:
-    train, val = trec_slice(per_class=5, val_per_class=5)
+    train, val = question_slice(per_class=5, val_per_class=5)
     with served.rest(served.key_a) as http:
         spec = job_spec(
             _upload(http, train, "trec-seed"),

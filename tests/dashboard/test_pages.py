@@ -26,7 +26,7 @@ from service.models import ApiKey, Example, Iteration, TeacherCall, Tenant, utcn
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings, get_settings
 from tests.conftest import fresh_database
 from tests.dashboard.conftest import form_token, job_spec, sign_in
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.fake_teacher.client import FakeTeacherProcess
 from workers import runtime
 from workers.inline import InlineTaskSender
@@ -58,7 +58,7 @@ def _upload(client: TestClient, key: str, data: bytes) -> str:
 
 
 def create_job(d: Dash, **changes: Any) -> str:
-    train, val = trec_slice(per_class=5, val_per_class=5)
+    train, val = question_slice(per_class=5, val_per_class=5)
     spec = job_spec(
         _upload(d.client, d.key_a, train), _upload(d.client, d.key_a, val), d.teacher_url, **changes
     )

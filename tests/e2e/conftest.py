@@ -4,9 +4,7 @@ teacher process and real `distill worker` processes."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,31 +25,10 @@ from service.cli import upgrade_database
 from service.db import make_engine, session_factory
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
 from service.tasks import CeleryTaskSender
-from tests.conftest import REDIS_URL, SHARED_DATA, fresh_database
+from tests.conftest import REDIS_URL, fresh_database
 from tests.fake_teacher.client import FakeTeacherProcess
 
 DISTILL = str(Path(sys.executable).parent / "distill")
-
-
-def trec_slice(per_class: int, val_per_class: int, seed: int = 0) -> tuple[bytes, bytes]:
-    """A seed set and a validation set drawn from TREC train (read in place, never copied)."""
-    lines = (SHARED_DATA / "trec" / "train.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    random.Random(seed).shuffle(rows)
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_label.setdefault(row["label"], []).append(row)
-    train, val = [], []
-    for label in sorted(by_label):
-        train += by_label[label][:per_class]
-        val += by_label[label][per_class : per_class + val_per_class]
-
-    def dump(part: list[dict[str, Any]]) -> bytes:
-        return "".join(
-            json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in part
-        ).encode()
-
-    return dump(train), dump(val)
 
 
 @dataclass

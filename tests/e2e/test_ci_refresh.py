@@ -24,7 +24,8 @@ from service.refresh_cli import (
     EXIT_USAGE,
 )
 from tests.conftest import REPO
-from tests.e2e.conftest import DISTILL, Stack, trec_slice, wait_for
+from tests.data_factory import question_slice
+from tests.e2e.conftest import DISTILL, Stack, wait_for
 from tests.integration.test_webhooks import Receiver, _recipe
 
 pytestmark = pytest.mark.e2e
@@ -92,7 +93,7 @@ def test_distill_refresh_wait_exit_codes_export_and_webhooks(
     admin = httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=30
     )
-    train, val = trec_slice(per_class=5, val_per_class=5)
+    train, val = question_slice(per_class=5, val_per_class=5)
     ids = [
         admin.post(
             "/v1/datasets", content=data, headers={"Content-Type": "application/x-ndjson"}
@@ -285,7 +286,7 @@ def test_embedded_serve_runs_refreshes_and_delivers_webhooks(stack: Stack, tmp_p
         hook = http.post(
             "/v1/webhooks", json={"url": receiver.url, "events": ["job.completed"]}
         ).json()
-        train, val = trec_slice(per_class=5, val_per_class=5)
+        train, val = question_slice(per_class=5, val_per_class=5)
         ids = [
             http.post(
                 "/v1/datasets", content=data, headers={"Content-Type": "application/x-ndjson"}

@@ -17,7 +17,8 @@ from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall
 from service.settings import WorkerSettings
 from service.tasks import SENDER, CeleryTaskSender, RecordingTaskSender
 from tests.conftest import REDIS_URL
-from tests.e2e.conftest import DISTILL, Stack, trec_slice, wait_for
+from tests.data_factory import question_slice
+from tests.e2e.conftest import DISTILL, Stack, wait_for
 from workers.runtime import process_ports
 from workers.steps.generate import generate_batch
 
@@ -63,7 +64,7 @@ def _upload(client: TestClient, auth: dict[str, str], data: bytes, name: str) ->
 
 def _create_job(api: Any, stack: Stack) -> tuple[str, dict[str, Any]]:
     client, auth, _ = api
-    train, val = trec_slice(per_class=8, val_per_class=15)
+    train, val = question_slice(per_class=8, val_per_class=15)
     teacher = client.post(
         "/v1/teachers",
         json={
@@ -201,7 +202,7 @@ def test_pgkd_job_runs_three_iterations_on_a_real_worker(
     assert stack.teacher.stats()["completions_ok"] == served
 
     # The same spec on the embedded default (SQLite, in-process) gives the same results.
-    train, val = trec_slice(per_class=8, val_per_class=15)
+    train, val = question_slice(per_class=8, val_per_class=15)
     (tmp_path / "seed.jsonl").write_bytes(train)
     (tmp_path / "val.jsonl").write_bytes(val)
     embedded = _spec(
@@ -272,7 +273,7 @@ def _teacher_with_limit(api: Any, stack: Stack, concurrency: int) -> str:
 
 def _slow_job(api: Any, stack: Stack, concurrency: int) -> str:
     client, auth, _ = api
-    train, val = trec_slice(per_class=8, val_per_class=10)
+    train, val = question_slice(per_class=8, val_per_class=10)
     spec = _spec(
         _upload(client, auth, train, "seed"),
         _upload(client, auth, val, "val"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.data_factory import question_rows, to_jsonl
 from tests.e2e.conftest import DISTILL, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -64,11 +64,11 @@ def test_serve_against_postgres_and_redis(stack: Stack, server: str) -> None:
         assert ready.status_code == 200
         assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
 
-        data = (SHARED_DATA / "trec" / "train.jsonl").read_bytes()
+        data = to_jsonl(question_rows(909))
         up = http.post(
             "/v1/datasets", content=data, headers={**a, "Content-Type": "application/x-ndjson"}
         )
-        assert up.status_code == 201 and up.json()["row_count"] == 5452
+        assert up.status_code == 201 and up.json()["row_count"] == 5454
 
         broken = b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{oops\n'
         bad = http.post(

@@ -30,7 +30,8 @@ from service.models import Example, GenerationBatch, Iteration, TeacherCall
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
 from service.tasks import CeleryTaskSender
 from tests.conftest import REDIS_URL, fresh_database
-from tests.e2e.conftest import DISTILL, trec_slice, wait_for
+from tests.data_factory import question_slice
+from tests.e2e.conftest import DISTILL, wait_for
 from tests.fake_teacher.client import FakeTeacherProcess
 from tests.integration.conftest import inline_stack  # noqa: F401  (a fixture used here too)
 
@@ -154,7 +155,7 @@ class FaultStack:
     def create_job(
         self, *, concurrency: int = 4, batch_size: int = 4, per_class: int = 6, **teacher: Any
     ) -> str:
-        train, val = trec_slice(per_class=per_class, val_per_class=5)
+        train, val = question_slice(per_class=per_class, val_per_class=5)
         spec = {
             "name": "faults",
             "strategy": "pgkd",

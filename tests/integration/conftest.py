@@ -20,7 +20,7 @@ from service.db import make_engine, session_factory
 from service.models import TeacherCall
 from service.settings import ApiSettings, BrokerSettings, DatabaseSettings, Settings
 from tests.conftest import fresh_database
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.fake_teacher.client import FakeTeacherProcess
 from workers import runtime
 from workers.inline import InlineTaskSender
@@ -67,7 +67,7 @@ class InlineStack:
         validation) unless given, PGKD, the TF-IDF student, one iteration; `changes` replace
         top-level keys of the spec."""
         if train is None:
-            train, validation = trec_slice(per_class=5, val_per_class=5)
+            train, validation = question_slice(per_class=5, val_per_class=5)
         datasets = {"train": self.upload(train)}
         if validation is not None:
             datasets["validation"] = self.upload(validation)

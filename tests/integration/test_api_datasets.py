@@ -10,28 +10,28 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.models import Dataset, DatasetRow
-from tests.conftest import SHARED_DATA
+from tests.data_factory import question_rows, to_jsonl
 
 
-def test_upload_trec_train_stores_every_row(
+def test_upload_of_thousands_of_rows_stores_every_row(
     client: TestClient, auth: dict[str, str], db_session: Session
 ) -> None:
-    data = (SHARED_DATA / "trec" / "train.jsonl").read_bytes()
+    data = to_jsonl(question_rows(909))  # 5,454 rows, TREC train's size
     resp = client.post(
         "/v1/datasets",
-        params={"name": "trec-train"},
+        params={"name": "questions-train"},
         content=data,
         headers={**auth, "Content-Type": "application/x-ndjson"},
     )
     assert resp.status_code == 201, resp.text
     body = resp.json()
-    assert body["row_count"] == 5452
+    assert body["row_count"] == 5454
     assert set(body["fields"]) >= {"text", "label"}
     assert len(body["content_hash"]) == 64
     stored = db_session.scalar(
         select(func.count()).select_from(DatasetRow).where(DatasetRow.dataset_id == body["id"])
     )
-    assert stored == 5452
+    assert stored == 5454
 
     detail = client.get(f"/v1/datasets/{body['id']}", params={"preview": 3}, headers=auth)
     assert detail.status_code == 200

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from service.domain.selection import validation_thirds
 from service.models import Job, Prediction
 from service.splits import load_job_rows
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 from workers.inline import InlineTaskSender
 
@@ -31,7 +31,7 @@ def _post(client: TestClient, auth: dict[str, str], n: int, job_id: str, body: A
 
 def test_external_feedback_round_trip(loop: Any) -> None:
     client, auth, sender, sessions, teacher_url = loop
-    train, val = trec_slice(per_class=4, val_per_class=4)
+    train, val = question_slice(per_class=4, val_per_class=4)
     ids = [
         client.post(
             "/v1/datasets", content=data, headers={**auth, "Content-Type": "application/x-ndjson"}

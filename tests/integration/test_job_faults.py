@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from service.models import Example, TeacherCall
-from tests.e2e.conftest import trec_slice, wait_for
+from tests.data_factory import question_slice
+from tests.e2e.conftest import wait_for
 from tests.integration.conftest import InlineStack
 
 
@@ -160,7 +161,7 @@ def test_a_request_over_the_context_window_is_recorded_not_retried_forever(
     inline_stack: InlineStack,
 ) -> None:
     st = inline_stack
-    train, val = trec_slice(per_class=3, val_per_class=4)
+    train, val = question_slice(per_class=3, val_per_class=4)
     long_text = "Why is the sky blue " + "and very, very far away " * 400 + "?"
     train += (json.dumps({"text": long_text, "label": "DESC"}) + "\n").encode()
     st.teacher.configure(context_tokens=3000)
@@ -238,7 +239,7 @@ def test_a_job_that_accepted_nothing_says_so(inline_stack: InlineStack) -> None:
 
 def test_numeric_labels_are_exported_as_numbers(inline_stack: InlineStack) -> None:
     st = inline_stack
-    train, val = trec_slice(per_class=4, val_per_class=4)
+    train, val = question_slice(per_class=4, val_per_class=4)
     codes = {"ABBR": 0, "DESC": 1, "ENTY": 2, "HUM": 3, "LOC": 4, "NUM": 5}
 
     def numeric(data: bytes) -> bytes:

@@ -12,13 +12,13 @@ from service.domain.statuses import BatchStatus, IterationStatus
 from service.models import GenerationBatch, Iteration, Job, utcnow
 from service.settings import WorkerSettings
 from service.tasks import SENDER, RecordingTaskSender
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 from workers.steps.job import reconcile
 
 
 def _job(st: InlineStack) -> uuid.UUID:
-    train, val = trec_slice(per_class=4, val_per_class=4)
+    train, val = question_slice(per_class=4, val_per_class=4)
     return uuid.UUID(
         st.create_job(st.job_spec(train=train, validation=val, name="reconcile", batch_size=2))
     )

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from service.models import GenerationBatch, Iteration, JobRefresh
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.fake_teacher.client import FakeTeacherProcess
 from tests.integration.conftest import InlineStack
 
@@ -93,7 +93,7 @@ def test_refresh_after_new_external_predictions_aims_at_the_new_errors(
     inline_stack: InlineStack,
 ) -> None:
     st = inline_stack
-    train, val = trec_slice(per_class=4, val_per_class=3)
+    train, val = question_slice(per_class=4, val_per_class=3)
     spec = st.job_spec(
         train=train,
         validation=val,

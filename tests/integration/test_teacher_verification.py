@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from service.models import Example, TeacherCall
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 
 
@@ -13,7 +13,7 @@ def test_verification_keeps_only_candidates_the_teacher_agrees_with(
     inline_stack: InlineStack,
 ) -> None:
     st = inline_stack
-    train, val = trec_slice(per_class=4, val_per_class=4)
+    train, val = question_slice(per_class=4, val_per_class=4)
     teacher = st.client.post(
         "/v1/teachers",
         json={"name": "t", "base_url": st.teacher.base_url, "model": "fake-teacher"},

@@ -10,12 +10,12 @@ from typing import Any
 from service.auth import get_or_create_tenant
 from service.jobs import create_job, parse_spec
 from service.tasks import SENDER
-from tests.e2e.conftest import trec_slice
+from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 
 
 def _spec(st: InlineStack, command: str) -> dict[str, Any]:
-    train, val = trec_slice(per_class=3, val_per_class=3)
+    train, val = question_slice(per_class=3, val_per_class=3)
     return {
         "name": "hook",
         "strategy": "llm2llm",

@@ -1,22 +1,31 @@
-"""Answer extraction and checking, on GSM8K rows read at test time and on hand-written outputs."""
+"""Answer extraction and checking, on GSM8K-format rows (written by the tests, and GSM8K's own
+where CI has them) and on hand-written outputs."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.domain.answers import answers_match, extract_answer, gold_answer, normalize_number
+from tests.conftest import SHARED_DATA
+from tests.data_factory import arithmetic_rows
 
-# The shared data sets live beside the checkout (see ../shared/data/README.md); never copied here.
-_GSM8K = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "gsm8k"
 
-
-@pytest.fixture(scope="module")
-def gsm8k_rows() -> list[dict[str, Any]]:
-    with (_GSM8K / "train_sample.jsonl").open(encoding="utf-8") as lines:
+@pytest.fixture(
+    scope="module",
+    params=[
+        "written",
+        # The same checks on GSM8K's real rows where CI has them (../shared/data/README.md).
+        pytest.param("gsm8k", marks=pytest.mark.shared_data("gsm8k/train_sample.jsonl")),
+    ],
+)
+def gsm8k_rows(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """GSM8K-format rows: written by tests/data_factory.py, or the real sample."""
+    if request.param == "written":
+        return arithmetic_rows(300)
+    with (SHARED_DATA / "gsm8k" / "train_sample.jsonl").open(encoding="utf-8") as lines:
         return [json.loads(line) for line in lines]
 
 
@@ -32,7 +41,7 @@ def test_gold_answer_of_every_sample_row_is_its_final_number(
         assert gold == final_line.removeprefix("####").strip().replace(",", "")
         assert normalize_number(gold) is not None
         with_commas += "," in final_line
-    # The sample has answers written "1,080": the comma handling is exercised on real rows.
+    # Some answers are written "1,080": the comma handling is exercised on every row set.
     assert with_commas > 0
 
 

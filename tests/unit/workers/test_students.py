@@ -21,6 +21,7 @@ from openai import OpenAI
 from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.spec import StudentSpec, StudentType, TaskKind, TaskSpec
 from service.domain.teacher import StructuredMode
+from tests.conftest import SHARED_DATA
 from workers.students import (
     EmbeddingStudent,
     EndpointStudent,
@@ -35,7 +36,6 @@ from workers.students import (
 )
 from workers.students.endpoint import map_label
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 LABELS = ["sports", "weather", "cooking"]
 
 TRAIN = [
@@ -283,7 +283,7 @@ def test_unknown_local_model_path_is_refused(tmp_path: Path) -> None:
 
 def _trec_slice(per_class: int, seed: int = 0) -> tuple[list[TrainRow], list[EvalRow]]:
     def read(name: str) -> list[dict[str, str]]:
-        with (DATA / "trec" / name).open(encoding="utf-8") as handle:
+        with (SHARED_DATA / "trec" / name).open(encoding="utf-8") as handle:
             return [json.loads(line) for line in handle]
 
     by_label: dict[str, list[dict[str, str]]] = {}
@@ -302,6 +302,7 @@ def _trec_slice(per_class: int, seed: int = 0) -> tuple[list[TrainRow], list[Eva
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data("trec/train.jsonl", "trec/test.jsonl")  # accuracy on the real set
 def test_minilm_student_on_ten_trec_questions_per_class(tmp_path: Path) -> None:
     train, test = _trec_slice(per_class=10)
     student = EmbeddingStudent(cache_dir=tmp_path)
