@@ -414,10 +414,31 @@ def get_iteration(session: Session, job: Job, number: int) -> Iteration:
     return iteration
 
 
+def lock_job(session: Session, job_id: uuid.UUID) -> bool:
+    """Lock a job's row for the rest of the transaction; False when there is no such job.
+
+    The lock order of every writer of a job's rows: the job first, then its iterations and
+    batches, as a cancel (`transition_job`) takes them. A step that wrote a batch or an
+    iteration and then waited for the job deadlocked with a cancel. The lock is FOR NO KEY
+    UPDATE, the one an UPDATE of the row takes, not FOR UPDATE: an insert of an example or
+    a teacher call takes KEY SHARE locks on the rows its foreign keys name (the job, the
+    iteration, the batch), which FOR UPDATE waits for, so a batch closing beside an insert
+    deadlocked (the insert held the iteration and waited for the job, the close the
+    reverse). Take it before the transaction's first write; changes not flushed yet stay so
+    (and are written after it). Objects already loaded are not refreshed.
+    """
+    with session.no_autoflush:
+        locked = session.execute(
+            select(Job.id).where(Job.id == job_id).with_for_update(key_share=True)
+        ).scalar()
+    return locked is not None
+
+
 def transition_job(
     session: Session, job: Job, target: JobStatus, *, reason: str | None = None
 ) -> bool:
-    """Compare-and-set on the status: returns False (no change) when another writer won."""
+    """Compare-and-set on the status: returns False (no change) when another writer won.
+    Its update takes the job's row before the job's iterations (see `lock_job`)."""
     allowed_from = [s for s, targets in JOB_TRANSITIONS.items() if target in targets]
     values: dict[str, Any] = {"status": target, "updated_at": utcnow()}
     if reason is not None or target in (JobStatus.running, JobStatus.queued):

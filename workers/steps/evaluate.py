@@ -30,7 +30,7 @@ from service.domain.selection import (
 from service.domain.spec import Metric, StudentType, TaskKind
 from service.domain.statuses import BatchStatus, IterationStatus, JobStatus
 from service.domain.strategies.base import LabelledRow, PhaseResult, ScoredDraft
-from service.jobs import transition_job
+from service.jobs import lock_job, transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, utcnow
 from service.models import Prediction as PredictionRow
 from workers.ports import Ports
@@ -496,10 +496,19 @@ def finish_phase(session: Session, iteration_id: uuid.UUID, phase: str, ports: P
     )
     if still_open is not None:
         return
-    job = session.get(Job, iteration.job_id)
+    # The job's row before the iteration's (service.jobs.lock_job): a cancel committed while
+    # the phase ends is seen here, instead of its iteration being moved on after it, and two
+    # deliveries of the phase's end take turns.
+    lock_job(session, iteration.job_id)
+    job = session.get(Job, iteration.job_id, populate_existing=True)
     assert job is not None
-    if job.status is not JobStatus.running:
-        return
+    session.refresh(iteration)
+    if (
+        job.status is not JobStatus.running
+        or iteration.phase != phase
+        or iteration.status not in (IterationStatus.generating, IterationStatus.scoring)
+    ):
+        return  # cancelled, or another delivery of this phase's end got here first
     refresh_iteration_counters(session, iteration)
     ctx = load_job_context(session, job)
     phases = ctx.strategy.phases

@@ -60,7 +60,7 @@ from service.domain.teacher import (
     TeacherResult,
     is_transient_failure,
 )
-from service.jobs import transition_job
+from service.jobs import lock_job, transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall, utcnow
 from service.models import Teacher as TeacherRow
 from service.secrets import resolve_api_key
@@ -670,6 +670,16 @@ class _Pipeline:
         )
         if self.ctx.spec.filters.teacher_verification:
             rows = _verify(session, self.ports, self.teacher_row, job, batch, self.ctx, rows)
+        # The writes start here: the job's row first (service.jobs.lock_job), then re-read
+        # the batch and the job under it (a cancel may have committed since they were read).
+        if not lock_job(session, self.job_id):
+            session.rollback()
+            return  # deleted
+        session.refresh(job)
+        session.refresh(batch)
+        if batch.status is not BatchStatus.running or batch.attempts != work.token:
+            session.rollback()
+            return  # our lease lapsed and another worker took the batch over
         _insert_examples(session, rows)
         if give_up:
             waited = (now - since).total_seconds()
@@ -721,10 +731,17 @@ def release_crashed_batch(
     """Put back a batch whose worker crashed or died (token None: whoever held it), counting
     the crash, or fail it at `max_crashes` (a batch that kills its workers must not loop).
     Returns whether it was put back."""
+    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
+    if job_id is None:
+        return False
+    lock_job(session, job_id)  # the job's row before the batch's (service.jobs.lock_job)
+    job = session.get(Job, job_id, populate_existing=True)
     batch = session.get(GenerationBatch, batch_id, populate_existing=True)
     if batch is None or batch.status is not BatchStatus.running:
+        session.rollback()
         return False
     if token is not None and batch.attempts != token:
+        session.rollback()
         return False
     batch.crashes += 1
     batch.error = error or "its worker stopped renewing the lease (killed, hung or cut off)"
@@ -740,7 +757,6 @@ def release_crashed_batch(
     batch.status = BatchStatus.pending
     batch.retry_at = utcnow() + timedelta(seconds=delay)
     batch.updated_at = utcnow()
-    job = session.get(Job, batch.job_id)
     if job is not None and job.status is JobStatus.running:
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
     session.commit()
@@ -1119,6 +1135,7 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
 def _close_batch(
     session: Session, batch: GenerationBatch, status: BatchStatus, error: str | None
 ) -> None:
+    lock_job(session, batch.job_id)  # the job's row before the batch's (service.jobs.lock_job)
     batch.status = status
     batch.error = error
     batch.finished_at = utcnow()
@@ -1160,9 +1177,14 @@ def refresh_counters_after_batch(session: Session, batch: GenerationBatch) -> No
     The job and iteration rows are locked: batches closing together take turns, and the last
     one counts every row the others committed. Locks are taken in the order every writer
     takes them, job first (a cancel updates the job, then its iterations; the other order
-    deadlocked with a cancel)."""
-    job = session.get(Job, batch.job_id, with_for_update=True)
-    iteration = session.get(Iteration, batch.iteration_id, with_for_update=True)
+    deadlocked with a cancel), and as an UPDATE takes them (FOR NO KEY UPDATE: FOR UPDATE
+    deadlocked with the foreign-key locks of a batch inserting its examples; see
+    service.jobs.lock_job)."""
+    lock_job(session, batch.job_id)
+    job = session.get(Job, batch.job_id, populate_existing=True)
+    iteration = session.get(
+        Iteration, batch.iteration_id, with_for_update={"key_share": True}, populate_existing=True
+    )
     if iteration is None or job is None:
         session.rollback()
         return
