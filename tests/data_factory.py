@@ -262,10 +262,32 @@ _TOPIC_NOUNS: Final = tuple(
 )
 
 
-def _topic(rng: random.Random) -> str:
+# Openers that say nothing of the label: a student must learn such a question from its topic
+# words, which lean towards a label without deciding it. They keep a few-shot student as wrong
+# as on TREC (about half right at 5 questions per class), so the loops have mistakes to mine.
+_VAGUE_OPENERS: Final = (
+    "Tell me about {t} .",
+    "What is known about {t} ?",
+    "I read something about {t} , what was it ?",
+    "Can you say something on {t} ?",
+    "Question about {t} please .",
+    "Is there anything interesting about {t} ?",
+)
+_VAGUE_SHARE: Final = 0.45
+# Each label's own share of the topic words (the others are common to all labels).
+_LEANING: Final = 0.6
+
+
+def _label_words(label: str) -> Sequence[str]:
+    index = QUESTION_LABELS.index(label)
+    return _TOPIC_WORDS[index :: len(QUESTION_LABELS)]
+
+
+def _topic(label: str, rng: random.Random) -> str:
     """A few adjectives/nouns before a head noun: short enough to read, random enough that
     two questions rarely share more than their opener."""
-    words = rng.sample(_TOPIC_WORDS, rng.randint(1, 4))
+    pool = _label_words(label) if rng.random() < _LEANING else _TOPIC_WORDS
+    words = rng.sample(pool, rng.randint(1, 3))
     return " ".join([*words, rng.choice(_TOPIC_NOUNS)])
 
 
@@ -274,8 +296,9 @@ def _acronym(rng: random.Random) -> str:
 
 
 def _question(label: str, rng: random.Random) -> str:
-    opener = rng.choice(_OPENERS[label])
-    return opener.format(t=_topic(rng), a=_acronym(rng))
+    vague = rng.random() < _VAGUE_SHARE
+    opener = rng.choice(_VAGUE_OPENERS if vague else _OPENERS[label])
+    return opener.format(t=_topic(label, rng), a=_acronym(rng))
 
 
 def question_rows(
