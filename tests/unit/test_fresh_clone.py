@@ -151,8 +151,10 @@ def test_readme_command_2_works_after_command_1() -> None:
     assert len(commands) == 2, commands
     first, second = commands
     assert second == "make check"
-    assert "python3 -m venv .venv" in first and ". .venv/bin/activate" in first
-    extras = set(re.search(r"-e '\.\[([a-z,-]+)\]'", first)[1].split(","))  # type: ignore[index]
+    # A virtualenv of its own would leave make check to build a second one beside it.
+    assert re.findall(r"-m venv (\S+)", first) in ([], [".venv"]), first
+    named = re.search(r"-e '\.\[([a-z,-]+)\]'", first)
+    extras = set(named[1].split(",")) if named else set()
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^VENV \?= \.venv$", makefile, re.M)
     assert re.search(r"^check: lint typecheck test ", makefile, re.M)
