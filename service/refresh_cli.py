@@ -383,6 +383,8 @@ def _usage(message: str) -> NoReturn:
 def main(args: list[str]) -> None:
     """`distill refresh ARGS` on its own (workers/entry.py): the same command `distill --help`
     lists, without importing the rest of the CLI."""
-    app = typer.Typer(add_completion=False)
+    from service.cli_style import DistillTyper
+
+    app = DistillTyper(help="The CI step.", add_completion=False)
     app.command("refresh")(refresh_command)
     typer.main.get_command(app).main(args=args, prog_name="distill refresh")
