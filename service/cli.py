@@ -860,7 +860,8 @@ def jobs_cancel(job_id: JobArg, tenant: TenantOpt = "default") -> None:
 
 @jobs_app.command("pause")
 def jobs_pause(job_id: JobArg, tenant: TenantOpt = "default") -> None:
-    """Pause a queued or running job after the step under way; `resume` continues it."""
+    """Pause a queued or running job: its generation stops within one batch (the calls made
+    are kept); `resume` continues it."""
     _transition_cmd(job_id, tenant, JobStatus.paused)
 
 
@@ -918,7 +919,7 @@ def exports_show(
     tenant: TenantOpt = "default",
 ) -> None:
     """An export: its status (or error), the files written with their rows and sha256, and
-    its manifest."""
+    what it holds."""
     try:
         with open_session() as session:
             t = tenant_holding(session, tenant, Export, export_id, "export")
