@@ -238,7 +238,7 @@ def _summary(run: Run, code: int, reason: str | None, as_json: bool) -> None:
     if run.export:
         print(f"export: {run.export['path']} ({run.export['rows']} rows)")
     if reason:
-        _say(f"error: {reason}")
+        _say(f"error {RESULTS[code]}: {reason}")  # the other commands' `error CODE: message`
 
 
 def refresh_command(
@@ -376,7 +376,7 @@ def _wait_and_gate(
 
 
 def _usage(message: str) -> NoReturn:
-    _say(f"error: {message}")
+    _say(f"error {RESULTS[EXIT_USAGE]}: {message}")
     raise typer.Exit(EXIT_USAGE)
 
 

@@ -23,7 +23,7 @@ from service.auth import get_or_create_tenant
 from service.cli_style import TenantOpt
 from service.datasets import create_dataset, parse_jsonl
 from service.domain.statuses import ExportStatus, JobStatus
-from service.errors import DistillError, NotFound
+from service.errors import BadRequest, DistillError, NotFound
 from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
 from service.settings import get_settings
@@ -160,9 +160,11 @@ def worker(
     """Run a Celery worker (production mode: needs REDIS_URL and DATABASE_URL)."""
     settings = get_settings()
     if settings.embedded:
-        raise typer.BadParameter(
-            "distill worker needs REDIS_URL (the broker); embedded mode "
-            "runs steps inside `distill serve` or `distill run`"
+        service_cli.fail(
+            BadRequest(
+                "distill worker needs REDIS_URL (the broker); embedded mode "
+                "runs steps inside `distill serve` or `distill run`"
+            )
         )
     if metrics_port is not None:
         _serve_pool_metrics(metrics_port)
