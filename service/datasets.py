@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound, ValidationFailed
-from service.models import Dataset, DatasetRow
+from service.errors import Conflict, NotFound, ValidationFailed
+from service.models import Dataset, DatasetRow, Job
 
 MAX_REPORTED_ERRORS = 20
 MAX_NAME_CHARS = 200  # datasets.name is a VARCHAR(200)
@@ -359,3 +360,35 @@ def load_rows(session: Session, dataset_id: uuid.UUID) -> list[DatasetRow]:
 def count_rows(session: Session, dataset_id: uuid.UUID) -> int:
     stmt = select(func.count()).where(DatasetRow.dataset_id == dataset_id)
     return int(session.scalar(stmt) or 0)
+
+
+def delete_dataset(session: Session, dataset: Dataset) -> None:
+    """Delete a dataset and its rows, unless a job uses it: a job's rows point at the rows it
+    trained and was evaluated on, so its jobs go first (the database refuses it too, which
+    covers a job created meanwhile)."""
+    users = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                or_(
+                    Job.train_dataset_id == dataset.id,
+                    Job.validation_dataset_id == dataset.id,
+                    Job.test_dataset_id == dataset.id,
+                )
+            )
+            .order_by(Job.created_at)
+            .limit(5)
+        )
+    )
+    if users:
+        shown = ", ".join(str(j) for j in users) + (", …" if len(users) == 5 else "")
+        raise Conflict(
+            f"dataset {dataset.id} is used by job(s) {shown}: delete those jobs first",
+            details=[{"field": "dataset_id", "message": f"used by job {j}"} for j in users],
+        )
+    try:
+        with session.begin_nested():
+            session.execute(delete(Dataset).where(Dataset.id == dataset.id))
+    except IntegrityError as exc:
+        raise Conflict(f"dataset {dataset.id} is used by a job: delete that job first") from exc
+    session.expunge(dataset)

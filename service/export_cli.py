@@ -3,7 +3,6 @@ read from the configured database (the operator's view, like `distill jobs show`
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.markup import escape
 
+from service.cli_style import JobArg, TenantOpt
 from service.domain.export_formats import FORMAT_HELP, ExportSelection, Split
 from service.errors import BadRequest, DistillError, ValidationFailed
 from service.export_files import begin_snapshot, write_files
@@ -51,7 +51,7 @@ def _selection(
 
 
 def export_command(
-    job_id: Annotated[uuid.UUID, typer.Argument(help="The job's id.")],
+    job_id: JobArg,
     out: Annotated[
         Path,
         typer.Option(
@@ -88,12 +88,13 @@ def export_command(
         int | None, typer.Option(help="Seed of the split (default: the job spec's seed).")
     ] = None,
     gzip: Annotated[bool, typer.Option("--gzip", help="Write .jsonl.gz files.")] = False,
-    tenant: Annotated[str, typer.Option("--tenant", help="Tenant name.")] = "default",
+    tenant: TenantOpt = "default",
 ) -> None:
     """Write a job's dataset in a format, with a manifest.json: counts per kind, label and
     iteration, the sha256 of each file, the spec hash, the teacher model and the student's
     metric. The same selection of the same data writes the same bytes."""
-    from service.cli import _existing_tenant, console, fail, open_session
+    from service.cli import console, fail, open_session, tenant_holding
+    from service.models import Job
 
     suffix = ".jsonl.gz" if gzip else ".jsonl"
 
@@ -103,7 +104,8 @@ def export_command(
     try:
         selection = _selection(iteration, kind, label, status, validation_fraction, split_seed)
         with open_session() as session:
-            job = get_job(session, _existing_tenant(session, tenant).id, job_id)
+            tenant_id = tenant_holding(session, tenant, Job, job_id, "job").id
+            job = get_job(session, tenant_id, job_id)
             session.commit()  # the export reads from a snapshot of its own
             begin_snapshot(session)
             job = get_job(session, job.tenant_id, job_id)

@@ -238,7 +238,7 @@ def _summary(run: Run, code: int, reason: str | None, as_json: bool) -> None:
     if run.export:
         print(f"export: {run.export['path']} ({run.export['rows']} rows)")
     if reason:
-        _say(f"error: {reason}")
+        _say(f"error {RESULTS[code]}: {reason}")  # the other commands' `error CODE: message`
 
 
 def refresh_command(
@@ -376,13 +376,15 @@ def _wait_and_gate(
 
 
 def _usage(message: str) -> NoReturn:
-    _say(f"error: {message}")
+    _say(f"error {RESULTS[EXIT_USAGE]}: {message}")
     raise typer.Exit(EXIT_USAGE)
 
 
 def main(args: list[str]) -> None:
     """`distill refresh ARGS` on its own (workers/entry.py): the same command `distill --help`
     lists, without importing the rest of the CLI."""
-    app = typer.Typer(add_completion=False)
+    from service.cli_style import DistillTyper
+
+    app = DistillTyper(help="The CI step.", add_completion=False)
     app.command("refresh")(refresh_command)
     typer.main.get_command(app).main(args=args, prog_name="distill refresh")

@@ -20,9 +20,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from service import cli as service_cli
 from service.auth import get_or_create_tenant
+from service.cli_style import TenantOpt
 from service.datasets import create_dataset, parse_jsonl
 from service.domain.statuses import ExportStatus, JobStatus
-from service.errors import DistillError, NotFound
+from service.errors import BadRequest, DistillError, NotFound
 from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
 from service.settings import get_settings
@@ -33,9 +34,15 @@ console = service_cli.console
 
 
 def _register_teacher_commands() -> None:
-    from workers.local_teacher_cli import teacher_app
+    """`distill teachers local` serves the local teacher beside the teachers' other commands;
+    `distill teacher local`, its first name, still works (hidden from the help)."""
+    from service.cli_style import DistillTyper
+    from workers.local_teacher_cli import local
 
-    app.add_typer(teacher_app, name="teacher")
+    service_cli.teachers_app.command("local")(local)
+    alias = DistillTyper(help="Same as `distill teachers local`.", hidden=True)
+    alias.command("local")(local)
+    app.add_typer(alias, name="teacher", hidden=True)
 
 
 _register_teacher_commands()
@@ -52,8 +59,10 @@ def _configure_sender() -> None:
 
 @app.command()
 def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="API processes (production mode).")] = 1,
 ) -> None:
     """Run the API. Embedded mode (no REDIS_URL) also runs the job steps in this process."""
@@ -138,11 +147,11 @@ def _webhook_loop(stop: threading.Event) -> None:
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
-    concurrency: int = 2,
+    concurrency: Annotated[int, typer.Option(help="Processes in the worker's pool.")] = 2,
     beat: Annotated[
         bool, typer.Option(help="Also run the periodic reconcile (one per site).")
     ] = False,
-    loglevel: str = "INFO",
+    loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
     metrics_port: Annotated[
         int | None,
         typer.Option(help="Serve Prometheus metrics of all pool processes on this port."),
@@ -151,9 +160,11 @@ def worker(
     """Run a Celery worker (production mode: needs REDIS_URL and DATABASE_URL)."""
     settings = get_settings()
     if settings.embedded:
-        raise typer.BadParameter(
-            "distill worker needs REDIS_URL (the broker); embedded mode "
-            "runs steps inside `distill serve` or `distill run`"
+        service_cli.fail(
+            BadRequest(
+                "distill worker needs REDIS_URL (the broker); embedded mode "
+                "runs steps inside `distill serve` or `distill run`"
+            )
         )
     if metrics_port is not None:
         _serve_pool_metrics(metrics_port)
@@ -196,7 +207,9 @@ def _serve_pool_metrics(port: int) -> None:
 
 
 @app.command("beat")
-def beat_cmd(loglevel: str = "INFO") -> None:
+def beat_cmd(
+    loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
+) -> None:
     """Run Celery beat (the periodic reconcile of stuck work)."""
     from workers.celery_app import celery_app
 
@@ -230,8 +243,13 @@ def _dataset_id(session: Any, tenant_id: uuid.UUID, field: str, ref: str, base: 
 
 @app.command()
 def run(
-    spec_path: Path,
-    tenant: str = "default",
+    spec_path: Annotated[
+        Path,
+        typer.Argument(
+            help="The job spec (YAML); datasets as JSONL paths (relative to the spec) or ids."
+        ),
+    ],
+    tenant: TenantOpt = "default",
     export_dir: Annotated[Path | None, typer.Option(help="Where to write the export.")] = None,
 ) -> None:
     """Run a whole job in this process (the embedded default), with progress, then export.
