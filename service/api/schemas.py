@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.export_formats import FORMAT_HELP, ExportSelection
@@ -18,9 +19,19 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
+from service.pagination import CURSOR_PATTERN
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
 PG_INT_MAX = 2**31 - 1
+
+# The `cursor` query parameter of every paginated list: the `next_cursor` of the page before.
+CursorQuery = Annotated[
+    str | None,
+    Query(
+        pattern=CURSOR_PATTERN,
+        description="The next_cursor of the page before; omit for the first.",
+    ),
+]
 
 
 class _Read(BaseModel):
