@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, text
 
 PG_SERVER = os.environ.get("DISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("DISTILL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REPO = Path(__file__).resolve().parents[1]
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 
 
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed_resources(http)
             command = [
                 SCHEMATHESIS,
+                "--config-file",
+                str(REPO / "schemathesis.toml"),
                 "run",
                 f"{base}/openapi.json",
                 "--checks",

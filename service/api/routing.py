@@ -74,7 +74,7 @@ def component_schemas() -> dict[str, Any]:
     return defs
 
 
-_ARTICLES = {"a", "an", "the", "of", "its", "to", "or", "by"}
+_ARTICLES = {"a", "an", "the"}
 
 
 def operation_id(route: APIRoute) -> str:

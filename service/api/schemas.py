@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain.export_formats import FORMAT_HELP, ExportSelection
+from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, ExportSelection
 from service.domain.spec import Text
 from service.domain.statuses import (
     DeliveryStatus,
@@ -23,6 +23,12 @@ from service.pagination import CURSOR_PATTERN
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
 PG_INT_MAX = 2**31 - 1
+
+# The formats in the document (plan_export still says which one a job's strategy allows).
+ExportFormat = Literal["jsonl", "chat", "alpaca", "sharegpt", "dpo", "lineage"]
+assert set(get_args(ExportFormat)) == ALL_FORMATS
+# An http(s) URL: what check_base_url asks before it resolves the host.
+HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+"
 
 # The `cursor` query parameter of every paginated list: the `next_cursor` of the page before.
 CursorQuery = Annotated[
@@ -75,6 +81,7 @@ class TeacherCreate(BaseModel):
     base_url: Text = Field(
         ...,
         max_length=2000,
+        pattern=HTTP_URL_PATTERN,
         description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1",
     )
     model: Text = Field(..., min_length=1, max_length=500)
@@ -95,7 +102,7 @@ class TeacherCreate(BaseModel):
 class TeacherUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Text | None = Field(None, min_length=1, max_length=200)
-    base_url: Text | None = Field(None, max_length=2000)
+    base_url: Text | None = Field(None, max_length=2000, pattern=HTTP_URL_PATTERN)
     model: Text | None = Field(None, min_length=1, max_length=500)
     api_key: Text | None = None
     api_key_env: Text | None = Field(None, max_length=200)
@@ -201,7 +208,7 @@ class ExampleRead(_Read):
 class ExportCreate(ExportSelection):
     """An export to write: a format, the selection (the best dataset by default) and gzip."""
 
-    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    format: ExportFormat = Field("jsonl", description=FORMAT_HELP + ".")
     gzip: bool = Field(False, description="Write .jsonl.gz files (gzip, no timestamp).")
 
     @property
@@ -214,7 +221,7 @@ class ExportCreate(ExportSelection):
 class ExportStreamQuery(ExportSelection):
     """`GET /v1/jobs/{id}/export`: the format, the selection, the file and gzip."""
 
-    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    format: ExportFormat = Field("jsonl", description=FORMAT_HELP + ".")
     split: Literal["train", "validation"] | None = Field(
         None,
         description="With a validation_fraction: which of the two files to stream.",
@@ -325,8 +332,13 @@ class RefreshRead(BaseModel):
 
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: Text = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
-    events: list[Text] = Field(
+    url: Text = Field(
+        ...,
+        max_length=2000,
+        pattern=HTTP_URL_PATTERN,
+        description="Where events are POSTed (http or https).",
+    )
+    events: list[Literal["iteration.completed", "job.completed", "job.failed"]] = Field(
         ...,
         min_length=1,
         description="Any of iteration.completed, job.completed, job.failed.",

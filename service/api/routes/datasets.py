@@ -179,7 +179,7 @@ def list_datasets(
 
 @router.get(
     "/{dataset_id}",
-    summary="Read a dataset and a preview of its rows",
+    summary="Read a dataset with a preview of its rows",
     response_model=DatasetDetail,
 )
 def read_dataset(

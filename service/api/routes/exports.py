@@ -98,7 +98,7 @@ def stream_export(
 
 @router.post(
     "/jobs/{job_id}/exports",
-    summary="Request an export written to files",
+    summary="Write an export to files",
     status_code=202,
     response_model=ExportRead,
     responses=_CONFLICT,

@@ -12,14 +12,14 @@ from service.api.schemas import Health
 router = APIRouter(tags=["health"], route_class=DocumentedRoute)
 
 
-@router.get("/healthz", summary="Check that the API is alive", response_model=Health)
+@router.get("/healthz", summary="Check liveness", response_model=Health)
 def healthz() -> Health:
     return Health(status="ok")
 
 
 @router.get(
     "/readyz",
-    summary="Check that the database and broker are reachable",
+    summary="Check readiness (database and broker)",
     response_model=Health,
     responses={503: {"model": Health, "description": "The database or the broker is down."}},
 )

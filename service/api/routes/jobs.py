@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
 from service.api.routing import JSON, NDJSON, DocumentedRoute, component_ref, error_responses
 from service.api.schemas import PG_INT_MAX, CursorQuery, ExampleRead, IterationRead, JobRead
-from service.domain.spec import StrategyName, Text, job_json_schema
+from service.domain.spec import JobSpec, StrategyName, Text, job_json_schema
 from service.domain.statuses import ExampleStatus, JobStatus
 from service.domain.strategies.base import ExampleKind
 from service.examples import ExampleFilters
@@ -57,6 +57,9 @@ def job_schema() -> dict[str, Any]:
     summary="Create a job",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRead,
+    # The spec is parsed by parse_spec (its errors name the field); the document shows its
+    # schema, the one /v1/schemas/job serves.
+    openapi_extra={"requestBody": {"content": {JSON: {"schema": component_ref(JobSpec)}}}},
     responses={**_CONFLICT, 200: {"model": JobRead, "description": "Replayed Idempotency-Key"}},
 )
 def create(
