@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -149,6 +149,48 @@ def seed_resources(http: httpx.Client) -> dict[str, str]:
     }
 
 
+def run_schemathesis(
+    database_url: str,
+    *,
+    max_examples: int,
+    seed: int,
+    extra: Sequence[str] = (),
+    cwd: Path | None = None,
+    capture: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Serve the API on `database_url` (migrated, empty) and run schemathesis against it with
+    every check, deterministically; `capture` keeps its output in the result."""
+    key = _api_key(database_url)
+    with _server(database_url, _free_port()) as base:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as http:
+            seed_resources(http)
+        command = [
+            SCHEMATHESIS,
+            "--config-file",
+            str(REPO / "schemathesis.toml"),
+            "--no-color",
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "--header",
+            f"Authorization: Bearer {key}",
+            "--max-examples",
+            str(max_examples),
+            "--seed",
+            str(seed),
+            "--generation-deterministic",  # no example database either
+            "--workers",
+            "1",
+            *extra,
+        ]
+        shown = [c if not c.startswith("Authorization") else "Authorization: ***" for c in command]
+        print("$", " ".join(shown), flush=True)
+        return subprocess.run(
+            command, check=False, cwd=cwd, text=True, capture_output=capture, timeout=3600
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-examples", type=int, default=100)
@@ -156,33 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="more schemathesis arguments, after --")
     args = parser.parse_args(argv)
     with _database() as url:
-        key = _api_key(url)
-        with _server(url, _free_port()) as base:
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as http:
-                seed_resources(http)
-            command = [
-                SCHEMATHESIS,
-                "--config-file",
-                str(REPO / "schemathesis.toml"),
-                "run",
-                f"{base}/openapi.json",
-                "--checks",
-                "all",
-                "--header",
-                f"Authorization: Bearer {key}",
-                "--max-examples",
-                str(args.max_examples),
-                "--seed",
-                str(args.seed),
-                "--workers",
-                "1",
-                *args.extra,
-            ]
-            shown = [
-                c if not c.startswith("Authorization") else "Authorization: ***" for c in command
-            ]
-            print("$", " ".join(shown), flush=True)
-            return subprocess.run(command, check=False).returncode
+        result = run_schemathesis(
+            url, max_examples=args.max_examples, seed=args.seed, extra=args.extra
+        )
+    return result.returncode
 
 
 if __name__ == "__main__":
