@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, ExportSelection
+from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, FORMAT_ORDER, ExportSelection
 from service.domain.spec import Text
 from service.domain.statuses import (
     DeliveryStatus,
@@ -24,9 +24,10 @@ from service.pagination import CURSOR_PATTERN
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
 PG_INT_MAX = 2**31 - 1
 
-# The formats in the document (plan_export still says which one a job's strategy allows).
-ExportFormat = Literal["jsonl", "chat", "alpaca", "sharegpt", "dpo", "lineage"]
-assert set(get_args(ExportFormat)) == ALL_FORMATS
+# The formats, listed in the document; plan_export refuses any other with its own message
+# (naming the field and the formats) and says which one a job's strategy allows.
+_FORMAT_ENUM: dict[str, Any] = {"enum": [f for f in FORMAT_ORDER if f in ALL_FORMATS]}
+assert set(_FORMAT_ENUM["enum"]) == ALL_FORMATS
 # An http(s) URL: what check_base_url asks before it resolves the host.
 HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+"
 
@@ -208,7 +209,9 @@ class ExampleRead(_Read):
 class ExportCreate(ExportSelection):
     """An export to write: a format, the selection (the best dataset by default) and gzip."""
 
-    format: ExportFormat = Field("jsonl", description=FORMAT_HELP + ".")
+    format: Text = Field(
+        "jsonl", max_length=32, description=FORMAT_HELP + ".", json_schema_extra=_FORMAT_ENUM
+    )
     gzip: bool = Field(False, description="Write .jsonl.gz files (gzip, no timestamp).")
 
     @property
@@ -221,7 +224,9 @@ class ExportCreate(ExportSelection):
 class ExportStreamQuery(ExportSelection):
     """`GET /v1/jobs/{id}/export`: the format, the selection, the file and gzip."""
 
-    format: ExportFormat = Field("jsonl", description=FORMAT_HELP + ".")
+    format: Text = Field(
+        "jsonl", max_length=32, description=FORMAT_HELP + ".", json_schema_extra=_FORMAT_ENUM
+    )
     split: Literal["train", "validation"] | None = Field(
         None,
         description="With a validation_fraction: which of the two files to stream.",
