@@ -96,8 +96,8 @@ class TeacherCreate(BaseModel):
     prices: TeacherPrices = Field(default_factory=TeacherPrices)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     structured_mode: StructuredMode = StructuredMode.auto
-    timeout_s: float = Field(120.0, gt=0, le=3600)
-    max_attempts: int = Field(6, ge=1, le=50)
+    timeout_s: float = Field(120.0, gt=0, le=3600, strict=True)
+    max_attempts: int = Field(6, ge=1, le=50, strict=True)
 
 
 class TeacherUpdate(BaseModel):
@@ -111,8 +111,8 @@ class TeacherUpdate(BaseModel):
     prices: TeacherPrices | None = None
     generation: GenerationParams | None = None
     structured_mode: StructuredMode | None = None
-    timeout_s: float | None = Field(None, gt=0, le=3600)
-    max_attempts: int | None = Field(None, ge=1, le=50)
+    timeout_s: float | None = Field(None, gt=0, le=3600, strict=True)
+    max_attempts: int | None = Field(None, ge=1, le=50, strict=True)
 
 
 class TeacherRead(_Read):
@@ -272,8 +272,13 @@ class ApiKeyCreate(BaseModel):
         None, description="Scope the key to this job: it may read and refresh it, nothing else."
     )
     expires_at: datetime | None = Field(None, description="When the key stops working.")
+    # strict: a JSON body's true is not 1 (pydantic's lax mode would take it).
     expires_in_s: int | None = Field(
-        None, ge=1, le=10 * 366 * 86400, description="Or: seconds from now until it expires."
+        None,
+        ge=1,
+        le=10 * 366 * 86400,
+        strict=True,
+        description="Or: seconds from now until it expires.",
     )
 
 

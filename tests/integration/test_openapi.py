@@ -205,3 +205,37 @@ def test_a_base_url_no_resolver_takes_is_a_422_naming_it(
     )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"][0]["field"] == "base_url"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/keys", {"expires_in_s": True}, "expires_in_s"),
+        (
+            "/v1/teachers",
+            {
+                "name": "t",
+                "base_url": "http://x/v1",
+                "model": "m",
+                "generation": {"temperature": True},
+            },
+            "generation.temperature",
+        ),
+        (
+            "/v1/teachers",
+            {
+                "name": "t",
+                "base_url": "http://x/v1",
+                "model": "m",
+                "limits": {"max_concurrency": True},
+            },
+            "limits.max_concurrency",
+        ),
+    ],
+)
+def test_a_boolean_is_not_a_number(
+    client: TestClient, auth: dict[str, str], path: str, body: dict[str, Any], field: str
+) -> None:
+    response = client.post(path, json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == field
