@@ -40,4 +40,7 @@ test: dev-tools services ## The test suite (real Postgres and Redis on 127.0.0.1
 faults: dev-tools services ## The whole fault suite: real workers, beat, restarts and kills (a few minutes)
 	$(PY) -m pytest -q tests/faults
 
+conformance: ## schemathesis, every check, ~9,500 requests against the API in production mode
+	$(PY) -m bench.openapi_conformance
+
 check: lint typecheck test ## Everything CI runs

@@ -8,7 +8,8 @@ DistillError
 │                     or a dashboard form without the session's CSRF token
 ├── NotFound (404) — also another tenant's ids, which must not be distinguishable
 ├── Conflict (409) — e.g. a state transition that is not allowed
-└── PayloadTooLarge (413)
+├── PayloadTooLarge (413)
+└── UnsupportedMediaType (415) — a body whose Content-Type the operation does not accept
 
 Domain code raises these; the API's exception handlers turn them into responses, the CLI
 prints them. Nothing outside `service/api` raises HTTPException.
@@ -67,3 +68,8 @@ class Conflict(DistillError):
 class PayloadTooLarge(DistillError):
     status_code = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(DistillError):
+    status_code = 415
+    code = "unsupported_media_type"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import json
+import re
+import struct
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -22,20 +23,36 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None = None
 
 
+# A cursor is the page's last (created_at, id): microseconds since the epoch (8 bytes, signed)
+# and the UUID (16 bytes), base64url without padding, so exactly 32 characters. Every string of
+# that shape decodes to a position, so the OpenAPI pattern below and the code agree on which
+# cursors are valid (issue 11: a cursor the schema allowed was refused).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{32}$"
+_CURSOR = struct.Struct(">q16s")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
 def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(row_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if created_at.tzinfo is None:  # SQLite gives back the UTC wall clock without a zone
+        created_at = created_at.replace(tzinfo=UTC)
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(_CURSOR.pack(micros, row_id.bytes)).decode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, row_id = json.loads(raw)
-        return datetime.fromisoformat(created), uuid.UUID(row_id)
-    except (ValueError, TypeError) as exc:
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
         raise ValidationFailed(
-            "invalid cursor", details=[{"field": "cursor", "message": str(exc)}]
-        ) from exc
+            "invalid cursor",
+            details=[{"field": "cursor", "message": "a next_cursor of an earlier page"}],
+        )
+    micros, row_id = _CURSOR.unpack(base64.urlsafe_b64decode(cursor))
+    try:
+        created = _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:  # beyond the dates Python holds: before or after every row
+        created = _LATEST if micros > 0 else _EARLIEST
+    return created, uuid.UUID(bytes=row_id)
 
 
 def paginate(

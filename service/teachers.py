@@ -88,7 +88,14 @@ def check_base_url(
 
     Teachers, webhooks and a refreshed endpoint student share it; `field` names the request
     field in the error, `private_hint` says who can allow a private address."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"{field} is not a valid URL: {exc}",
+            details=[{"field": field, "message": str(exc)}],
+        ) from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValidationFailed(
             f"{field} must be an http(s) URL",
@@ -103,12 +110,19 @@ def check_base_url(
             code="private_address",
         )
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ValidationFailed(
             f"{field} host does not resolve",
             details=[{"field": field, "message": str(exc)}],
         ) from exc
+    except (UnicodeError, ValueError) as exc:
+        # The IDNA codec refuses a label over 63 characters or an empty one; a NUL in the
+        # name is a ValueError: a host name no resolver would take, so the user's error.
+        raise ValidationFailed(
+            f"{field} host is not a valid host name",
+            details=[{"field": field, "message": str(exc)}],
+        ) from None
     for info in infos:
         if is_private_address(str(info[4][0])):
             raise ValidationFailed(

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import event, inspect, or_, select
@@ -61,7 +62,7 @@ def create_subscription(
     tenant_id: uuid.UUID,
     *,
     url: str,
-    events: list[str],
+    events: Sequence[str],
     job_id: uuid.UUID | None = None,
     secret: str | None = None,
     description: str | None = None,

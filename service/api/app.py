@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.docs import install_docs, install_openapi
 from service.api.errors import install_error_handlers
 from service.api.routes import (
     datasets,
@@ -21,6 +22,7 @@ from service.api.routes import (
     teachers,
     webhooks,
 )
+from service.api.routing import operation_id
 from service.dashboard import install_dashboard
 from service.db import session_factory
 from service.settings import Settings, get_settings
@@ -104,6 +106,9 @@ def create_app(
         version="0.1.0",
         description="Closed-loop distillation: a teacher LLM writes training data aimed at a "
         "student's own mistakes. Authenticate with `Authorization: Bearer <api key>`.",
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.session_factory = sessions or session_factory()
@@ -131,6 +136,8 @@ def create_app(
     ):
         app.include_router(router)
     install_dashboard(app)  # the pages at / and /jobs/... (service/dashboard)
+    install_openapi(app)
+    install_docs(app)
     # The engine's pool holds pool_size + max_overflow connections (service.db.make_engine).
     app.add_middleware(InFlightLimit, limit=2 * settings.database.pool_size)
     return app

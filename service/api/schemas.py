@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain.export_formats import FORMAT_HELP, ExportSelection
+from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, FORMAT_ORDER, ExportSelection
 from service.domain.spec import Text
 from service.domain.statuses import (
     DeliveryStatus,
@@ -18,9 +19,26 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
+from service.pagination import CURSOR_PATTERN
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
 PG_INT_MAX = 2**31 - 1
+
+# The formats, listed in the document; plan_export refuses any other with its own message
+# (naming the field and the formats) and says which one a job's strategy allows.
+_FORMAT_ENUM: dict[str, Any] = {"enum": [f for f in FORMAT_ORDER if f in ALL_FORMATS]}
+assert set(_FORMAT_ENUM["enum"]) == ALL_FORMATS
+# An http(s) URL: what check_base_url asks before it resolves the host.
+HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+"
+
+# The `cursor` query parameter of every paginated list: the `next_cursor` of the page before.
+CursorQuery = Annotated[
+    str | None,
+    Query(
+        pattern=CURSOR_PATTERN,
+        description="The next_cursor of the page before; omit for the first.",
+    ),
+]
 
 
 class _Read(BaseModel):
@@ -64,6 +82,7 @@ class TeacherCreate(BaseModel):
     base_url: Text = Field(
         ...,
         max_length=2000,
+        pattern=HTTP_URL_PATTERN,
         description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1",
     )
     model: Text = Field(..., min_length=1, max_length=500)
@@ -77,14 +96,14 @@ class TeacherCreate(BaseModel):
     prices: TeacherPrices = Field(default_factory=TeacherPrices)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     structured_mode: StructuredMode = StructuredMode.auto
-    timeout_s: float = Field(120.0, gt=0, le=3600)
-    max_attempts: int = Field(6, ge=1, le=50)
+    timeout_s: float = Field(120.0, gt=0, le=3600, strict=True)
+    max_attempts: int = Field(6, ge=1, le=50, strict=True)
 
 
 class TeacherUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Text | None = Field(None, min_length=1, max_length=200)
-    base_url: Text | None = Field(None, max_length=2000)
+    base_url: Text | None = Field(None, max_length=2000, pattern=HTTP_URL_PATTERN)
     model: Text | None = Field(None, min_length=1, max_length=500)
     api_key: Text | None = None
     api_key_env: Text | None = Field(None, max_length=200)
@@ -92,8 +111,8 @@ class TeacherUpdate(BaseModel):
     prices: TeacherPrices | None = None
     generation: GenerationParams | None = None
     structured_mode: StructuredMode | None = None
-    timeout_s: float | None = Field(None, gt=0, le=3600)
-    max_attempts: int | None = Field(None, ge=1, le=50)
+    timeout_s: float | None = Field(None, gt=0, le=3600, strict=True)
+    max_attempts: int | None = Field(None, ge=1, le=50, strict=True)
 
 
 class TeacherRead(_Read):
@@ -190,7 +209,9 @@ class ExampleRead(_Read):
 class ExportCreate(ExportSelection):
     """An export to write: a format, the selection (the best dataset by default) and gzip."""
 
-    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    format: Text = Field(
+        "jsonl", max_length=32, description=FORMAT_HELP + ".", json_schema_extra=_FORMAT_ENUM
+    )
     gzip: bool = Field(False, description="Write .jsonl.gz files (gzip, no timestamp).")
 
     @property
@@ -203,7 +224,9 @@ class ExportCreate(ExportSelection):
 class ExportStreamQuery(ExportSelection):
     """`GET /v1/jobs/{id}/export`: the format, the selection, the file and gzip."""
 
-    format: Text = Field("jsonl", max_length=32, description=FORMAT_HELP + ".")
+    format: Text = Field(
+        "jsonl", max_length=32, description=FORMAT_HELP + ".", json_schema_extra=_FORMAT_ENUM
+    )
     split: Literal["train", "validation"] | None = Field(
         None,
         description="With a validation_fraction: which of the two files to stream.",
@@ -249,8 +272,13 @@ class ApiKeyCreate(BaseModel):
         None, description="Scope the key to this job: it may read and refresh it, nothing else."
     )
     expires_at: datetime | None = Field(None, description="When the key stops working.")
+    # strict: a JSON body's true is not 1 (pydantic's lax mode would take it).
     expires_in_s: int | None = Field(
-        None, ge=1, le=10 * 366 * 86400, description="Or: seconds from now until it expires."
+        None,
+        ge=1,
+        le=10 * 366 * 86400,
+        strict=True,
+        description="Or: seconds from now until it expires.",
     )
 
 
@@ -314,8 +342,13 @@ class RefreshRead(BaseModel):
 
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: Text = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
-    events: list[Text] = Field(
+    url: Text = Field(
+        ...,
+        max_length=2000,
+        pattern=HTTP_URL_PATTERN,
+        description="Where events are POSTed (http or https).",
+    )
+    events: list[Literal["iteration.completed", "job.completed", "job.failed"]] = Field(
         ...,
         min_length=1,
         description="Any of iteration.completed, job.completed, job.failed.",

@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +55,12 @@ DPO_SOURCES: Mapping[str, str] = {"arte": "arte_pairs", "rationales": "outcome_p
 IterationNumber = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
+# Every kind a selection may name (which of them an export holds depends on its format and the
+# job's strategy: plan_export checks that). The OpenAPI document lists them.
+ExportKind = Literal["seed", "augmented", "hard_negative", "rationale", "preference_pair"]
+assert set(get_args(ExportKind)) == {*ROW_KINDS, PAIR_KIND}
+
+
 class ExportSelection(BaseModel):
     """Which rows an export holds. The defaults are the dataset the loop judged best."""
 
@@ -67,14 +73,16 @@ class ExportSelection(BaseModel):
         "refresh's new iteration, before a student trained outside the loop is judged on it); "
         "'all': of every included iteration, the one still running too.",
     )
-    kinds: list[Text] | None = Field(
+    kinds: list[ExportKind] | None = Field(
         None,
+        min_length=1,
         max_length=8,
         description="Only these kinds: seed, augmented, hard_negative, rationale (dpo: the kind "
         "of the paired examples). Default: all.",
     )
     labels: list[Text] | None = Field(
         None,
+        min_length=1,
         max_length=1000,
         description="Classification: only rows with these labels (dpo: whose chosen answer has "
         "one). Default: all.",

@@ -23,10 +23,13 @@ class StructuredMode(StrEnum):
 class TeacherLimits(BaseModel):
     """Limits enforced across every worker process that talks to this teacher."""
 
-    max_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
-    requests_per_minute: int | None = Field(None, ge=1)
-    input_tokens_per_minute: int | None = Field(None, ge=1)
-    output_tokens_per_minute: int | None = Field(None, ge=1)
+    # strict numbers: a JSON or YAML true is not 1 (pydantic's lax mode would take it).
+    max_concurrency: int = Field(
+        16, ge=1, le=4096, strict=True, description="Requests in flight at once."
+    )
+    requests_per_minute: int | None = Field(None, ge=1, strict=True)
+    input_tokens_per_minute: int | None = Field(None, ge=1, strict=True)
+    output_tokens_per_minute: int | None = Field(None, ge=1, strict=True)
     adaptive: bool = Field(
         False,
         description="Adapt concurrency (AIMD) to the server's own queue, read from its "
@@ -57,8 +60,8 @@ class TeacherLimits(BaseModel):
 class TeacherPrices(BaseModel):
     """USD per one million tokens."""
 
-    input_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
-    output_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
+    input_per_million: float = Field(0.0, ge=0, allow_inf_nan=False, strict=True)
+    output_per_million: float = Field(0.0, ge=0, allow_inf_nan=False, strict=True)
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         return (tokens_in * self.input_per_million + tokens_out * self.output_per_million) / 1e6
@@ -67,10 +70,10 @@ class TeacherPrices(BaseModel):
 class GenerationParams(BaseModel):
     """Sampling parameters sent with every request (part of the fingerprint)."""
 
-    temperature: float = Field(0.7, ge=0, le=2, allow_inf_nan=False)
-    max_tokens: int = Field(1024, ge=1, le=131072)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = None
+    temperature: float = Field(0.7, ge=0, le=2, allow_inf_nan=False, strict=True)
+    max_tokens: int = Field(1024, ge=1, le=131072, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, strict=True)
+    seed: int | None = Field(None, strict=True)
 
 
 class TeacherEndpoint(BaseModel):

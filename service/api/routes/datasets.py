@@ -14,7 +14,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
-from service.api.schemas import DatasetDetail, DatasetRead, DatasetRowRead, ErrorBody
+from service.api.routing import NDJSON, DocumentedRoute, error_responses
+from service.api.schemas import CursorQuery, DatasetDetail, DatasetRead, DatasetRowRead
 from service.datasets import (
     CHUNK_ROWS,
     DatasetWriter,
@@ -27,15 +28,8 @@ from service.errors import PayloadTooLarge, ValidationFailed
 from service.models import Dataset
 from service.pagination import Page, paginate
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=DocumentedRoute)
 _READ_BYTES = 256 * 1024
-
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},  # a job-scoped API key
-    413: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
 
 
 def _limited(request: Request, limit: int) -> Request:
@@ -65,16 +59,17 @@ async def _file_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 @router.post(
     "",
+    summary="Upload a dataset",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetRead,
     responses={
-        **_ERRORS,
+        **error_responses(413),
         200: {"model": DatasetRead, "description": "The same upload again: the earlier dataset"},
     },
     openapi_extra={
         "requestBody": {
             "content": {
-                "application/x-ndjson": {"schema": {"type": "string"}},
+                NDJSON: {"schema": {"type": "string"}},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -160,12 +155,12 @@ async def upload_dataset(
             await form.close()
 
 
-@router.get("", response_model=Page[DatasetRead], responses=_ERRORS)
+@router.get("", summary="List datasets", response_model=Page[DatasetRead])
 def list_datasets(
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[DatasetRead]:
     stmt = select(Dataset).where(Dataset.tenant_id == principal.tenant_id)
@@ -182,7 +177,11 @@ def list_datasets(
     )
 
 
-@router.get("/{dataset_id}", response_model=DatasetDetail, responses={404: {"model": ErrorBody}})
+@router.get(
+    "/{dataset_id}",
+    summary="Read a dataset with a preview of its rows",
+    response_model=DatasetDetail,
+)
 def read_dataset(
     dataset_id: uuid.UUID,
     session: SessionDep,

@@ -16,7 +16,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import PrincipalDep, SessionDep
-from service.api.schemas import ErrorBody, ExportCreate, ExportRead, ExportStreamQuery
+from service.api.routing import NDJSON, DocumentedRoute, error_responses
+from service.api.schemas import ExportCreate, ExportRead, ExportStreamQuery
 from service.domain.statuses import ExportStatus
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.export_files import ExportStream
@@ -25,16 +26,17 @@ from service.jobs import get_job
 from service.models import Export
 
 log = structlog.get_logger(__name__)
-router = APIRouter(prefix="/v1", tags=["exports"])
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
-NDJSON = "application/x-ndjson"
+router = APIRouter(prefix="/v1", tags=["exports"], route_class=DocumentedRoute)
+_CONFLICT = error_responses(409)
 GZIP = "application/gzip"
+# The streamed and downloaded files: JSON Lines, or the same gzipped.
+_FILE = {
+    "description": "The dataset file: JSON Lines, one row per line (gzipped with gzip=true).",
+    "content": {
+        NDJSON: {"schema": {"type": "string"}},
+        GZIP: {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 class _ExportResponse(StreamingResponse):
@@ -66,8 +68,9 @@ class _ExportResponse(StreamingResponse):
 
 @router.get(
     "/jobs/{job_id}/export",
+    summary="Stream a job's dataset",
     response_class=StreamingResponse,
-    responses={**_ERRORS, 200: {"content": {NDJSON: {}, GZIP: {}}}},
+    responses={**_CONFLICT, 200: _FILE},
 )
 def stream_export(
     job_id: uuid.UUID,
@@ -94,7 +97,11 @@ def stream_export(
 
 
 @router.post(
-    "/jobs/{job_id}/exports", status_code=202, response_model=ExportRead, responses=_ERRORS
+    "/jobs/{job_id}/exports",
+    summary="Write an export to files",
+    status_code=202,
+    response_model=ExportRead,
+    responses=_CONFLICT,
 )
 def create_export(
     job_id: uuid.UUID, body: ExportCreate, session: SessionDep, principal: PrincipalDep
@@ -113,7 +120,9 @@ def create_export(
     return export
 
 
-@router.get("/jobs/{job_id}/exports", response_model=list[ExportRead], responses=_ERRORS)
+@router.get(
+    "/jobs/{job_id}/exports", summary="List a job's exports", response_model=list[ExportRead]
+)
 def list_exports(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> list[Export]:
     job = get_job(session, principal.tenant_id, job_id)
     return list(
@@ -123,15 +132,16 @@ def list_exports(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
     )
 
 
-@router.get("/exports/{export_id}", response_model=ExportRead, responses=_ERRORS)
+@router.get("/exports/{export_id}", summary="Read an export", response_model=ExportRead)
 def read_export(export_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Export:
     return get_export(session, principal.tenant_id, export_id)
 
 
 @router.get(
     "/exports/{export_id}/download",
+    summary="Download an export's file",
     response_class=FileResponse,
-    responses={**_ERRORS, 200: {"content": {NDJSON: {}, GZIP: {}}}},
+    responses={**_CONFLICT, 200: _FILE},
 )
 def download_export(
     export_id: uuid.UUID,

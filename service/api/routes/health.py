@@ -6,17 +6,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from service.api.routing import DocumentedRoute
 from service.api.schemas import Health
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=DocumentedRoute)
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", summary="Check liveness", response_model=Health)
 def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get(
+    "/readyz",
+    summary="Check readiness (database and broker)",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The database or the broker is down."}},
+)
 def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:

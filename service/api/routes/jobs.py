@@ -9,8 +9,9 @@ from fastapi import APIRouter, Body, Header, Path, Query, Request, Response, sta
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
-from service.api.schemas import PG_INT_MAX, ErrorBody, ExampleRead, IterationRead, JobRead
-from service.domain.spec import StrategyName, Text, job_json_schema
+from service.api.routing import JSON, NDJSON, DocumentedRoute, component_ref, error_responses
+from service.api.schemas import PG_INT_MAX, CursorQuery, ExampleRead, IterationRead, JobRead
+from service.domain.spec import JobSpec, StrategyName, Text, job_json_schema
 from service.domain.statuses import ExampleStatus, JobStatus
 from service.domain.strategies.base import ExampleKind
 from service.examples import ExampleFilters
@@ -33,16 +34,10 @@ from service.jobs import (
 from service.models import Iteration, Job
 from service.pagination import Page
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], route_class=DocumentedRoute)
 # Iteration numbers are a Postgres integer: a larger one is a 422, not a query that fails.
 IterationNumber = Annotated[int, Path(ge=0, le=PG_INT_MAX, description="Iteration number.")]
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
+_CONFLICT = error_responses(409)  # a transition the job's status does not allow
 
 
 def job_read(job: Job) -> JobRead:
@@ -51,7 +46,7 @@ def job_read(job: Job) -> JobRead:
     return read
 
 
-@router.get("/schemas/job", tags=["schemas"])
+@router.get("/schemas/job", summary="Read the job spec's JSON Schema", tags=["schemas"])
 def job_schema() -> dict[str, Any]:
     """JSON Schema of the job spec (the same document as the CLI's YAML)."""
     return job_json_schema()
@@ -59,9 +54,13 @@ def job_schema() -> dict[str, Any]:
 
 @router.post(
     "/jobs",
+    summary="Create a job",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRead,
-    responses={**_ERRORS, 200: {"model": JobRead, "description": "Replayed Idempotency-Key"}},
+    # The spec is parsed by parse_spec (its errors name the field); the document shows its
+    # schema, the one /v1/schemas/job serves.
+    openapi_extra={"requestBody": {"content": {JSON: {"schema": component_ref(JobSpec)}}}},
+    responses={**_CONFLICT, 200: {"model": JobRead, "description": "Replayed Idempotency-Key"}},
 )
 def create(
     response: Response,
@@ -85,13 +84,13 @@ def create(
     return job_read(job)
 
 
-@router.get("/jobs", response_model=Page[JobRead], responses=_ERRORS)
+@router.get("/jobs", summary="List jobs", response_model=Page[JobRead])
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     strategy: StrategyName | None = None,
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[JobRead]:
     rows, next_cursor = find_jobs(
@@ -105,7 +104,7 @@ def list_jobs(
     return Page[JobRead](items=[job_read(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/jobs/{job_id}", response_model=JobRead, responses=_ERRORS)
+@router.get("/jobs/{job_id}", summary="Read a job", response_model=JobRead)
 def read(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
     return job_read(get_job(session, principal.tenant_id, job_id))
 
@@ -116,13 +115,24 @@ def _transition(job_id: uuid.UUID, target: JobStatus, session: Any, principal: A
     return job_read(job)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobRead, responses=_ERRORS)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    summary="Cancel a job",
+    status_code=202,
+    response_model=JobRead,
+    responses=_CONFLICT,
+)
 def cancel(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
     """Stops the job within one generation batch."""
     return _transition(job_id, JobStatus.cancelled, session, principal)
 
 
-@router.delete("/jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Delete a finished job",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_CONFLICT,
+)
 def delete(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
     """Deletes a finished (succeeded, failed or cancelled) job and everything it stored; its
     teacher's cached calls stay. 409 while it is queued, running or paused: cancel it first."""
@@ -131,31 +141,53 @@ def delete(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> R
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/jobs/{job_id}/pause", status_code=202, response_model=JobRead, responses=_ERRORS)
+@router.post(
+    "/jobs/{job_id}/pause",
+    summary="Pause a job",
+    status_code=202,
+    response_model=JobRead,
+    responses=_CONFLICT,
+)
 def pause(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
     return _transition(job_id, JobStatus.paused, session, principal)
 
 
-@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobRead, responses=_ERRORS)
+@router.post(
+    "/jobs/{job_id}/resume",
+    summary="Resume a paused job",
+    status_code=202,
+    response_model=JobRead,
+    responses=_CONFLICT,
+)
 def resume(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobRead:
     return _transition(job_id, JobStatus.running, session, principal)
 
 
-@router.get("/jobs/{job_id}/iterations", response_model=list[IterationRead], responses=_ERRORS)
+@router.get(
+    "/jobs/{job_id}/iterations",
+    summary="List a job's iterations",
+    response_model=list[IterationRead],
+)
 def list_iterations(
     job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> list[Iteration]:
     return find_iterations(session, get_job(session, principal.tenant_id, job_id))
 
 
-@router.get("/jobs/{job_id}/iterations/{number}", response_model=IterationRead, responses=_ERRORS)
+@router.get(
+    "/jobs/{job_id}/iterations/{number}",
+    summary="Read an iteration",
+    response_model=IterationRead,
+)
 def read_iteration(
     job_id: uuid.UUID, number: IterationNumber, session: SessionDep, principal: PrincipalDep
 ) -> Iteration:
     return get_iteration(session, get_job(session, principal.tenant_id, job_id), number)
 
 
-@router.get("/jobs/{job_id}/examples", response_model=Page[ExampleRead], responses=_ERRORS)
+@router.get(
+    "/jobs/{job_id}/examples", summary="List a job's examples", response_model=Page[ExampleRead]
+)
 def list_examples(
     job_id: uuid.UUID,
     session: SessionDep,
@@ -173,7 +205,7 @@ def list_examples(
             description="Case-insensitive text found in the input, output or rationale.",
         ),
     ] = None,
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[ExampleRead]:
     job = get_job(session, principal.tenant_id, job_id)
@@ -190,7 +222,7 @@ def list_examples(
     )
 
 
-@router.get("/jobs/{job_id}/evaluation-rows", responses=_ERRORS)
+@router.get("/jobs/{job_id}/evaluation-rows", summary="List the rows an external student predicts")
 def list_evaluation_rows(
     job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> list[dict[str, Any]]:
@@ -200,14 +232,16 @@ def list_evaluation_rows(
 
 @router.post(
     "/jobs/{job_id}/iterations/{number}/feedback",
+    summary="Post an external student's predictions",
     status_code=202,
     response_model=IterationRead,
-    responses=_ERRORS,
+    responses=_CONFLICT,
     openapi_extra={
         "requestBody": {
             "content": {
-                "application/json": {"schema": FeedbackBody.model_json_schema()},
-                "application/x-ndjson": {"schema": {"type": "string"}},
+                JSON: {"schema": component_ref(FeedbackBody)},
+                NDJSON: {"schema": {"type": "string"}},
+                "application/jsonl": {"schema": {"type": "string"}},
             },
             "required": True,
         }

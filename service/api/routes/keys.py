@@ -8,22 +8,20 @@ from datetime import timedelta
 from fastapi import APIRouter, status
 
 from service.api.deps import PrincipalDep, SessionDep
-from service.api.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, ErrorBody
+from service.api.routing import DocumentedRoute
+from service.api.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyRead
 from service.auth import create_api_key, list_api_keys, revoke_api_key
 from service.errors import ValidationFailed
 from service.models import Tenant, utcnow
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
+router = APIRouter(prefix="/v1/keys", tags=["keys"], route_class=DocumentedRoute)
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated, responses=_ERRORS
+    "",
+    summary="Create an API key",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ApiKeyCreated,
 )
 def create(body: ApiKeyCreate, session: SessionDep, principal: PrincipalDep) -> ApiKeyCreated:
     """A new key, shown once. With `job_id` it may only read and refresh that job (a CI
@@ -47,13 +45,13 @@ def create(body: ApiKeyCreate, session: SessionDep, principal: PrincipalDep) -> 
     )
 
 
-@router.get("", response_model=list[ApiKeyRead], responses=_ERRORS)
+@router.get("", summary="List API keys", response_model=list[ApiKeyRead])
 def list_keys(session: SessionDep, principal: PrincipalDep) -> list[ApiKeyRead]:
     """The tenant's keys, newest first (the keys themselves are never shown again)."""
     return [ApiKeyRead.model_validate(k) for k in list_api_keys(session, principal.tenant_id)]
 
 
-@router.post("/{key_id}/revoke", response_model=ApiKeyRead, responses=_ERRORS)
+@router.post("/{key_id}/revoke", summary="Revoke an API key", response_model=ApiKeyRead)
 def revoke(key_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> ApiKeyRead:
     """The key is refused from the next request on; it stays listed with its revocation time."""
     row = revoke_api_key(session, principal.tenant_id, key_id)

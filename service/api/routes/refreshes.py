@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response, status
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
-from service.api.schemas import ErrorBody, IterationRead, RefreshRead
+from service.api.routing import DocumentedRoute, error_responses
+from service.api.schemas import IterationRead, RefreshRead
 from service.jobs import get_job
 from service.models import JobRefresh
 from service.refreshes import (
@@ -19,14 +20,7 @@ from service.refreshes import (
     request_refresh,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["refreshes"])
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
+router = APIRouter(prefix="/v1/jobs", tags=["refreshes"], route_class=DocumentedRoute)
 
 
 def refresh_read(session: SessionDep, refresh: JobRefresh) -> RefreshRead:
@@ -55,9 +49,13 @@ def refresh_read(session: SessionDep, refresh: JobRefresh) -> RefreshRead:
 
 @router.post(
     "/{job_id}/refresh",
+    summary="Refresh a job from its latest student",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=RefreshRead,
-    responses={**_ERRORS, 200: {"model": RefreshRead, "description": "Replayed Idempotency-Key"}},
+    responses={
+        **error_responses(409),
+        200: {"model": RefreshRead, "description": "Replayed Idempotency-Key"},
+    },
 )
 def refresh(
     job_id: uuid.UUID,
@@ -89,7 +87,9 @@ def refresh(
     return refresh_read(session, refresh)
 
 
-@router.get("/{job_id}/refreshes", response_model=list[RefreshRead], responses=_ERRORS)
+@router.get(
+    "/{job_id}/refreshes", summary="List a job's refreshes", response_model=list[RefreshRead]
+)
 def list_job_refreshes(
     job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> list[RefreshRead]:
@@ -98,7 +98,9 @@ def list_job_refreshes(
     return [refresh_read(session, r) for r in list_refreshes(session, job)]
 
 
-@router.get("/{job_id}/refreshes/{refresh_id}", response_model=RefreshRead, responses=_ERRORS)
+@router.get(
+    "/{job_id}/refreshes/{refresh_id}", summary="Read a refresh", response_model=RefreshRead
+)
 def read_refresh(
     job_id: uuid.UUID, refresh_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> RefreshRead:

@@ -9,19 +9,14 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
-from service.api.schemas import ErrorBody, TeacherCreate, TeacherRead, TeacherUpdate
+from service.api.routing import DocumentedRoute, error_responses
+from service.api.schemas import CursorQuery, TeacherCreate, TeacherRead, TeacherUpdate
 from service.models import Teacher
 from service.pagination import Page, paginate
 from service.teachers import create_teacher, delete_teacher, get_teacher, update_teacher
 
-router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},  # a job-scoped API key outside what it may do
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
+router = APIRouter(prefix="/v1/teachers", tags=["teachers"], route_class=DocumentedRoute)
+_CONFLICT = error_responses(409)  # a name in use; a teacher a job still uses
 
 
 def to_read(teacher: Teacher) -> TeacherRead:
@@ -33,7 +28,13 @@ def to_read(teacher: Teacher) -> TeacherRead:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeacherRead, responses=_ERRORS)
+@router.post(
+    "",
+    summary="Create a teacher",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TeacherRead,
+    responses=_CONFLICT,
+)
 def create(
     body: TeacherCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> TeacherRead:
@@ -57,11 +58,11 @@ def create(
     return to_read(teacher)
 
 
-@router.get("", response_model=Page[TeacherRead], responses=_ERRORS)
+@router.get("", summary="List teachers", response_model=Page[TeacherRead])
 def list_teachers(
     session: SessionDep,
     principal: PrincipalDep,
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[TeacherRead]:
     stmt = select(Teacher).where(Teacher.tenant_id == principal.tenant_id)
@@ -76,12 +77,14 @@ def list_teachers(
     return Page[TeacherRead](items=[to_read(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{teacher_id}", response_model=TeacherRead, responses=_ERRORS)
+@router.get("/{teacher_id}", summary="Read a teacher", response_model=TeacherRead)
 def read(teacher_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> TeacherRead:
     return to_read(get_teacher(session, principal.tenant_id, teacher_id))
 
 
-@router.patch("/{teacher_id}", response_model=TeacherRead, responses=_ERRORS)
+@router.patch(
+    "/{teacher_id}", summary="Update a teacher", response_model=TeacherRead, responses=_CONFLICT
+)
 def update(
     teacher_id: uuid.UUID,
     body: TeacherUpdate,
@@ -98,7 +101,12 @@ def update(
     return to_read(teacher)
 
 
-@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/{teacher_id}",
+    summary="Delete a teacher",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_CONFLICT,
+)
 def delete(teacher_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
     delete_teacher(session, get_teacher(session, principal.tenant_id, teacher_id))
     session.commit()

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 
 from service.api.deps import PrincipalDep, SessionDep, SettingsDep
+from service.api.routing import DocumentedRoute
 from service.api.schemas import (
-    ErrorBody,
+    CursorQuery,
     WebhookCreate,
     WebhookCreated,
     WebhookDeliveryRead,
@@ -21,17 +22,14 @@ from service.models import WebhookDelivery
 from service.pagination import Page, paginate
 from service.webhooks import create_subscription, get_subscription, list_subscriptions
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-}
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=DocumentedRoute)
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated, responses=_ERRORS
+    "",
+    summary="Subscribe to webhook events",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WebhookCreated,
 )
 def create(
     body: WebhookCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
@@ -53,17 +51,21 @@ def create(
     return WebhookCreated.model_validate({**read.model_dump(), "secret": secret})
 
 
-@router.get("", response_model=list[WebhookRead], responses=_ERRORS)
+@router.get("", summary="List webhook subscriptions", response_model=list[WebhookRead])
 def list_webhooks(session: SessionDep, principal: PrincipalDep) -> list[WebhookRead]:
     return [WebhookRead.model_validate(s) for s in list_subscriptions(session, principal.tenant_id)]
 
 
-@router.get("/{webhook_id}", response_model=WebhookRead, responses=_ERRORS)
+@router.get("/{webhook_id}", summary="Read a webhook subscription", response_model=WebhookRead)
 def read(webhook_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> WebhookRead:
     return WebhookRead.model_validate(get_subscription(session, principal.tenant_id, webhook_id))
 
 
-@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/{webhook_id}",
+    summary="Delete a webhook subscription",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
 def delete(webhook_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
     """Stops the subscription; its delivery log goes with it."""
     session.delete(get_subscription(session, principal.tenant_id, webhook_id))
@@ -71,13 +73,17 @@ def delete(webhook_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) 
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{webhook_id}/deliveries", response_model=Page[WebhookDeliveryRead], responses=_ERRORS)
+@router.get(
+    "/{webhook_id}/deliveries",
+    summary="List a webhook's deliveries",
+    response_model=Page[WebhookDeliveryRead],
+)
 def list_deliveries(
     webhook_id: uuid.UUID,
     session: SessionDep,
     principal: PrincipalDep,
     status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[WebhookDeliveryRead]:
     """The delivery log, newest first: each event with its attempts, the receiver's last
