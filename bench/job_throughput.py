@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +63,8 @@ def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int]:
     return (end - start).total_seconds(), int(count)
 
 
-def _gateway_alone(base_url: str, n: int, cap: int) -> float:
+def _gateway_alone(base_url: str, n: int, cap: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the gateway alone, in this process, with the local limiter."""
     from bench.teacher_throughput import build_requests, make_endpoint
     from workers.teacher import LocalLimiter, OpenAITeacher, run_sync
 
@@ -74,7 +77,9 @@ def _gateway_alone(base_url: str, n: int, cap: int) -> float:
             await teacher.aclose()
         return time.perf_counter() - started
 
-    return float(run_sync(go()))
+    cpu = time.process_time()
+    wall = float(run_sync(go()))
+    return wall, time.process_time() - cpu
 
 
 def _group_cpu_s(pgid: int) -> float:
@@ -92,6 +97,33 @@ def _group_cpu_s(pgid: int) -> float:
         if int(fields[2]) == pgid:  # field 5 of stat: the process group
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+def _start_profiler(output: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the worker and its pool children until it gets SIGINT."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        print("  --profile: py-spy is not on PATH (pip install py-spy); not profiling")
+        return None
+    proc = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--subprocesses",
+            "--rate",
+            "200",
+            # A flame graph for an .svg, else collapsed stacks (one line per stack) to sum up.
+            "--format",
+            "flamegraph" if output.endswith(".svg") else "raw",
+            "-o",
+            output,
+            "--pid",
+            str(pid),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the job starts
+    return proc
 
 
 @dataclass(frozen=True)
@@ -113,6 +145,18 @@ SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_a
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _busy_since(before: tuple[int, int]) -> float:
+    busy, total = _machine_ticks()
+    return (busy - before[0]) / max(total - before[1], 1)
+
+
 @dataclass
 class Row:
     label: str
@@ -122,6 +166,9 @@ class Row:
     max_in_flight: int = 0
     cpu_ms: float | None = None
     duplicates: int = 0
+    load: float | None = None  # 1-minute load average when the scenario ended
+    busy: float | None = None  # share of the machine's CPUs busy during the scenario
+    status: str = "-"
 
 
 def main() -> None:
@@ -135,6 +182,13 @@ def main() -> None:
     parser.add_argument("--worker-concurrency", type=int, default=1)
     parser.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     parser.add_argument("--embedded", action="store_true", help="also run the embedded executor")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the generation worker (parent and pool children) with py-spy during the "
+        "clean scenario: a flame graph into FILE.svg, else collapsed stacks (needs "
+        "`pip install py-spy` and ptrace rights)",
+    )
     args = parser.parse_args()
 
     from service.auth import get_or_create_tenant
@@ -172,11 +226,16 @@ def main() -> None:
                 fake.reset()
                 return found
 
-            alone = _gateway_alone(fake.base_url, args.n, args.cap)
+            alone, alone_cpu = _gateway_alone(fake.base_url, args.n, args.cap)
             found = stats()
             rows.append(
                 Row(
-                    "gateway alone, in process", alone, args.n, max_in_flight=found["max_in_flight"]
+                    "gateway alone, in process",
+                    alone,
+                    args.n,
+                    max_in_flight=found["max_in_flight"],
+                    cpu_ms=alone_cpu * 1000 / args.n,
+                    load=os.getloadavg()[0],
                 )
             )
 
@@ -200,7 +259,9 @@ def main() -> None:
                             "max_attempts": 10,
                         },
                         "student": {"type": "builtin", "model": "tfidf"},
-                        "budget": {"max_iterations": 1},
+                        # Without an example budget a classification iteration asks for a
+                        # few per label; this one asks for exactly n.
+                        "budget": {"max_iterations": 1, "max_examples_per_iteration": n},
                         "params": {"rows_per_iteration": n, "examples_per_row": 1},
                         "batch_size": args.batch_size,
                         "seed": len(rows) + 100,  # a fresh seed: nothing comes from the cache
@@ -278,6 +339,12 @@ def main() -> None:
                 fake.configure(**{**SERVER_DEFAULTS, **scenario.server})
                 fake.reset()
                 cpu_before = sum(_group_cpu_s(w.pid) for w in workers)
+                machine_before = _machine_ticks()
+                profiler = (
+                    _start_profiler(args.profile, workers[0].pid)
+                    if args.profile and scenario.name == "clean"
+                    else None
+                )
                 job_id = job(celery, scenario.name, args.cap * scenario.job_cap_factor)
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
@@ -287,6 +354,10 @@ def main() -> None:
                         break
                     time.sleep(0.5)
                 cpu = sum(_group_cpu_s(w.pid) for w in workers) - cpu_before
+                busy = _busy_since(machine_before)
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)  # py-spy writes its report on SIGINT
+                    profiler.wait(timeout=120)
                 wall, calls = _window(sessions, job_id)
                 found = stats()
                 rows.append(
@@ -299,9 +370,16 @@ def main() -> None:
                         found["max_in_flight"],
                         cpu * 1000 / max(calls, 1),
                         found["duplicate_successes"],
+                        load=os.getloadavg()[0],
+                        busy=busy,
+                        status=status,
                     )
                 )
-                print(f"  {rows[-1].label}: ratio {wall / ideal:.3f}", flush=True)
+                print(
+                    f"  {rows[-1].label}: ratio {wall / ideal:.3f}, {calls} calls, "
+                    f"CPU {rows[-1].cpu_ms:.2f} ms/call, load {rows[-1].load:.2f}",
+                    flush=True,
+                )
         engine.dispose()
     finally:
         for worker in [*workers, *([control] if "control" in locals() else [])]:
@@ -326,19 +404,28 @@ def main() -> None:
         "is shared and the figures are noisy)"
     )
     print(
-        f"{'path':<44} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} {'wall s':>8} "
-        f"{'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12}"
+        f"{'path':<44} {'status':>9} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} "
+        f"{'wall s':>8} {'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12} "
+        f"{'busy':>5} {'load':>5}"
     )
     for row in rows:
         scenario = row.label.split(": ")[-1].split(" (")[0]
         target = TARGETS.get(scenario) if row.label.startswith("job, Celery") else None
         print(
-            f"{row.label:<44} {row.calls:>6} {row.refused:>6} {row.max_in_flight:>7} "
-            f"{row.duplicates:>4} {row.wall:>8.2f} {row.wall / ideal:>7.3f} "
-            f"{'-' if target is None else f'{target:.2f}':>7} "
+            f"{row.label:<44} {row.status:>9} {row.calls:>6} {row.refused:>6} "
+            f"{row.max_in_flight:>7} {row.duplicates:>4} {row.wall:>8.2f} "
+            f"{row.wall / ideal:>7.3f} {'-' if target is None else f'{target:.2f}':>7} "
             f"{row.wall / rows[0].wall:>10.3f}x "
-            f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12}"
+            f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12} "
+            f"{'-' if row.busy is None else f'{row.busy:.0%}':>5} "
+            f"{'-' if row.load is None else f'{row.load:.2f}':>5}"
         )
+    print(
+        "CPU ms/call: user + system time of the generation worker processes (Celery's parent "
+        "and its pool children) over the scenario, per stored call; busy: the whole machine's "
+        "CPU use meanwhile (the fake teacher and Postgres run on it too); load: the 1-minute "
+        "load average at the scenario's end."
+    )
     print(
         "two workers: the teacher's max in flight must not exceed the cap "
         f"({args.cap}); 429s are the teacher refusing requests over its cap."
