@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.export_formats import FORMAT_HELP, ExportSelection
-from service.domain.spec import Text
+from service.domain.spec import ReplicaUrls, Text
 from service.domain.statuses import (
     DeliveryStatus,
     ExampleStatus,
@@ -66,6 +66,7 @@ class TeacherCreate(BaseModel):
         max_length=2000,
         description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1",
     )
+    replica_urls: ReplicaUrls = Field(default_factory=list)
     model: Text = Field(..., min_length=1, max_length=500)
     api_key: Text | None = Field(None, description="Stored encrypted; never returned.")
     api_key_env: Text | None = Field(
@@ -85,6 +86,7 @@ class TeacherUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Text | None = Field(None, min_length=1, max_length=200)
     base_url: Text | None = Field(None, max_length=2000)
+    replica_urls: ReplicaUrls | None = None
     model: Text | None = Field(None, min_length=1, max_length=500)
     api_key: Text | None = None
     api_key_env: Text | None = Field(None, max_length=200)
@@ -100,6 +102,7 @@ class TeacherRead(_Read):
     id: uuid.UUID
     name: str
     base_url: str
+    replica_urls: list[str]
     model: str
     has_api_key: bool
     api_key_env: str | None

@@ -83,6 +83,7 @@ def endpoint_for(row: TeacherRow) -> TeacherEndpoint:
     limits = TeacherLimits.model_validate(row.limits or {})
     return TeacherEndpoint(
         base_url=row.base_url,
+        replica_urls=list(row.replica_urls or []),
         model=row.model,
         api_key=resolve_api_key(row.api_key_encrypted, row.api_key_env),
         limits=limits,
