@@ -6,8 +6,10 @@ Starts the fake teacher (latency L, at most C requests in flight, 429 above) and
 Postgres database, measures the gateway alone in process (the reference of the same run),
 then runs one job per scenario through Redis and a real `distill worker` process (the
 production path): clean, jitter (+-100 ms), faults (6% HTTP 500), over the cap (the job's
-limit 2 x C, so the teacher refuses with 429 + Retry-After), and two worker processes sharing
-the teacher. Each job uses the `random` strategy with one example per prompt, so its
+limit 2 x C, so the teacher refuses with 429 + Retry-After), two worker processes sharing
+the teacher, and four replicas of the teacher (each L and C) with four worker processes and
+4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's. Each job
+uses the `random` strategy with one example per prompt, so its
 generation is exactly N teacher calls; the window is read from the rows (first batch start to
 last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
 targets of issue 14, the teacher's max in flight and 429s, answers paid twice, and the worker
@@ -17,6 +19,7 @@ processes' CPU per teacher call (the student trains on a worker of its own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -132,6 +135,11 @@ class Scenario:
     server: dict[str, Any] = field(default_factory=dict)
     job_cap_factor: int = 1  # the job's max_concurrency = factor x the teacher's cap
     workers: int = 1
+    replicas: int = 1  # servers of the teacher (each latency L, cap C); N x replicas calls
+
+
+# Calls are one per seed row, and a spec picks at most 5,000 rows per iteration.
+MAX_CALLS = 5000
 
 
 SCENARIOS = (
@@ -140,6 +148,7 @@ SCENARIOS = (
     Scenario("faults", server={"error_rate": 0.06}),
     Scenario("over-cap", job_cap_factor=2),
     Scenario("two-workers", workers=2),
+    Scenario("four-replicas", workers=4, replicas=4),
 )
 SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
@@ -169,6 +178,12 @@ class Row:
     load: float | None = None  # 1-minute load average when the scenario ended
     busy: float | None = None  # share of the machine's CPUs busy during the scenario
     status: str = "-"
+    ideal: float | None = None  # N x L / (C x replicas), when not the run's own
+
+    @property
+    def rate(self) -> float:
+        """Stored calls per second of the window."""
+        return self.calls / self.wall if self.wall else 0.0
 
 
 def main() -> None:
@@ -218,12 +233,30 @@ def main() -> None:
         upgrade_database(url)
         engine = make_engine(url)
         sessions = session_factory(engine)
-        train, val = _rows(args.n)
-        with FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap) as fake:
+        wanted = [s for s in SCENARIOS if not args.only or s.name in args.only or s.name == "clean"]
+        most = max(min(args.n * s.replicas, MAX_CALLS) for s in wanted)
+        train, val = _rows(max(args.n, most))
+        with (
+            FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap) as fake,
+            contextlib.ExitStack() as replicas,
+        ):
+            fakes = [fake]
 
             def stats() -> dict[str, Any]:
-                found: dict[str, Any] = fake.stats()
-                fake.reset()
+                """The teacher's counters, summed over its servers (the max in flight is the
+                busiest server's: each has its own cap)."""
+                found: dict[str, Any] = {
+                    "max_in_flight": 0,
+                    "duplicate_successes": 0,
+                    "by_status": {},
+                }
+                for server in fakes:
+                    one = server.stats()
+                    server.reset()
+                    found["max_in_flight"] = max(found["max_in_flight"], one["max_in_flight"])
+                    found["duplicate_successes"] += one["duplicate_successes"]
+                    for code, count in one["by_status"].items():
+                        found["by_status"][code] = found["by_status"].get(code, 0) + count
                 return found
 
             alone, alone_cpu = _gateway_alone(fake.base_url, args.n, args.cap)
@@ -239,13 +272,15 @@ def main() -> None:
                 )
             )
 
-            def job(sender: Any, tag: str, cap: int, n: int = args.n) -> uuid.UUID:
+            def job(
+                sender: Any, tag: str, cap: int, n: int = args.n, servers: int = 1
+            ) -> uuid.UUID:
                 with sessions() as session:
                     session.info[SENDER] = sender
                     tenant = get_or_create_tenant(session, tag)
                     ids = [
                         str(create_dataset(session, tenant.id, part, rows_, 1).id)
-                        for part, rows_ in (("train", train), ("val", val))
+                        for part, rows_ in (("train", train[:n]), ("val", val))
                     ]
                     spec = {
                         "name": tag,
@@ -254,6 +289,7 @@ def main() -> None:
                         "datasets": {"train": ids[0], "validation": ids[1]},
                         "teacher": {
                             "base_url": fake.base_url,
+                            "replica_urls": [f.base_url for f in fakes[1:servers]],
                             "model": "fake-teacher",
                             "limits": {"max_concurrency": cap},
                             "max_attempts": 10,
@@ -336,8 +372,16 @@ def main() -> None:
                 while len(workers) < scenario.workers:
                     workers.append(start_worker())
                     time.sleep(5.0)
-                fake.configure(**{**SERVER_DEFAULTS, **scenario.server})
-                fake.reset()
+                while len(fakes) < scenario.replicas:
+                    fakes.append(
+                        replicas.enter_context(
+                            FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap)
+                        )
+                    )
+                for server in fakes:
+                    server.configure(**{**SERVER_DEFAULTS, **scenario.server})
+                    server.reset()
+                n = min(args.n * scenario.replicas, MAX_CALLS)
                 cpu_before = sum(_group_cpu_s(w.pid) for w in workers)
                 machine_before = _machine_ticks()
                 profiler = (
@@ -345,7 +389,13 @@ def main() -> None:
                     if args.profile and scenario.name == "clean"
                     else None
                 )
-                job_id = job(celery, scenario.name, args.cap * scenario.job_cap_factor)
+                job_id = job(
+                    celery,
+                    scenario.name,
+                    args.cap * scenario.job_cap_factor,
+                    n=n,
+                    servers=scenario.replicas,
+                )
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
                     with sessions() as session:
@@ -373,10 +423,12 @@ def main() -> None:
                         load=os.getloadavg()[0],
                         busy=busy,
                         status=status,
+                        ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
                     )
                 )
                 print(
-                    f"  {rows[-1].label}: ratio {wall / ideal:.3f}, {calls} calls, "
+                    f"  {rows[-1].label}: ratio {wall / (rows[-1].ideal or ideal):.3f}, "
+                    f"{calls} calls, "
                     f"CPU {rows[-1].cpu_ms:.2f} ms/call, load {rows[-1].load:.2f}",
                     flush=True,
                 )
@@ -409,12 +461,13 @@ def main() -> None:
         f"{'busy':>5} {'load':>5}"
     )
     for row in rows:
-        scenario = row.label.split(": ")[-1].split(" (")[0]
-        target = TARGETS.get(scenario) if row.label.startswith("job, Celery") else None
+        kind = row.label.split(": ")[-1].split(" (")[0]
+        target = TARGETS.get(kind) if row.label.startswith("job, Celery") else None
         print(
             f"{row.label:<44} {row.status:>9} {row.calls:>6} {row.refused:>6} "
             f"{row.max_in_flight:>7} {row.duplicates:>4} {row.wall:>8.2f} "
-            f"{row.wall / ideal:>7.3f} {'-' if target is None else f'{target:.2f}':>7} "
+            f"{row.wall / (row.ideal or ideal):>7.3f} "
+            f"{'-' if target is None else f'{target:.2f}':>7} "
             f"{row.wall / rows[0].wall:>10.3f}x "
             f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12} "
             f"{'-' if row.busy is None else f'{row.busy:.0%}':>5} "
@@ -430,6 +483,22 @@ def main() -> None:
         "two workers: the teacher's max in flight must not exceed the cap "
         f"({args.cap}); 429s are the teacher refusing requests over its cap."
     )
+    by_name = {row.label.split(": ")[-1].split(" (")[0]: row for row in rows}
+    one, four = by_name.get("clean"), by_name.get("four-replicas")
+    if one is not None and four is not None and one.rate:
+        print(
+            f"four replicas, four workers: {four.rate:.0f} calls/s against {one.rate:.0f} for "
+            f"one replica and one worker, {four.rate / one.rate:.2f}x (target >= 3.6x where "
+            "the cores allow; max in is the busiest replica's)"
+        )
+    cores = os.cpu_count() or 1
+    for row in rows:
+        if row.label.startswith("job, Celery") and row.cpu_ms:
+            print(
+                f"  {row.label}: {row.cpu_ms:.2f} ms of worker CPU per call; {cores} cores "
+                f"would sustain {cores * 1000 / row.cpu_ms:.0f} calls/s of it, against "
+                f"{args.cap * 1000 / args.latency_ms:.0f} calls/s per replica at the limit"
+            )
 
 
 if __name__ == "__main__":
