@@ -531,3 +531,24 @@ def test_should_continue_stops_dispatch(fake: FakeTeacherProcess, prefix: str) -
     totals = itertools.accumulate(r.tokens_in + r.tokens_out for r in seen)
     reached = next(i for i, total in enumerate(totals) if total >= 500)
     assert len(seen) - reached - 1 <= 2 * 4
+
+
+def test_a_slot_released_twice_serves_one_request_at_a_time(prefix: str) -> None:
+    quota = TeacherQuota("twice", max_concurrency=1)
+
+    async def scenario() -> bool:
+        limiter = RedisLimiter(REDIS_URL, prefix)
+        try:
+            lease = await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+            await limiter.release(lease)
+            await limiter.release(lease)  # a bug elsewhere must not double the slot
+            await limiter.acquire(quota, input_tokens=0, output_tokens=0)
+            try:
+                await asyncio.wait_for(limiter.acquire(quota, input_tokens=0, output_tokens=0), 0.5)
+            except TimeoutError:
+                return True
+            return False
+        finally:
+            await limiter.aclose()
+
+    assert run_sync(scenario()) is True

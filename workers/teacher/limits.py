@@ -486,6 +486,8 @@ class RedisLimiter:
         if state is None or held is None or lease.id not in held:
             return  # released twice, or its loop is gone: its lease expires by itself
         slots = state.slots[lease.quota.key]
+        if any(slot.id == lease.id for slot, _ in slots.free):
+            return  # released twice: it is free already (and must serve one request at a time)
         if lease.quota.concurrency_only and lease.handoffs < MAX_HANDOFFS:
             # Kept for this process's next request; the lease stays held, and so renewed.
             held[lease.id] = lease
