@@ -6,8 +6,10 @@ Starts the fake teacher (latency L, at most C requests in flight, 429 above) and
 Postgres database, measures the gateway alone in process (the reference of the same run),
 then runs one job per scenario through Redis and a real `distill worker` process (the
 production path): clean, jitter (+-100 ms), faults (6% HTTP 500), over the cap (the job's
-limit 2 x C, so the teacher refuses with 429 + Retry-After), and two worker processes sharing
-the teacher. Each job uses the `random` strategy with one example per prompt, so its
+limit 2 x C, so the teacher refuses with 429 + Retry-After), two worker processes sharing
+the teacher, and four replicas of the teacher (each L and C) with four worker processes and
+4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's. Each job
+uses the `random` strategy with one example per prompt, so its
 generation is exactly N teacher calls; the window is read from the rows (first batch start to
 last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
 targets of issue 14, the teacher's max in flight and 429s, answers paid twice, and the worker
@@ -17,8 +19,11 @@ processes' CPU per teacher call (the student trains on a worker of its own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +66,8 @@ def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int]:
     return (end - start).total_seconds(), int(count)
 
 
-def _gateway_alone(base_url: str, n: int, cap: int) -> float:
+def _gateway_alone(base_url: str, n: int, cap: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the gateway alone, in this process, with the local limiter."""
     from bench.teacher_throughput import build_requests, make_endpoint
     from workers.teacher import LocalLimiter, OpenAITeacher, run_sync
 
@@ -74,7 +80,9 @@ def _gateway_alone(base_url: str, n: int, cap: int) -> float:
             await teacher.aclose()
         return time.perf_counter() - started
 
-    return float(run_sync(go()))
+    cpu = time.process_time()
+    wall = float(run_sync(go()))
+    return wall, time.process_time() - cpu
 
 
 def _group_cpu_s(pgid: int) -> float:
@@ -94,12 +102,44 @@ def _group_cpu_s(pgid: int) -> float:
     return total / ticks
 
 
+def _start_profiler(output: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the worker and its pool children until it gets SIGINT."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        print("  --profile: py-spy is not on PATH (pip install py-spy); not profiling")
+        return None
+    proc = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--subprocesses",
+            "--rate",
+            "200",
+            # A flame graph for an .svg, else collapsed stacks (one line per stack) to sum up.
+            "--format",
+            "flamegraph" if output.endswith(".svg") else "raw",
+            "-o",
+            output,
+            "--pid",
+            str(pid),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the job starts
+    return proc
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
     server: dict[str, Any] = field(default_factory=dict)
     job_cap_factor: int = 1  # the job's max_concurrency = factor x the teacher's cap
     workers: int = 1
+    replicas: int = 1  # servers of the teacher (each latency L, cap C); N x replicas calls
+
+
+# Calls are one per seed row, and a spec picks at most 5,000 rows per iteration.
+MAX_CALLS = 5000
 
 
 SCENARIOS = (
@@ -108,9 +148,22 @@ SCENARIOS = (
     Scenario("faults", server={"error_rate": 0.06}),
     Scenario("over-cap", job_cap_factor=2),
     Scenario("two-workers", workers=2),
+    Scenario("four-replicas", workers=4, replicas=4),
 )
 SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _busy_since(before: tuple[int, int]) -> float:
+    busy, total = _machine_ticks()
+    return (busy - before[0]) / max(total - before[1], 1)
 
 
 @dataclass
@@ -122,6 +175,15 @@ class Row:
     max_in_flight: int = 0
     cpu_ms: float | None = None
     duplicates: int = 0
+    load: float | None = None  # 1-minute load average when the scenario ended
+    busy: float | None = None  # share of the machine's CPUs busy during the scenario
+    status: str = "-"
+    ideal: float | None = None  # N x L / (C x replicas), when not the run's own
+
+    @property
+    def rate(self) -> float:
+        """Stored calls per second of the window."""
+        return self.calls / self.wall if self.wall else 0.0
 
 
 def main() -> None:
@@ -135,6 +197,13 @@ def main() -> None:
     parser.add_argument("--worker-concurrency", type=int, default=1)
     parser.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     parser.add_argument("--embedded", action="store_true", help="also run the embedded executor")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the generation worker (parent and pool children) with py-spy during the "
+        "clean scenario: a flame graph into FILE.svg, else collapsed stacks (needs "
+        "`pip install py-spy` and ptrace rights)",
+    )
     args = parser.parse_args()
 
     from service.auth import get_or_create_tenant
@@ -164,29 +233,54 @@ def main() -> None:
         upgrade_database(url)
         engine = make_engine(url)
         sessions = session_factory(engine)
-        train, val = _rows(args.n)
-        with FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap) as fake:
+        wanted = [s for s in SCENARIOS if not args.only or s.name in args.only or s.name == "clean"]
+        most = max(min(args.n * s.replicas, MAX_CALLS) for s in wanted)
+        train, val = _rows(max(args.n, most))
+        with (
+            FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap) as fake,
+            contextlib.ExitStack() as replicas,
+        ):
+            fakes = [fake]
 
             def stats() -> dict[str, Any]:
-                found: dict[str, Any] = fake.stats()
-                fake.reset()
+                """The teacher's counters, summed over its servers (the max in flight is the
+                busiest server's: each has its own cap)."""
+                found: dict[str, Any] = {
+                    "max_in_flight": 0,
+                    "duplicate_successes": 0,
+                    "by_status": {},
+                }
+                for server in fakes:
+                    one = server.stats()
+                    server.reset()
+                    found["max_in_flight"] = max(found["max_in_flight"], one["max_in_flight"])
+                    found["duplicate_successes"] += one["duplicate_successes"]
+                    for code, count in one["by_status"].items():
+                        found["by_status"][code] = found["by_status"].get(code, 0) + count
                 return found
 
-            alone = _gateway_alone(fake.base_url, args.n, args.cap)
+            alone, alone_cpu = _gateway_alone(fake.base_url, args.n, args.cap)
             found = stats()
             rows.append(
                 Row(
-                    "gateway alone, in process", alone, args.n, max_in_flight=found["max_in_flight"]
+                    "gateway alone, in process",
+                    alone,
+                    args.n,
+                    max_in_flight=found["max_in_flight"],
+                    cpu_ms=alone_cpu * 1000 / args.n,
+                    load=os.getloadavg()[0],
                 )
             )
 
-            def job(sender: Any, tag: str, cap: int, n: int = args.n) -> uuid.UUID:
+            def job(
+                sender: Any, tag: str, cap: int, n: int = args.n, servers: int = 1
+            ) -> uuid.UUID:
                 with sessions() as session:
                     session.info[SENDER] = sender
                     tenant = get_or_create_tenant(session, tag)
                     ids = [
                         str(create_dataset(session, tenant.id, part, rows_, 1).id)
-                        for part, rows_ in (("train", train), ("val", val))
+                        for part, rows_ in (("train", train[:n]), ("val", val))
                     ]
                     spec = {
                         "name": tag,
@@ -195,12 +289,15 @@ def main() -> None:
                         "datasets": {"train": ids[0], "validation": ids[1]},
                         "teacher": {
                             "base_url": fake.base_url,
+                            "replica_urls": [f.base_url for f in fakes[1:servers]],
                             "model": "fake-teacher",
                             "limits": {"max_concurrency": cap},
                             "max_attempts": 10,
                         },
                         "student": {"type": "builtin", "model": "tfidf"},
-                        "budget": {"max_iterations": 1},
+                        # Without an example budget a classification iteration asks for a
+                        # few per label; this one asks for exactly n.
+                        "budget": {"max_iterations": 1, "max_examples_per_iteration": n},
                         "params": {"rows_per_iteration": n, "examples_per_row": 1},
                         "batch_size": args.batch_size,
                         "seed": len(rows) + 100,  # a fresh seed: nothing comes from the cache
@@ -275,10 +372,30 @@ def main() -> None:
                 while len(workers) < scenario.workers:
                     workers.append(start_worker())
                     time.sleep(5.0)
-                fake.configure(**{**SERVER_DEFAULTS, **scenario.server})
-                fake.reset()
+                while len(fakes) < scenario.replicas:
+                    fakes.append(
+                        replicas.enter_context(
+                            FakeTeacherProcess(latency_ms=args.latency_ms, max_concurrency=args.cap)
+                        )
+                    )
+                for server in fakes:
+                    server.configure(**{**SERVER_DEFAULTS, **scenario.server})
+                    server.reset()
+                n = min(args.n * scenario.replicas, MAX_CALLS)
                 cpu_before = sum(_group_cpu_s(w.pid) for w in workers)
-                job_id = job(celery, scenario.name, args.cap * scenario.job_cap_factor)
+                machine_before = _machine_ticks()
+                profiler = (
+                    _start_profiler(args.profile, workers[0].pid)
+                    if args.profile and scenario.name == "clean"
+                    else None
+                )
+                job_id = job(
+                    celery,
+                    scenario.name,
+                    args.cap * scenario.job_cap_factor,
+                    n=n,
+                    servers=scenario.replicas,
+                )
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
                     with sessions() as session:
@@ -287,6 +404,10 @@ def main() -> None:
                         break
                     time.sleep(0.5)
                 cpu = sum(_group_cpu_s(w.pid) for w in workers) - cpu_before
+                busy = _busy_since(machine_before)
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)  # py-spy writes its report on SIGINT
+                    profiler.wait(timeout=120)
                 wall, calls = _window(sessions, job_id)
                 found = stats()
                 rows.append(
@@ -299,9 +420,18 @@ def main() -> None:
                         found["max_in_flight"],
                         cpu * 1000 / max(calls, 1),
                         found["duplicate_successes"],
+                        load=os.getloadavg()[0],
+                        busy=busy,
+                        status=status,
+                        ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
                     )
                 )
-                print(f"  {rows[-1].label}: ratio {wall / ideal:.3f}", flush=True)
+                print(
+                    f"  {rows[-1].label}: ratio {wall / (rows[-1].ideal or ideal):.3f}, "
+                    f"{calls} calls, "
+                    f"CPU {rows[-1].cpu_ms:.2f} ms/call, load {rows[-1].load:.2f}",
+                    flush=True,
+                )
         engine.dispose()
     finally:
         for worker in [*workers, *([control] if "control" in locals() else [])]:
@@ -326,23 +456,49 @@ def main() -> None:
         "is shared and the figures are noisy)"
     )
     print(
-        f"{'path':<44} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} {'wall s':>8} "
-        f"{'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12}"
+        f"{'path':<44} {'status':>9} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} "
+        f"{'wall s':>8} {'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12} "
+        f"{'busy':>5} {'load':>5}"
     )
     for row in rows:
-        scenario = row.label.split(": ")[-1].split(" (")[0]
-        target = TARGETS.get(scenario) if row.label.startswith("job, Celery") else None
+        kind = row.label.split(": ")[-1].split(" (")[0]
+        target = TARGETS.get(kind) if row.label.startswith("job, Celery") else None
         print(
-            f"{row.label:<44} {row.calls:>6} {row.refused:>6} {row.max_in_flight:>7} "
-            f"{row.duplicates:>4} {row.wall:>8.2f} {row.wall / ideal:>7.3f} "
+            f"{row.label:<44} {row.status:>9} {row.calls:>6} {row.refused:>6} "
+            f"{row.max_in_flight:>7} {row.duplicates:>4} {row.wall:>8.2f} "
+            f"{row.wall / (row.ideal or ideal):>7.3f} "
             f"{'-' if target is None else f'{target:.2f}':>7} "
             f"{row.wall / rows[0].wall:>10.3f}x "
-            f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12}"
+            f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12} "
+            f"{'-' if row.busy is None else f'{row.busy:.0%}':>5} "
+            f"{'-' if row.load is None else f'{row.load:.2f}':>5}"
         )
+    print(
+        "CPU ms/call: user + system time of the generation worker processes (Celery's parent "
+        "and its pool children) over the scenario, per stored call; busy: the whole machine's "
+        "CPU use meanwhile (the fake teacher and Postgres run on it too); load: the 1-minute "
+        "load average at the scenario's end."
+    )
     print(
         "two workers: the teacher's max in flight must not exceed the cap "
         f"({args.cap}); 429s are the teacher refusing requests over its cap."
     )
+    by_name = {row.label.split(": ")[-1].split(" (")[0]: row for row in rows}
+    one, four = by_name.get("clean"), by_name.get("four-replicas")
+    if one is not None and four is not None and one.rate:
+        print(
+            f"four replicas, four workers: {four.rate:.0f} calls/s against {one.rate:.0f} for "
+            f"one replica and one worker, {four.rate / one.rate:.2f}x (target >= 3.6x where "
+            "the cores allow; max in is the busiest replica's)"
+        )
+    cores = os.cpu_count() or 1
+    for row in rows:
+        if row.label.startswith("job, Celery") and row.cpu_ms:
+            print(
+                f"  {row.label}: {row.cpu_ms:.2f} ms of worker CPU per call; {cores} cores "
+                f"would sustain {cores * 1000 / row.cpu_ms:.0f} calls/s of it, against "
+                f"{args.cap * 1000 / args.latency_ms:.0f} calls/s per replica at the limit"
+            )
 
 
 if __name__ == "__main__":

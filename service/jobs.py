@@ -325,6 +325,7 @@ def create_job(
             tenant_id,
             name=_inline_teacher_name(spec.name),
             base_url=t.base_url,
+            replica_urls=t.replica_urls,
             model=t.model,
             api_key_env=t.api_key_env,
             limits=t.limits,

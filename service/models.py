@@ -144,6 +144,9 @@ class Teacher(IdMixin, TimestampMixin, Base):
     )
     name: Mapped[str] = mapped_column(String(200))
     base_url: Mapped[str] = mapped_column(String(2000))
+    # More base URLs serving the same model (replicas): the gateway balances requests over
+    # base_url and these by their load; each has the teacher's limits.
+    replica_urls: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
     model: Mapped[str] = mapped_column(String(500))
     api_key_encrypted: Mapped[str | None] = mapped_column(Text)
     api_key_env: Mapped[str | None] = mapped_column(String(200))

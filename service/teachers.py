@@ -6,7 +6,7 @@ import contextlib
 import ipaddress
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -139,6 +139,7 @@ def create_teacher(
     name: str,
     base_url: str,
     model: str,
+    replica_urls: Sequence[str] = (),
     api_key: str | None = None,
     api_key_env: str | None = None,
     limits: TeacherLimits | None = None,
@@ -150,10 +151,12 @@ def create_teacher(
     allow_private: bool,
 ) -> Teacher:
     check_base_url(base_url, allow_private=allow_private)
+    replicas = _checked_replicas(base_url, replica_urls, allow_private=allow_private)
     teacher = Teacher(
         tenant_id=tenant_id,
         name=name,
         base_url=base_url.rstrip("/"),
+        replica_urls=replicas,
         model=model,
         api_key_encrypted=encrypt_secret(api_key) if api_key else None,
         api_key_env=api_key_env,
@@ -172,6 +175,26 @@ def create_teacher(
         session.add(teacher)
         session.flush()
     return teacher
+
+
+def _checked_replicas(
+    base_url: str, replica_urls: Sequence[str], *, allow_private: bool
+) -> list[str]:
+    """Each replica URL passes the same checks as base_url; none repeats another."""
+    seen = {base_url.rstrip("/")}
+    replicas: list[str] = []
+    for i, url in enumerate(replica_urls):
+        field = f"replica_urls[{i}]"
+        check_base_url(url, allow_private=allow_private, field=field)
+        url = url.rstrip("/")
+        if url in seen:
+            raise ValidationFailed(
+                f"{field} repeats a URL of this teacher",
+                details=[{"field": field, "message": url}],
+            )
+        seen.add(url)
+        replicas.append(url)
+    return replicas
 
 
 @contextlib.contextmanager
@@ -200,11 +223,21 @@ def update_teacher(
 ) -> Teacher:
     if "base_url" in changes and changes["base_url"] is not None:
         check_base_url(changes["base_url"], allow_private=allow_private)
+    replicas = None
+    if changes.get("replica_urls") is not None:
+        replicas = _checked_replicas(
+            changes.get("base_url") or teacher.base_url,
+            changes["replica_urls"],
+            allow_private=allow_private,
+        )
     session.flush()  # anything pending stays outside the savepoint below
     # Changed inside the savepoint, so a rollback also expires the changed attributes.
     with _unique_name(session, changes.get("name") or teacher.name):
         if "base_url" in changes and changes["base_url"] is not None:
             teacher.base_url = changes["base_url"].rstrip("/")
+            teacher.allow_private_network = allow_private
+        if replicas is not None:
+            teacher.replica_urls = replicas
             teacher.allow_private_network = allow_private
         if "api_key" in changes:
             key = changes["api_key"]

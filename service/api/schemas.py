@@ -10,7 +10,7 @@ from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, FORMAT_ORDER, ExportSelection
-from service.domain.spec import Text
+from service.domain.spec import ReplicaUrls, Text
 from service.domain.statuses import (
     DeliveryStatus,
     ExampleStatus,
@@ -85,6 +85,7 @@ class TeacherCreate(BaseModel):
         pattern=HTTP_URL_PATTERN,
         description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1",
     )
+    replica_urls: ReplicaUrls = Field(default_factory=list)
     model: Text = Field(..., min_length=1, max_length=500)
     api_key: Text | None = Field(None, description="Stored encrypted; never returned.")
     api_key_env: Text | None = Field(
@@ -104,6 +105,7 @@ class TeacherUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Text | None = Field(None, min_length=1, max_length=200)
     base_url: Text | None = Field(None, max_length=2000, pattern=HTTP_URL_PATTERN)
+    replica_urls: ReplicaUrls | None = None
     model: Text | None = Field(None, min_length=1, max_length=500)
     api_key: Text | None = None
     api_key_env: Text | None = Field(None, max_length=200)
@@ -119,6 +121,7 @@ class TeacherRead(_Read):
     id: uuid.UUID
     name: str
     base_url: str
+    replica_urls: list[str]
     model: str
     has_api_key: bool
     api_key_env: str | None

@@ -100,11 +100,24 @@ class DatasetRefs(_Spec):
     test: Text | None = None
 
 
+# A teacher served by several servers (replicas of one model): base_url plus these. The gateway
+# sends each request to the least loaded one; each has the teacher's limits.
+ReplicaUrls = Annotated[
+    list[Annotated[Text, Field(max_length=2000)]],
+    Field(
+        max_length=16,
+        description="More base URLs serving the same model (replicas); requests are balanced "
+        "over base_url and these by their load, and each has the teacher's limits.",
+    ),
+]
+
+
 class TeacherSpec(_Spec):
     """An inline teacher (the CLI creates it); REST jobs may also reference a teacher id."""
 
     # The limits are the columns of the teacher the inline spec becomes (service/models.py).
     base_url: Text = Field(..., max_length=2000)
+    replica_urls: ReplicaUrls = Field(default_factory=list)
     model: Text = Field(..., min_length=1, max_length=500)
     api_key_env: Text | None = Field(
         None,

@@ -80,6 +80,9 @@ class TeacherEndpoint(BaseModel):
     """Everything the gateway needs to talk to one teacher; the API key is already resolved."""
 
     base_url: str
+    replica_urls: list[str] = Field(
+        default_factory=list, description="More servers of the same model (balanced by load)."
+    )
     model: str
     api_key: str | None = Field(None, repr=False)
     limits: TeacherLimits = Field(default_factory=TeacherLimits)

@@ -107,3 +107,40 @@ def test_update_list_delete_and_tenancy(
     assert client.delete(f"/v1/teachers/{teacher['id']}", headers=other_auth).status_code == 404
     assert client.delete(f"/v1/teachers/{teacher['id']}", headers=auth).status_code == 204
     assert client.get(f"/v1/teachers/{teacher['id']}", headers=auth).status_code == 404
+
+
+def test_replicas_are_stored_checked_one_by_one_and_reach_the_gateway(
+    client: TestClient, auth: dict[str, str], db_session: Session
+) -> None:
+    replicas = ["https://93.184.215.15/v1/", "https://93.184.215.16/v1"]
+    resp = client.post("/v1/teachers", json={**PUBLIC, "replica_urls": replicas}, headers=auth)
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["replica_urls"] == ["https://93.184.215.15/v1", "https://93.184.215.16/v1"]
+    teacher = db_session.get(Teacher, uuid.UUID(body["id"]))
+    assert teacher is not None
+    assert endpoint_for(teacher).replica_urls == body["replica_urls"]
+
+    # Each replica passes the base_url's SSRF check, and the error names which one failed.
+    bad = client.patch(
+        f"/v1/teachers/{body['id']}",
+        json={"replica_urls": ["https://93.184.215.15/v1", "http://10.0.0.5/v1"]},
+        headers=auth,
+    )
+    assert bad.status_code == 422
+    assert bad.json()["error"]["details"][0]["field"] == "replica_urls[1]"
+    repeated = client.patch(
+        f"/v1/teachers/{body['id']}", json={"replica_urls": [PUBLIC["base_url"]]}, headers=auth
+    )
+    assert repeated.status_code == 422
+    assert repeated.json()["error"]["details"][0]["field"] == "replica_urls[0]"
+    too_many = client.patch(
+        f"/v1/teachers/{body['id']}",
+        json={"replica_urls": [f"https://93.184.215.{i}/v1" for i in range(17)]},
+        headers=auth,
+    )
+    assert too_many.status_code == 422
+    assert too_many.json()["error"]["details"][0]["field"] == "replica_urls"
+    cleared = client.patch(f"/v1/teachers/{body['id']}", json={"replica_urls": []}, headers=auth)
+    assert cleared.status_code == 200
+    assert cleared.json()["replica_urls"] == []

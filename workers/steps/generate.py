@@ -18,7 +18,7 @@ from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from service import tasks
 from service.db import insert_ignore
@@ -83,6 +83,7 @@ def endpoint_for(row: TeacherRow) -> TeacherEndpoint:
     limits = TeacherLimits.model_validate(row.limits or {})
     return TeacherEndpoint(
         base_url=row.base_url,
+        replica_urls=list(row.replica_urls or []),
         model=row.model,
         api_key=resolve_api_key(row.api_key_encrypted, row.api_key_env),
         limits=limits,
@@ -332,7 +333,9 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
     closed beside the requests that are still running. A batch size is thus the unit of
     durability and fan-out, not of concurrency.
     """
-    batch = session.get(GenerationBatch, batch_id)
+    # Its targets (hundreds of rendered prompts) are read only when the pipeline feeds them;
+    # a redelivered message for a finished batch then costs one small row.
+    batch = session.get(GenerationBatch, batch_id, options=[defer(GenerationBatch.targets)])
     if batch is None or batch.status in (
         BatchStatus.succeeded,
         BatchStatus.failed,

@@ -123,8 +123,9 @@ class _Call:
     tokens_in: int = 0
     tokens_out: int = 0
     retry_causes: dict[str, int] = field(default_factory=dict)
-    # The lease this call holds right now; whoever gives it back clears it first.
+    # The lease this call holds right now (and its replica); whoever gives it back clears it.
     lease: Lease | None = None
+    replica: _Replica | None = None
 
     def count(self, cause: str) -> None:
         self.retry_causes[cause] = self.retry_causes.get(cause, 0) + 1
@@ -134,6 +135,37 @@ class _Call:
 class _DispatchEnd:
     dispatched: int
     error: BaseException | None = None
+
+
+# A replica that failed COOL_AFTER times in a row (no answer, a 5xx: a server that is down, not
+# one unlucky request) gets no new request for COOL_DOWN_S, doubled for each further failure up
+# to COOL_DOWN_MAX_S, unless every replica is cooling down; an answer ends it.
+COOL_AFTER = 3
+COOL_DOWN_S = 1.0
+COOL_DOWN_MAX_S = 30.0
+
+
+@dataclass(slots=True)
+class _Replica:
+    """One server of a teacher: its URL, its limits' key and this process's window onto it."""
+
+    base_url: str
+    completions_url: str
+    quota: TeacherQuota
+    window: ConcurrencyWindow
+    refused_host: str | None
+    failures: int = 0  # in a row
+    cool_until: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= COOL_AFTER:
+            backoff = COOL_DOWN_S * 2 ** min(self.failures - COOL_AFTER, 10)
+            self.cool_until = now + min(COOL_DOWN_MAX_S, backoff)
+
+    def answered(self) -> None:
+        self.failures = 0
+        self.cool_until = 0.0
 
 
 def _sample_seed(fingerprint: str, reasks: int) -> int:
@@ -191,25 +223,44 @@ class OpenAITeacher:
         self.endpoint = endpoint
         self._limiter = limiter
         self._capabilities = capabilities_cache or DEFAULT_CAPABILITIES
-        self._quota = TeacherQuota.for_endpoint(endpoint)
-        self._window = ConcurrencyWindow(endpoint.limits.max_concurrency)
+        self._replicas = [
+            self._replica(endpoint, url, index)
+            for index, url in enumerate(_unique([endpoint.base_url, *endpoint.replica_urls]))
+        ]
+        self._window = self._replicas[0].window
+        self._freed = asyncio.Event()  # a replica's window has room again
+        self._turn = 0  # breaks ties between equally loaded replicas in turn
         self._metrics = TeacherMetrics.for_teacher(endpoint.limiter_key)
-        self._metrics.window.set(self._window.limit)
+        self._metrics.window.set(self._window_total())
         self._http_client = http_client
         self._backoff = backoff or BackoffPolicy()
         self._rng = random.Random()
         self._client: ChatTransport | None = None
         self._monitor: VllmLoadMonitor | None = None
-        # What the SDK builds from base_url + "/chat/completions".
-        self._completions_url = endpoint.base_url.rstrip("/") + "/chat/completions"
-        # aiohttp does not resolve an IP literal, so the public-only resolver never sees it.
-        self._refused_host = (
-            literal_private_host(endpoint.base_url) if endpoint.public_only else None
+
+    @staticmethod
+    def _replica(endpoint: TeacherEndpoint, base_url: str, index: int) -> _Replica:
+        """The first server keeps the teacher's own limiter key; each other one has its own
+        (a replica is a server with the teacher's limits)."""
+        quota = TeacherQuota.for_endpoint(endpoint)
+        if index:
+            quota = dataclasses.replace(quota, key=f"{endpoint.limiter_key}@{base_url}")
+        return _Replica(
+            base_url=base_url,
+            # What the SDK builds from base_url + "/chat/completions".
+            completions_url=base_url.rstrip("/") + "/chat/completions",
+            quota=quota,
+            window=ConcurrencyWindow(endpoint.limits.max_concurrency),
+            # aiohttp does not resolve an IP literal, so the public-only resolver never sees it.
+            refused_host=literal_private_host(base_url) if endpoint.public_only else None,
         )
+
+    def _window_total(self) -> int:
+        return sum(r.window.limit for r in self._replicas)
 
     @property
     def window(self) -> ConcurrencyWindow:
-        """The local adaptive concurrency window (below or at max_concurrency)."""
+        """The first server's local adaptive concurrency window (below or at max_concurrency)."""
         return self._window
 
     # ---------------------------------------------------------------- lifecycle
@@ -351,11 +402,11 @@ class OpenAITeacher:
             queue.put_nowait((index, rejected))
             return True
         self._prepare(call)
-        lease = await self._acquire(call)
+        replica, lease = await self._acquire(call)
         if not should_continue():  # the budget may have run out while we waited
-            await self._release(lease, input_tokens=0, output_tokens=0)
+            await self._release(replica, lease, input_tokens=0, output_tokens=0)
             return False
-        call.lease = lease
+        call.replica, call.lease = replica, lease
         task = asyncio.create_task(self._run_and_report(call, queue))
         tasks[task] = call
         task.add_done_callback(tasks.pop)
@@ -422,24 +473,61 @@ class OpenAITeacher:
         else:
             self._capabilities.adapt_params(self.endpoint, call.body)
 
-    async def _acquire(self, call: _Call) -> Lease:
+    async def _acquire(self, call: _Call) -> tuple[_Replica, Lease]:
         started = time.perf_counter()
-        await self._window.acquire()
+        replica = await self._take_window()
         try:
             lease = await self._limiter.acquire(
-                self._quota,
+                replica.quota,
                 input_tokens=call.estimated_input,
                 output_tokens=call.request.params.max_tokens,
             )
         except BaseException:
-            self._window.release()
+            self._free_window(replica)
             raise
         self._metrics.limiter_wait.observe(time.perf_counter() - started)
         self._metrics.in_flight.inc()
-        return lease
+        return replica, lease
+
+    async def _take_window(self) -> _Replica:
+        """A slot of the least loaded replica's window (fewest of our requests outstanding
+        there), skipping those cooling down after a failure unless all are."""
+        if len(self._replicas) == 1:
+            only = self._replicas[0]
+            await only.window.acquire()
+            return only
+        while True:
+            now = time.monotonic()
+            open_ = [r for r in self._replicas if r.window.in_use < r.window.limit]
+            healthy = [r for r in open_ if r.cool_until <= now]
+            if not healthy and open_ and all(r.cool_until > now for r in self._replicas):
+                healthy = [min(open_, key=lambda r: r.cool_until)]  # all failing: the next due
+            if healthy:
+                self._turn += 1
+                count = len(self._replicas)
+                best = min(
+                    healthy,
+                    key=lambda r: (
+                        r.window.in_use / r.window.limit,
+                        (self._replicas.index(r) - self._turn) % count,
+                    ),
+                )
+                await best.window.acquire()  # has room: returns at once
+                return best
+            self._freed.clear()
+            # A cooling replica may be the only one with room: look again when it is due.
+            due = [r.cool_until - now for r in self._replicas if r.cool_until > now]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(due) if due else None):
+                    await self._freed.wait()
+
+    def _free_window(self, replica: _Replica) -> None:
+        replica.window.release()
+        self._freed.set()
 
     async def _release(
         self,
+        replica: _Replica,
         lease: Lease,
         *,
         input_tokens: int | None,
@@ -447,10 +535,10 @@ class OpenAITeacher:
         overloaded: bool = False,
     ) -> None:
         self._metrics.in_flight.dec()
-        window = self._window
+        window = replica.window
         if overloaded:
             window.record_overload(window.in_use)
-            self._metrics.window.set(window.limit)
+            self._metrics.window.set(self._window_total())
         try:
             await self._limiter.release(
                 lease, input_tokens=input_tokens, output_tokens=output_tokens
@@ -458,13 +546,13 @@ class OpenAITeacher:
         except Exception as exc:  # the answer is what matters; the slot expires by itself
             log.warning("teacher.release_failed", teacher=self.endpoint.limiter_key, error=str(exc))
         finally:
-            window.release()
+            self._free_window(replica)
 
     async def _give_back(self, call: _Call) -> None:
         """Return the lease of a call that was cancelled while holding it."""
         lease, call.lease = call.lease, None
-        if lease is not None:
-            await self._release(lease, input_tokens=None, output_tokens=None)
+        if lease is not None and call.replica is not None:
+            await self._release(call.replica, lease, input_tokens=None, output_tokens=None)
 
     async def _run_and_report(
         self,
@@ -489,16 +577,17 @@ class OpenAITeacher:
             )
         queue.put_nowait((call.index, result))
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self._refused_host is not None:
+    async def _post(self, replica: _Replica, body: dict[str, Any]) -> dict[str, Any]:
+        if replica.refused_host is not None:
             raise PrivateAddressError(
-                f"{self._refused_host} is a private address: refused for a teacher a tenant "
+                f"{replica.refused_host} is a private address: refused for a teacher a tenant "
                 "configured (an operator can allow it)"
             )
+        url = replica.completions_url
         async with asyncio.timeout(self.endpoint.timeout_s):
-            answer = await self._transport().post(self._completions_url, body)
+            answer = await self._transport().post(url, body)
         if not 200 <= answer.status < 300:
-            raise status_error(self._completions_url, answer)
+            raise status_error(url, answer)
         try:
             data = json.loads(answer.content)
         except ValueError as exc:
@@ -521,14 +610,16 @@ class OpenAITeacher:
         try:
             while True:
                 if call.lease is None:
-                    call.lease = await self._acquire(call)
+                    call.replica, call.lease = await self._acquire(call)
+                replica = call.replica
+                assert replica is not None
                 # Prepared before its slot came: a refusal meanwhile may have changed the mode.
                 self._adopt_current_mode(call)
                 call.attempts += 1
                 tries += 1
                 sent_mode = call.mode
                 try:
-                    data = await self._post(call.body)
+                    data = await self._post(replica, call.body)
                 except (
                     openai.APIError,
                     BadResponseError,
@@ -548,8 +639,13 @@ class OpenAITeacher:
                         )
                     metrics.attempt(verdict.error_code)
                     answered = verdict.status is not None
+                    if verdict.retryable and verdict.status != 429 and len(self._replicas) > 1:
+                        # No answer or a 5xx: the next requests go to the other replicas for a
+                        # while (a 429 only says this one is full: its window adapts instead).
+                        replica.failed(time.monotonic())
                     releasing, call.lease = call.lease, None
                     await self._release(
+                        replica,
                         releasing,
                         input_tokens=None,
                         # An HTTP error generated nothing; after a timeout it may have.
@@ -626,8 +722,11 @@ class OpenAITeacher:
                 call.tokens_out += tokens_out
                 metrics.attempt("200")
                 releasing, call.lease = call.lease, None
-                await self._release(releasing, input_tokens=tokens_in, output_tokens=tokens_out)
-                self._window.record_success()
+                replica.answered()
+                await self._release(
+                    replica, releasing, input_tokens=tokens_in, output_tokens=tokens_out
+                )
+                replica.window.record_success()
                 # Let the freed slot's next request go out before this one's validation and
                 # bookkeeping: under a burst of answers that keeps the teacher busy.
                 await asyncio.sleep(0)
@@ -740,6 +839,11 @@ class OpenAITeacher:
             cost_usd=cost,
             retry_causes=dict(call.retry_causes),
         )
+
+
+def _unique(urls: Sequence[str]) -> list[str]:
+    """Each server once, in the order given (base_url first)."""
+    return list(dict.fromkeys(url.rstrip("/") for url in urls))
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

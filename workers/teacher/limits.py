@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
@@ -103,21 +103,24 @@ class Limiter(Protocol):
 # --------------------------------------------------------------------------- Redis
 
 # KEYS: leases zset, rpm bucket, input tpm bucket, output tpm bucket, "someone waits" marker
-# ARGV: lease id, lease ttl ms, max concurrency, rpm, itpm, otpm (0 = no limit), input, output,
-# marker ttl ms. Returns {1} granted, or {0, reason, milliseconds worth waiting before retrying}.
+# ARGV: lease ttl ms, max concurrency, rpm, itpm, otpm (0 = no limit), input, output, marker
+# ttl ms, then the ids of the leases asked for (one, or a block of several when no bucket is
+# set). Grants as many of them as there are free slots: returns {1, granted}, or {0, reason,
+# milliseconds worth waiting before retrying}.
 _ACQUIRE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
+if free <= 0 then
   -- Waiters re-ask at least every poll interval, so the marker lives while anyone waits.
-  redis.call('SET', KEYS[5], '1', 'PX', tonumber(ARGV[9]))
+  redis.call('SET', KEYS[5], '1', 'PX', tonumber(ARGV[8]))
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {0, 1, math.max(1, tonumber(first[2]) - now)}
 end
-local limits = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
-local costs = {1, tonumber(ARGV[7]), tonumber(ARGV[8])}
+local limits = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local costs = {1, tonumber(ARGV[6]), tonumber(ARGV[7])}
 local levels = {}
 local wait = 0
 for i = 1, 3 do
@@ -145,22 +148,27 @@ for i = 1, 3 do
     redis.call('PEXPIRE', KEYS[i + 1], math.ceil((cap - level) * 60000 / cap) + 1000)
   end
 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+local granted = math.min(free, #ARGV - 8)
+for i = 1, granted do
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[8 + i])
+end
 redis.call('PEXPIRE', KEYS[1], 2 * ttl)
-return {1}
+return {1, granted}
 """
 
 # KEYS: leases zset, input tpm bucket, output tpm bucket, "someone waits" marker
-# ARGV: lease id, itpm, otpm, input correction, output correction (actual minus reserved:
-# negative refunds), channel. Publishes only when someone waits: a saturated single process
-# waits on its local window instead, and then nobody needs the message.
+# ARGV: itpm, otpm, input correction, output correction (actual minus reserved, summed over the
+# leases; negative refunds), channel, then the ids of the leases given back. Publishes only when
+# someone waits: a saturated single process reuses its own slots, and then nobody needs it.
 _RELEASE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 6, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
 for i = 1, 2 do
-  local cap = tonumber(ARGV[i + 1])
-  local delta = tonumber(ARGV[i + 3])
+  local cap = tonumber(ARGV[i])
+  local delta = tonumber(ARGV[i + 2])
   if cap > 0 and delta ~= 0 then
     local v = redis.call('HMGET', KEYS[i + 1], 'tokens', 'ts')
     local level = cap
@@ -173,7 +181,7 @@ for i = 1, 2 do
   end
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[6], '1')
+  redis.call('PUBLISH', ARGV[5], '1')
 end
 return 1
 """
@@ -208,19 +216,33 @@ class _RedisKeys:
     channel: str
 
 
-@dataclass(slots=True)
-class _LocalWaiters:
-    """Process-local queue in front of one Redis key: one waiter at a time asks Redis."""
+# A slot serves at most this many requests of one process in a row, then goes back through
+# Redis, where other processes' waiters get their turn.
+MAX_HANDOFFS: Final = 16
+# A concurrency-only teacher's slots are leased this many at a time (one script call), so a
+# window filling up costs a few round trips, not one per request.
+BLOCK: Final = 8
+# A slot nobody of this process took for this long goes back to Redis (a burst's leftovers).
+LINGER_S: Final = 0.05
 
+
+@dataclass(slots=True)
+class _Slots:
+    """What this process holds of one teacher key: the queue of its acquires and its free slots.
+
+    Only the head of the queue asks Redis. A free slot is leased in Redis but serves no request:
+    the next acquire takes it without a round trip; one left free for LINGER_S is given back.
+    """
+
+    quota: TeacherQuota
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: int = 0  # acquires of this process waiting now
-    spare: list[Lease] = field(default_factory=list)  # slots handed over, not yet taken
-
-
-# A slot is handed from one request straight to the next of the same process at most this many
-# times, then given back through Redis, where other processes' waiters get their turn.
-MAX_HANDOFFS: Final = 16
+    free: list[tuple[Lease, float]] = field(default_factory=list)  # (slot, freed at)
+    # Given back at the next flush: (lease, input correction, output correction).
+    returning: list[tuple[Lease, int, int]] = field(default_factory=list)
+    flush: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # something to give back now
 
 
 @dataclass(slots=True)
@@ -234,7 +256,7 @@ class _LoopState:
     guard: asyncio.Task[None] | None = None
     listener: asyncio.Task[None] | None = None
     renewer: asyncio.Task[None] | None = None
-    waiters: dict[str, _LocalWaiters] = field(default_factory=dict)
+    slots: dict[str, _Slots] = field(default_factory=dict)
     channels: dict[bytes, str] = field(default_factory=dict)
     held: dict[str, dict[str, Lease]] = field(default_factory=dict)
 
@@ -248,8 +270,17 @@ class RedisLimiter:
     locally and only the head of the queue asks Redis; a release publishes on a channel so
     waiters everywhere retry at once instead of polling (`poll_s` only bounds a lost message).
 
+    Round trips are leased in blocks (issue 14: two scripts per request were most of the
+    limiter's cost): a concurrency-only teacher's slots are leased BLOCK at a time and a slot a
+    request gives back serves the process's next request without Redis, up to MAX_HANDOFFS
+    times; slots given back within one turn of the event loop go in one script call. Every slot
+    a process holds, in use or free, is a lease in Redis, so the processes together never hold
+    more than the cap. A teacher with request or token buckets is charged per request (the
+    buckets must see each one), its releases still batched.
+
     One instance may serve a whole worker process across event loops: its connections belong
-    to the loop that made them and are closed when that loop shuts down (or on `aclose`).
+    to the loop that made them and are closed when that loop shuts down (or on `aclose`), its
+    free slots given back first.
     """
 
     def __init__(
@@ -263,12 +294,13 @@ class RedisLimiter:
     ) -> None:
         self._url = redis_url
         self._unreachable_s = unreachable_s
-        self._background: set[asyncio.Task[None]] = set()
         self._prefix = prefix
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._poll_s = poll_s
         self._state: _LoopState | None = None
         self._keys: dict[str, _RedisKeys] = {}
+        # Acquire and release scripts run so far (round trips a request costs, for benches).
+        self.script_calls = 0
 
     def _keys_for(self, key: str) -> _RedisKeys:
         keys = self._keys.get(key)
@@ -304,22 +336,24 @@ class RedisLimiter:
             },
         )
         # The loop cancels every task when it shuts down (asyncio.run, run_sync): this one
-        # closes the connections then, so a caller that never calls aclose() leaks nothing.
-        state.guard = loop.create_task(_close_when_cancelled(client, pubsub), name="limiter-guard")
+        # gives the free slots back and closes the connections then, so a caller that never
+        # calls aclose() leaks nothing.
+        state.guard = loop.create_task(self._close_when_cancelled(state), name="limiter-guard")
         self._state = state
         return state
 
-    async def _waiters_for(self, state: _LoopState, key: str) -> _LocalWaiters:
-        waiters = state.waiters.get(key)
-        if waiters is None:
-            waiters = _LocalWaiters()
-            state.waiters[key] = waiters
-            channel = self._keys_for(key).channel
-            state.channels[channel.encode()] = key
+    async def _slots_for(self, state: _LoopState, quota: TeacherQuota) -> _Slots:
+        slots = state.slots.get(quota.key)
+        if slots is None:
+            slots = _Slots(quota)
+            state.slots[quota.key] = slots
+            channel = self._keys_for(quota.key).channel
+            state.channels[channel.encode()] = quota.key
             await state.pubsub.subscribe(channel)
             if state.listener is None:
                 state.listener = asyncio.create_task(self._listen(state), name="limiter-listener")
-        return waiters
+        slots.quota = quota
+        return slots
 
     async def _listen(self, state: _LoopState) -> None:
         while True:
@@ -336,17 +370,58 @@ class RedisLimiter:
             if message is None or message.get("type") != "message":
                 continue
             key = state.channels.get(message["channel"])
-            if key is not None and (waiters := state.waiters.get(key)) is not None:
-                waiters.released.set()
+            if key is not None and (slots := state.slots.get(key)) is not None:
+                slots.released.set()
 
     async def acquire(self, quota: TeacherQuota, *, input_tokens: int, output_tokens: int) -> Lease:
         state = self._loop_state()
-        waiters = await self._waiters_for(state, quota.key)
-        keys = self._keys_for(quota.key)
+        slots = await self._slots_for(state, quota)
         cost_in, cost_out = quota.clamp(input_tokens, output_tokens)
-        lease_id = uuid.uuid4().hex
+        if not slots.waiting and slots.free and quota.concurrency_only:
+            return self._reuse(slots, cost_in, cost_out)
+        slots.waiting += 1
+        try:
+            async with slots.turn:
+                while True:
+                    if slots.free and quota.concurrency_only:
+                        return self._reuse(slots, cost_in, cost_out)
+                    # Cleared before asking, so a release landing between the answer and the
+                    # wait below is not missed.
+                    slots.released.clear()
+                    if slots.returning:  # refunds first: they may be what lets this one pass
+                        await self._flush(state, slots)
+                    lease, wait = await self._ask(state, slots, cost_in, cost_out)
+                    if lease is not None:
+                        break
+                    assert wait is not None
+                    reason, wait_ms = wait
+                    if reason == _RATE:
+                        await asyncio.sleep(wait_ms / 1000.0)
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(self._poll_s, wait_ms / 1000.0)):
+                            await slots.released.wait()
+        finally:
+            slots.waiting -= 1
+        if state.renewer is None:
+            state.renewer = asyncio.create_task(self._renew_forever(state), name="limiter-renewer")
+        return lease
+
+    def _reuse(self, slots: _Slots, cost_in: int, cost_out: int) -> Lease:
+        """A free slot of this process serves the next request (no round trip)."""
+        slot, _ = slots.free.pop()  # the most recent: older ones age towards LINGER_S
+        return Lease(slots.quota, slot.id, cost_in, cost_out, slot.handoffs + 1)
+
+    async def _ask(
+        self, state: _LoopState, slots: _Slots, cost_in: int, cost_out: int
+    ) -> tuple[Lease | None, tuple[int, int] | None]:
+        """One script call: a lease (and, for a concurrency-only teacher, up to BLOCK - 1 more
+        slots, kept free for the next requests), or (reason, milliseconds to wait)."""
+        quota = slots.quota
+        keys = self._keys_for(quota.key)
+        block = min(BLOCK, quota.max_concurrency) if quota.concurrency_only else 1
+        ids = [uuid.uuid4().hex for _ in range(block)]
         args = (
-            lease_id,
             self._ttl_ms,
             quota.max_concurrency,
             quota.requests_per_minute or 0,
@@ -355,6 +430,7 @@ class RedisLimiter:
             cost_in,
             cost_out,
             max(1, round(self._poll_s * 2000)),
+            *ids,
         )
         script_keys = [
             keys.leases,
@@ -363,43 +439,24 @@ class RedisLimiter:
             keys.output_tokens,
             keys.waiting,
         ]
-        handoffs = 0
-        waiters.waiting += 1
-        try:
-            async with waiters.turn:
-                while True:
-                    if waiters.spare:  # a slot another request of ours just gave up
-                        given = waiters.spare.pop()
-                        lease_id, handoffs = given.id, given.handoffs + 1
-                        break
-                    # Cleared before asking, so a release landing between the answer and the
-                    # wait below is not missed.
-                    waiters.released.clear()
-                    answer = await self._while_reachable(
-                        lambda: state.scripts["acquire"](keys=script_keys, args=args)
-                    )
-                    if int(answer[0]) == 1:
-                        break
-                    reason, wait_ms = int(answer[1]), int(answer[2])
-                    if reason == _RATE:
-                        await asyncio.sleep(wait_ms / 1000.0)
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(min(self._poll_s, wait_ms / 1000.0)):
-                            await waiters.released.wait()
-        finally:
-            waiters.waiting -= 1
-            if not waiters.waiting:
-                while waiters.spare:  # nobody left to take them (a waiter was cancelled)
-                    spare = waiters.spare.pop()
-                    task = asyncio.create_task(self.release(replace(spare, handoffs=MAX_HANDOFFS)))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
-        lease = Lease(quota, lease_id, cost_in, cost_out, handoffs)
-        state.held.setdefault(quota.key, {})[lease_id] = lease
-        if state.renewer is None:
-            state.renewer = asyncio.create_task(self._renew_forever(state), name="limiter-renewer")
-        return lease
+        self.script_calls += 1
+        answer = await self._while_reachable(
+            lambda: state.scripts["acquire"](keys=script_keys, args=args)
+        )
+        if int(answer[0]) != 1:
+            return None, (int(answer[1]), int(answer[2]))
+        granted = int(answer[1])
+        held = state.held.setdefault(quota.key, {})
+        lease = Lease(quota, ids[0], cost_in, cost_out)
+        held[lease.id] = lease
+        if granted > 1:
+            now = time.monotonic()
+            for slot_id in ids[1:granted]:
+                spare = Lease(quota, slot_id, 0, 0)
+                held[slot_id] = spare
+                slots.free.append((spare, now))
+            self._schedule_flush(state, slots, now=False)
+        return lease, None
 
     async def _while_reachable(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run one Redis call; while Redis is unreachable (restarting, failing over), wait and
@@ -421,57 +478,92 @@ class RedisLimiter:
     async def release(
         self, lease: Lease, *, input_tokens: int | None = None, output_tokens: int | None = None
     ) -> None:
-        """Give the slot back. Never raises: a slot Redis cannot take back now expires by
-        itself after the lease TTL (or went away with a restarted Redis)."""
-        try:
-            await self._release(lease, input_tokens=input_tokens, output_tokens=output_tokens)
-        except Exception as exc:
-            log.warning("teacher.limiter_release_failed", error=str(exc))
-
-    async def _release(
-        self, lease: Lease, *, input_tokens: int | None, output_tokens: int | None
-    ) -> None:
+        """Give the slot back: to this process's next request, or to Redis at the next flush
+        (within this turn of the event loop). Never raises: a slot Redis cannot take back now
+        expires by itself after the lease TTL (or went away with a restarted Redis)."""
         state = self._state
         held = None if state is None else state.held.get(lease.quota.key)
         if state is None or held is None or lease.id not in held:
             return  # released twice, or its loop is gone: its lease expires by itself
-        quota = lease.quota
-        waiters = state.waiters.get(quota.key)
-        if (
-            waiters is not None
-            and waiters.waiting > len(waiters.spare)
-            and lease.handoffs < MAX_HANDOFFS
-            and quota.concurrency_only
-        ):
-            # Another request of this process waits for a slot: hand this one over without
-            # asking Redis (the two scripts per request were most of the limiter's cost). Only
-            # for a teacher limited by concurrency alone, since the request and token buckets
-            # must be charged per request. The lease stays held, and so renewed.
-            waiters.spare.append(lease)
-            waiters.released.set()
+        slots = state.slots[lease.quota.key]
+        if any(slot.id == lease.id for slot, _ in slots.free):
+            return  # released twice: it is free already (and must serve one request at a time)
+        if lease.quota.concurrency_only and lease.handoffs < MAX_HANDOFFS:
+            # Kept for this process's next request; the lease stays held, and so renewed.
+            held[lease.id] = lease
+            slots.free.append((lease, time.monotonic()))
+            slots.released.set()
+            self._schedule_flush(state, slots, now=False)
             return
         del held[lease.id]
-        keys = self._keys_for(quota.key)
         delta_in = 0 if input_tokens is None else input_tokens - lease.input_tokens
         delta_out = 0 if output_tokens is None else output_tokens - lease.output_tokens
+        slots.returning.append((lease, delta_in, delta_out))
+        self._schedule_flush(state, slots, now=True)
+
+    def _schedule_flush(self, state: _LoopState, slots: _Slots, *, now: bool) -> None:
+        """Make sure a flush task runs; `now` wakes it for slots released for good."""
+        if now:
+            slots.wake.set()
+        if slots.flush is None or slots.flush.done():
+            slots.flush = state.loop.create_task(self._flush_loop(state, slots))
+
+    async def _flush_loop(self, state: _LoopState, slots: _Slots) -> None:
+        """Give slots back while this process holds spare ones: those released for good at
+        once (the task runs after the other callbacks of this turn of the loop, so one script
+        call carries all of them), the free ones once nobody took them for LINGER_S."""
+        while slots.free or slots.returning:
+            if not slots.returning:
+                oldest = min(freed for _, freed in slots.free)
+                slots.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        max(LINGER_S / 5, oldest + LINGER_S - time.monotonic())
+                    ):
+                        await slots.wake.wait()
+            try:
+                await self._flush(state, slots)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the slots expire by themselves after the lease TTL
+                log.warning("teacher.limiter_release_failed", error=str(exc))
+
+    async def _flush(self, state: _LoopState, slots: _Slots, *, everything: bool = False) -> None:
+        """Give back, in one script call, the slots released for good and the free ones that
+        nobody took for LINGER_S (every free one with `everything`)."""
+        now = time.monotonic()
+        held = state.held.get(slots.quota.key, {})
+        if everything or not slots.waiting:
+            stale = {slot.id for slot, freed in slots.free if everything or now - freed >= LINGER_S}
+            if stale:
+                for slot, _ in slots.free:
+                    if slot.id in stale:
+                        held.pop(slot.id, None)
+                        slots.returning.append((slot, 0, 0))
+                slots.free = [entry for entry in slots.free if entry[0].id not in stale]
+        returning, slots.returning = slots.returning, []
+        if not returning:
+            return
+        quota = slots.quota
+        keys = self._keys_for(quota.key)
+        self.script_calls += 1
         await state.scripts["release"](
             keys=[keys.leases, keys.input_tokens, keys.output_tokens, keys.waiting],
             args=(
-                lease.id,
                 quota.input_tokens_per_minute or 0,
                 quota.output_tokens_per_minute or 0,
-                delta_in,
-                delta_out,
+                sum(delta for _, delta, _ in returning),
+                sum(delta for _, _, delta in returning),
                 keys.channel,
+                *(lease.id for lease, _, _ in returning),
             ),
         )
         # Local waiters need not wait for our own message to come back through Redis.
-        waiters = state.waiters.get(quota.key)
-        if waiters is not None:
-            waiters.released.set()
+        slots.released.set()
 
     async def renew(self) -> int:
-        """Extend every lease this process holds; returns how many had expired meanwhile."""
+        """Extend every lease this process holds; returns how many in use had expired
+        meanwhile (an expired free slot is dropped: it may be someone else's by now)."""
         state = self._state
         if state is None:
             return 0
@@ -483,7 +575,14 @@ class RedisLimiter:
                 keys=[self._keys_for(key).leases], args=(self._ttl_ms, *held)
             )
             # A lease released while the script ran is missing too, and that is fine.
-            expired = [m for m in missing if m.decode() in held]
+            expired = {m.decode() for m in missing} & set(held)
+            slots = state.slots.get(key)
+            if slots is not None and expired:
+                dropped = [s for s, _ in slots.free if s.id in expired]
+                slots.free = [(s, t) for s, t in slots.free if s.id not in expired]
+                for slot in dropped:
+                    del held[slot.id]
+                    expired.discard(slot.id)
             if expired:
                 lost += len(expired)
                 # Its slot may be someone else's by now: we run over the limit by that many
@@ -504,27 +603,41 @@ class RedisLimiter:
             except Exception as exc:  # Redis hiccup: the next round tries again before expiry
                 log.warning("teacher.lease_renew_failed", error=str(exc))
 
-    async def aclose(self) -> None:
-        """Stop background tasks and close connections; the limiter can be used again later.
+    async def _give_back_free(self, state: _LoopState) -> None:
+        """Every free slot back to Redis now (the loop or the limiter is closing)."""
+        for slots in list(state.slots.values()):
+            if slots.flush is not None and slots.flush is not asyncio.current_task():
+                slots.flush.cancel()
+            try:
+                await self._flush(state, slots, everything=True)
+            except Exception as exc:  # they expire by themselves after the lease TTL
+                log.warning("teacher.limiter_release_failed", error=str(exc))
 
-        Leases still held are not released: like a killed worker's, they expire after the TTL.
+    async def aclose(self) -> None:
+        """Give the free slots back, stop background tasks and close connections; the limiter
+        can be used again later.
+
+        Leases in use are not released: like a killed worker's, they expire after the TTL.
         """
         state, self._state = self._state, None
         if state is None or state.loop is not asyncio.get_running_loop():
             return
+        await self._give_back_free(state)
         tasks = [t for t in (state.listener, state.renewer, state.guard) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-async def _close_when_cancelled(client: aioredis.Redis[bytes], pubsub: Any) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await pubsub.aclose()
-        # types-redis predates redis-py 5's aclose(); close() is deprecated there.
-        await client.aclose()  # type: ignore[attr-defined]
+    async def _close_when_cancelled(self, state: _LoopState) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._state is state:  # the loop shuts down without aclose()
+                self._state = None
+                await self._give_back_free(state)
+            await state.pubsub.aclose()
+            # types-redis predates redis-py 5's aclose(); close() is deprecated there.
+            await state.redis.aclose()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- in-process

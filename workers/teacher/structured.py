@@ -376,16 +376,18 @@ _SCHEMAS_LOCK = threading.Lock()
 _SCHEMAS_MAX = 1024  # a long-lived worker sees many templates over time
 
 
-_last_schema: tuple[dict[str, Any], SchemaInfo] | None = None
+# The same dict asks again (a request's check before sending, its size, its answer's check):
+# found by identity, without serializing it again. Each entry keeps its dict alive, so an id is
+# never reused while cached; schemas are not changed in place once in a request.
+_BY_ID: dict[int, tuple[dict[str, Any], SchemaInfo]] = {}
+_BY_ID_MAX = 4096
 
 
 def schema_info(schema: dict[str, Any]) -> SchemaInfo:
     """Cached facts about `schema`; raises jsonschema.SchemaError if it is not a schema."""
-    global _last_schema
-    last = _last_schema
-    # One request asks several times in a row for the same dict: skip serializing it again.
-    if last is not None and last[0] is schema:
-        return last[1]
+    known = _BY_ID.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
     key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     info = _SCHEMAS.get(key)
     if info is None:
@@ -405,7 +407,10 @@ def schema_info(schema: dict[str, Any]) -> SchemaInfo:
             if len(_SCHEMAS) >= _SCHEMAS_MAX:
                 _SCHEMAS.clear()
             _SCHEMAS[key] = info
-    _last_schema = (schema, info)
+    with _SCHEMAS_LOCK:
+        if len(_BY_ID) >= _BY_ID_MAX:
+            _BY_ID.clear()
+        _BY_ID[id(schema)] = (schema, info)
     return info
 
 

@@ -43,6 +43,7 @@ def create(
         principal.tenant_id,
         name=body.name,
         base_url=body.base_url,
+        replica_urls=body.replica_urls,
         model=body.model,
         api_key=body.api_key,
         api_key_env=body.api_key_env,

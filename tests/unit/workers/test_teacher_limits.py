@@ -38,14 +38,16 @@ def test_concurrency_slots_are_granted_in_order_and_given_back() -> None:
 def test_requests_per_minute_bucket_makes_the_next_request_wait() -> None:
     async def scenario() -> float:
         limiter = LocalLimiter()
-        quota = TeacherQuota("t", max_concurrency=100, requests_per_minute=600)  # 10 a second
-        for _ in range(600):  # the bucket starts full: a minute's worth at once
+        quota = TeacherQuota("t", max_concurrency=100, requests_per_minute=120)  # 2 a second
+        for _ in range(120):  # the bucket starts full: a minute's worth at once
             await limiter.release(await limiter.acquire(quota, input_tokens=0, output_tokens=0))
         started = time.perf_counter()
         await limiter.acquire(quota, input_tokens=0, output_tokens=0)
         return time.perf_counter() - started
 
-    assert 0.07 <= run_sync(scenario()) <= 0.5
+    # Half a second for the next token, less what came back while draining (a busy machine
+    # drains slowly).
+    assert 0.2 <= run_sync(scenario()) <= 1.0
 
 
 def test_unused_output_reservation_is_refunded() -> None:
