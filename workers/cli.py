@@ -21,11 +21,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from service import cli as service_cli
 from service.auth import get_or_create_tenant
 from service.datasets import create_dataset, parse_jsonl
+from service.domain.spec import TeacherSpec
 from service.domain.statuses import ExportStatus, JobStatus
 from service.errors import DistillError, NotFound
 from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.tasks import ALL_QUEUES
 
 app = service_cli.app
@@ -68,7 +69,7 @@ def serve(
                 "workers.cli:production_app", host=host, port=port, workers=workers, factory=True
             )
         else:
-            uvicorn.run(create_app(settings), host=host, port=port)
+            uvicorn.run(production_app(), host=host, port=port)
         return
     from workers.inline import inline_sender
     from workers.runtime import set_sender
@@ -85,7 +86,8 @@ def serve(
     webhooks = threading.Thread(target=_webhook_loop, args=(stop,), daemon=True)
     webhooks.start()
     try:
-        uvicorn.run(create_app(settings, task_sender=sender), host=host, port=port)
+        app = create_app(settings, task_sender=sender, local_teacher=local_teacher_spec(settings))
+        uvicorn.run(app, host=host, port=port)
     finally:
         stop.set()
 
@@ -109,7 +111,19 @@ def _resume_embedded_work(sender: Any) -> None:
 def production_app() -> Any:
     from service.api.app import create_app
 
-    return create_app(get_settings())
+    settings = get_settings()
+    return create_app(settings, local_teacher=local_teacher_spec(settings))
+
+
+def local_teacher_spec(settings: Settings) -> TeacherSpec | None:
+    """The inline teacher a REST job's `teacher: local` becomes: the local teacher's defaults
+    (the ones `distill run` uses) at DISTILL_API__LOCAL_TEACHER_URL; None when it is unset."""
+    url = settings.api.local_teacher_url
+    if not url:
+        return None
+    from workers.teacher.local import LOCAL_TEACHER_DEFAULTS
+
+    return LOCAL_TEACHER_DEFAULTS.teacher_spec(url)
 
 
 def _reconcile_loop(stop: threading.Event) -> None:

@@ -23,6 +23,7 @@ from service.api.routes import (
 )
 from service.dashboard import install_dashboard
 from service.db import session_factory
+from service.domain.spec import TeacherSpec
 from service.settings import Settings, get_settings
 from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
 
@@ -86,8 +87,11 @@ def create_app(
     *,
     sessions: sessionmaker[Session] | None = None,
     task_sender: TaskSender | None = None,
+    local_teacher: TeacherSpec | None = None,
 ) -> FastAPI:
-    """Build the app. The composition root passes an in-process task sender in embedded mode."""
+    """Build the app. The composition root passes an in-process task sender in embedded mode,
+    and the local teacher's spec (the local teacher's defaults are worker code) when the
+    deployment runs one, for jobs that say `teacher: local`."""
     settings = settings or get_settings()
     if task_sender is None:
         task_sender = (
@@ -108,6 +112,7 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = sessions or session_factory()
     app.state.task_sender = task_sender
+    app.state.local_teacher = local_teacher
     install_error_handlers(app)
     # Prometheus metrics of this process (in embedded mode that includes the teacher calls the
     # steps make here; workers serve theirs with `distill worker --metrics-port`).
