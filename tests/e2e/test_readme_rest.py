@@ -1,0 +1,135 @@
+"""The README's REST flow, executed as written: its bash block(s) under "## The API", run with
+bash, curl and jq against an embedded `distill serve` on a free port (the laptop default: no
+DATABASE_URL, no REDIS_URL) and the project's fake OpenAI-compatible teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import DISTILL, wait_for
+from tests.fake_teacher.client import FakeTeacherProcess
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+_BLOCK = re.compile(r"^```bash\n(.*?)^```$", re.DOTALL | re.MULTILINE)
+
+
+def readme_rest_blocks() -> list[str]:
+    """The bash blocks of the README's "## The API" section, in order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## The API\n")
+    end = text.find("\n## ", start + 1)
+    return _BLOCK.findall(text[start : end if end != -1 else len(text)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _environment(home: Path) -> dict[str, str]:
+    """The caller's environment without any distill setting: an embedded server in `home`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DISTILL_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        {
+            "DISTILL_HOME": str(home),
+            "DISTILL_LOG_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{Path(DISTILL).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def embedded_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    env = _environment(tmp_path / "home")
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [DISTILL, "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, "distill serve to answer")
+        yield base, env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_readme_has_one_rest_flow_using_names_and_content_types() -> None:
+    blocks = readme_rest_blocks()
+    assert blocks, "no ```bash block under ## The API"
+    flow = "\n".join(blocks)
+    assert flow.count("Content-Type: application/json") >= 2
+    assert '"train": "banking-seed"' in flow and '"teacher": "my-teacher"' in flow
+
+
+@pytest.mark.skipif(
+    not (shutil.which("curl") and shutil.which("jq")),
+    reason="the README's REST flow needs curl and jq (apt-get install curl jq)",
+)
+def test_the_readme_rest_flow_runs_as_written(
+    embedded_server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    base, env = embedded_server
+    work = tmp_path / "clone"
+    work.mkdir()
+    (work / "examples").symlink_to(REPO / "examples")  # the block runs from a clone's root
+    with FakeTeacherProcess() as teacher:
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", "\n".join(readme_rest_blocks())],
+            cwd=work,
+            env={
+                **env,
+                "DISTILL_URL": base,
+                "TEACHER_URL": teacher.base_url,
+                "TEACHER_MODEL": "fake-teacher",
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        calls = teacher.stats()["completions_ok"]
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert calls > 0
+    lines = result.stdout.splitlines()
+    iterations = [json.loads(line) for line in lines if line.startswith('{"number"')]
+    assert [it["number"] for it in iterations] == [0, 1, 2]
+    assert all(it["status"] == "completed" for it in iterations), iterations
+    assert sum(it["examples_accepted"] for it in iterations) > 0
+    exported = (work / "banking-chat.jsonl").read_text().splitlines()
+    assert len(exported) >= 48  # the seed rows at least, as chat messages
+    assert "messages" in json.loads(exported[0])
+    refresh = json.loads(lines[-1])
+    assert refresh["outcome"] == "waiting" and refresh["job_status"], refresh
