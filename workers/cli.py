@@ -63,13 +63,20 @@ def serve(
     from service.api.app import create_app
 
     settings = get_settings()
+    # log_config=None everywhere below: uvicorn's loggers reach the handler main() installed
+    # (service/logging.py), so its lines come out in the same format as distill's own.
     if not settings.embedded:
         if workers > 1:
             uvicorn.run(
-                "workers.cli:production_app", host=host, port=port, workers=workers, factory=True
+                "workers.cli:production_app",
+                host=host,
+                port=port,
+                workers=workers,
+                factory=True,
+                log_config=None,
             )
         else:
-            uvicorn.run(production_app(), host=host, port=port)
+            uvicorn.run(production_app(), host=host, port=port, log_config=None)
         return
     from workers.inline import inline_sender
     from workers.runtime import set_sender
@@ -87,7 +94,7 @@ def serve(
     webhooks.start()
     try:
         app = create_app(settings, task_sender=sender, local_teacher=local_teacher_spec(settings))
-        uvicorn.run(app, host=host, port=port)
+        uvicorn.run(app, host=host, port=port, log_config=None)
     finally:
         stop.set()
 
@@ -110,8 +117,11 @@ def _resume_embedded_work(sender: Any) -> None:
 
 def production_app() -> Any:
     from service.api.app import create_app
+    from service.logging import configure_logging
 
     settings = get_settings()
+    # uvicorn's worker processes start here, not in main(): the same one log format for them.
+    configure_logging(settings.log_level)
     return create_app(settings, local_teacher=local_teacher_spec(settings))
 
 

@@ -8,6 +8,7 @@ import hmac
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
@@ -52,6 +53,17 @@ def _bearer_only(inner: ASGIApp, token: str) -> ASGIApp:
         await inner(scope, receive, send)
 
     return app
+
+
+class _AsgiEndpoint:
+    """An ASGI app as a route's endpoint: Starlette calls a plain function endpoint with a
+    Request, and an object like this one with (scope, receive, send)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class InFlightLimit:
@@ -120,10 +132,11 @@ def create_app(
 
     metrics_app = make_asgi_app()
     token = settings.api.metrics_token
-    app.mount(
-        "/metrics",
-        metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value()),
-    )
+    guarded = metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value())
+    # Routes, not a mount: a mount answers /metrics with a 307 to /metrics/, which some
+    # scrapers do not follow; both paths answer here.
+    for path in ("/metrics", "/metrics/"):
+        app.router.routes.append(Route(path, _AsgiEndpoint(guarded), include_in_schema=False))
     for router in (
         health.router,
         datasets.router,

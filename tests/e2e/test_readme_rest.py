@@ -57,14 +57,21 @@ def _environment(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def embedded_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+@pytest.fixture(scope="module")
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def embedded_server(server_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """One server for the module: starting one takes seconds (tens on a busy machine)."""
+    tmp_path = server_dir
     env = _environment(tmp_path / "home")
     port = _free_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [DISTILL, "serve", "--port", str(port)],
-        env=env,
+        env={**env, "DISTILL_LOG_LEVEL": "INFO"},
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -133,3 +140,19 @@ def test_the_readme_rest_flow_runs_as_written(
     assert "messages" in json.loads(exported[0])
     refresh = json.loads(lines[-1])
     assert refresh["outcome"] == "waiting" and refresh["job_status"], refresh
+
+
+def _log_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_serve_logs_in_one_format_without_alembic_chatter(
+    embedded_server: tuple[str, dict[str, str]], server_dir: Path
+) -> None:
+    """uvicorn's lines and distill's events alike, and no `setup plugin alembic…` lines."""
+    base, _ = embedded_server
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    lines = wait_for(lambda: _log_lines(server_dir / "serve.log"), 10, "the access log line")
+    assert not [line for line in lines if "setup plugin" in line], lines
+    assert all(line.startswith("timestamp=") for line in lines), lines
+    assert any("logger='uvicorn.access'" in line for line in lines), lines
