@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from service.settings import Settings
+from tests.unit.test_operations_doc import setting_fields
 
 REPO = Path(__file__).resolve().parents[2]
 DISTILL_IMAGE = "distill:latest"
@@ -41,20 +41,10 @@ def _env_example() -> dict[str, str]:
     return values
 
 
-def setting_variables(model: type[BaseModel] = Settings, prefix: str = "DISTILL_") -> set[str]:
-    """Every environment variable the settings read: nested groups joined with `__`, and the
-    conventional names given as validation aliases (DATABASE_URL, REDIS_URL)."""
-    names: set[str] = set()
-    for field, info in model.model_fields.items():
-        if isinstance(info.validation_alias, str):
-            names.add(info.validation_alias)
-            continue
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= setting_variables(annotation, f"{prefix}{field.upper()}__")
-        else:
-            names.add(f"{prefix}{field.upper()}")
-    return names
+def setting_variables() -> set[str]:
+    """Every environment variable the settings read (nested groups joined with `__`, and the
+    conventional DATABASE_URL and REDIS_URL)."""
+    return set(setting_fields())
 
 
 def test_the_walk_finds_nested_settings() -> None:
