@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.auth import create_api_key, get_or_create_tenant
+from service.db import make_engine, session_factory
 from tests.e2e.conftest import DISTILL, wait_for
 from tests.fake_teacher.client import FakeTeacherProcess
 
@@ -63,15 +65,28 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedded_server(server_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """One server for the module: starting one takes seconds (tens on a busy machine)."""
+def teacher() -> Iterator[FakeTeacherProcess]:
+    with FakeTeacherProcess() as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def embedded_server(
+    server_dir: Path, teacher: FakeTeacherProcess
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """One server for the module: starting one takes seconds (tens on a busy machine). The
+    fake teacher stands in for the local teacher the operator runs (`teacher: local`)."""
     tmp_path = server_dir
     env = _environment(tmp_path / "home")
     port = _free_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [DISTILL, "serve", "--port", str(port)],
-        env={**env, "DISTILL_LOG_LEVEL": "INFO"},
+        env={
+            **env,
+            "DISTILL_LOG_LEVEL": "INFO",
+            "DISTILL_API__LOCAL_TEACHER_URL": teacher.base_url,
+        },
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -106,28 +121,27 @@ def test_the_readme_has_one_rest_flow_using_names_and_content_types() -> None:
     reason="the README's REST flow needs curl and jq (apt-get install curl jq)",
 )
 def test_the_readme_rest_flow_runs_as_written(
-    embedded_server: tuple[str, dict[str, str]], tmp_path: Path
+    embedded_server: tuple[str, dict[str, str]], teacher: FakeTeacherProcess, tmp_path: Path
 ) -> None:
     base, env = embedded_server
     work = tmp_path / "clone"
     work.mkdir()
     (work / "examples").symlink_to(REPO / "examples")  # the block runs from a clone's root
-    with FakeTeacherProcess() as teacher:
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", "\n".join(readme_rest_blocks())],
-            cwd=work,
-            env={
-                **env,
-                "DISTILL_URL": base,
-                "TEACHER_URL": teacher.base_url,
-                "TEACHER_MODEL": "fake-teacher",
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        calls = teacher.stats()["completions_ok"]
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", "\n".join(readme_rest_blocks())],
+        cwd=work,
+        env={
+            **env,
+            "DISTILL_URL": base,
+            "TEACHER_URL": teacher.base_url,
+            "TEACHER_MODEL": "fake-teacher",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    calls = teacher.stats()["completions_ok"]
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert calls > 0
     lines = result.stdout.splitlines()
@@ -156,3 +170,38 @@ def test_serve_logs_in_one_format_without_alembic_chatter(
     assert not [line for line in lines if "setup plugin" in line], lines
     assert all(line.startswith("timestamp=") for line in lines), lines
     assert any("logger='uvicorn.access'" in line for line in lines), lines
+
+
+def test_teacher_local_over_rest_is_the_operators_local_teacher(
+    embedded_server: tuple[str, dict[str, str]], teacher: FakeTeacherProcess
+) -> None:
+    """`distill serve` with DISTILL_API__LOCAL_TEACHER_URL: a REST job's `teacher: local` gets
+    the local teacher's defaults at that URL (the composition root wires it)."""
+    base, env = embedded_server
+    engine = make_engine(f"sqlite:///{env['DISTILL_HOME']}/distill.db")
+    with session_factory(engine)() as session:  # the server's own database
+        _, key = create_api_key(session, get_or_create_tenant(session, "local-user"))
+        session.commit()
+    engine.dispose()
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, headers=auth, timeout=30) as http:
+        seed = (REPO / "examples" / "data" / "banking-seed.jsonl").read_bytes()
+        up = http.post(
+            "/v1/datasets?name=seed", content=seed, headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert up.status_code == 201, up.text
+        spec = {
+            "name": "local-over-rest",
+            "strategy": "random",
+            "task": {"kind": "classification", "instructions": "Classify."},
+            "datasets": {"train": "seed"},
+            "teacher": "local",
+            "student": {"type": "builtin", "model": "tfidf"},
+            "budget": {"max_iterations": 1},
+        }
+        job = http.post("/v1/jobs", json=spec)
+        assert job.status_code == 201, job.text
+        stored = http.get(f"/v1/teachers/{job.json()['teacher_id']}").json()
+        assert stored["base_url"] == teacher.base_url and stored["model"] == "gemma-3-270m"
+        assert stored["limits"]["max_concurrency"] == 1
+        assert http.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code == 202
