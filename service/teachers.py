@@ -239,9 +239,7 @@ def get_teacher(session: Session, tenant_id: uuid.UUID, teacher_id: uuid.UUID) -
     return teacher
 
 
-def find_teacher(
-    session: Session, tenant_id: uuid.UUID, ref: str, *, field: str = "teacher"
-) -> Teacher | None:
+def find_teacher(session: Session, tenant_id: uuid.UUID, ref: str) -> Teacher | None:
     """The tenant's teacher with this id or, failing that, this name (names are unique per
     tenant); None when there is neither."""
     with contextlib.suppress(ValueError, NotFound):
