@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -23,7 +24,7 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.models import Dataset, DatasetRow, Iteration, Job, utcnow
+from service.models import Dataset, DatasetRow, Iteration, Job, Teacher, utcnow
 from service.pagination import paginate
 from service.splits import (
     HELD_OUT_FRACTION,
@@ -32,7 +33,12 @@ from service.splits import (
     labelled,
     min_class_rows_for_validation,
 )
-from service.teachers import create_teacher, get_teacher
+from service.teachers import (
+    TeacherUrlPolicy,
+    create_teacher,
+    find_teacher,
+    teacher_not_found,
+)
 from service.webhooks import record_job_event
 
 
@@ -58,18 +64,39 @@ def _spec_hash(spec: JobSpec) -> str:
 
 
 def _dataset_ref(session: Session, tenant_id: uuid.UUID, ref: str, field: str) -> Dataset:
-    try:
-        dataset_id = uuid.UUID(ref)
-    except ValueError as exc:
+    """A job spec's dataset: the tenant's dataset with this id or, failing that, this name.
+    A name several datasets share (uploads of different content under one name) is refused
+    with their ids, never guessed."""
+    with contextlib.suppress(ValueError, NotFound):
+        return get_dataset(session, tenant_id, uuid.UUID(ref))
+    named = list(
+        session.scalars(
+            select(Dataset)
+            .where(Dataset.tenant_id == tenant_id, Dataset.name == ref)
+            .order_by(Dataset.created_at, Dataset.id)
+            .limit(MAX_NAME_CANDIDATES + 1)
+        )
+    )
+    if len(named) == 1:
+        return named[0]
+    if not named:
         raise ValidationFailed(
-            f"{field}: not a dataset id", details=[{"field": field, "message": ref}]
-        ) from exc
-    try:
-        return get_dataset(session, tenant_id, dataset_id)
-    except NotFound as exc:
-        raise ValidationFailed(
-            f"{field}: dataset not found", details=[{"field": field, "message": ref}]
-        ) from exc
+            f"{field}: no dataset with the id or name {ref!r}; GET /v1/datasets lists yours, "
+            "POST /v1/datasets?name=... uploads one",
+            details=[{"field": field, "message": f"dataset not found: {ref}"}],
+            code="dataset_not_found",
+        )
+    ids = [str(ds.id) for ds in named[:MAX_NAME_CANDIDATES]]
+    more = " and more" if len(named) > MAX_NAME_CANDIDATES else ""
+    raise ValidationFailed(
+        f"{field}: several datasets are named {ref!r} ({', '.join(ids)}{more}); give one's id",
+        details=[{"field": field, "message": f"ambiguous name {ref!r}", "candidates": ids}],
+        code="ambiguous_name",
+    )
+
+
+# How many of the datasets sharing an ambiguous name the error lists.
+MAX_NAME_CANDIDATES = 10
 
 
 def _validate_strategy_params(spec: JobSpec) -> dict[str, Any]:
@@ -260,6 +287,58 @@ def _inline_teacher_name(job_name: str) -> str:
     return job_name[: TEACHER_NAME_MAX - len(suffix)] + suffix
 
 
+LOCAL_TEACHER = "local"
+
+
+def _job_teacher(
+    session: Session,
+    tenant_id: uuid.UUID,
+    spec: JobSpec,
+    *,
+    allow_private: bool,
+    policy: TeacherUrlPolicy | None,
+    local_teacher: TeacherSpec | None,
+) -> Teacher:
+    """The teacher row a job uses: a stored one by id or name, or a new one for an inline
+    teacher (or the server's local teacher, whose URL the operator configured)."""
+    inline = spec.teacher
+    if isinstance(inline, str):
+        stored = find_teacher(session, tenant_id, inline)
+        if stored is not None:
+            return stored
+        if inline != LOCAL_TEACHER:
+            hint = ", or teacher: local where the server runs a local teacher"
+            raise teacher_not_found(inline, local_hint=hint)
+        if local_teacher is None:
+            raise ValidationFailed(
+                "teacher: this server runs no local teacher; give a teacher's name or id "
+                "(GET /v1/teachers) or an inline teacher (base_url, model), or have the operator "
+                "start one (`distill teacher local --port P`) and set "
+                "DISTILL_API__LOCAL_TEACHER_URL to the base_url it prints",
+                details=[{"field": "teacher", "message": "no local teacher is configured"}],
+                code="no_local_teacher",
+            )
+        inline, allow_private = local_teacher, True  # configured by the operator
+    elif not allow_private and policy is not None:
+        allow_private = policy.allows_all([inline.base_url, *inline.replica_urls])
+    return create_teacher(
+        session,
+        tenant_id,
+        name=_inline_teacher_name(spec.name),
+        base_url=inline.base_url,
+        replica_urls=inline.replica_urls,
+        model=inline.model,
+        api_key_env=inline.api_key_env,
+        limits=inline.limits,
+        prices=inline.prices,
+        generation=inline.generation,
+        structured_mode=inline.structured_mode.value,
+        timeout_s=inline.timeout_s,
+        max_attempts=inline.max_attempts,
+        allow_private=allow_private,
+    )
+
+
 def create_job(
     session: Session,
     tenant_id: uuid.UUID,
@@ -268,8 +347,16 @@ def create_job(
     idempotency_key: str | None = None,
     allow_private_teacher: bool = False,
     allow_trainer_command: bool = False,
+    teacher_policy: TeacherUrlPolicy | None = None,
+    local_teacher: TeacherSpec | None = None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). A repeated Idempotency-Key with the same spec returns the job."""
+    """Returns (job, created). A repeated Idempotency-Key with the same spec returns the job.
+
+    `datasets.*` and a `teacher` string are ids or names of the tenant's datasets and
+    teachers. `teacher: local` is the tenant's teacher named "local" if there is one, else
+    `local_teacher`, the server's own (`DISTILL_API__LOCAL_TEACHER_URL`; `distill run` starts
+    one itself). An inline teacher may use a private address when `allow_private_teacher` (the
+    CLI: the operator) or `teacher_policy` (the API's settings) allows its URL."""
     if spec.student.trainer_command and not allow_trainer_command:
         raise ValidationFailed(
             "student.trainer_command: only an operator can make the workers run a command "
@@ -318,35 +405,19 @@ def create_job(
         _check_held_out(spec.model_copy(update={"task": task}), rows["train"])
     params = _validate_strategy_params(spec)
 
-    if isinstance(spec.teacher, TeacherSpec):
-        t = spec.teacher
-        teacher = create_teacher(
-            session,
-            tenant_id,
-            name=_inline_teacher_name(spec.name),
-            base_url=t.base_url,
-            replica_urls=t.replica_urls,
-            model=t.model,
-            api_key_env=t.api_key_env,
-            limits=t.limits,
-            prices=t.prices,
-            generation=t.generation,
-            structured_mode=t.structured_mode.value,
-            timeout_s=t.timeout_s,
-            max_attempts=t.max_attempts,
-            allow_private=allow_private_teacher,
-        )
-    else:
-        try:
-            teacher = get_teacher(session, tenant_id, uuid.UUID(spec.teacher))
-        except (ValueError, NotFound) as exc:
-            raise ValidationFailed(
-                "teacher: teacher not found",
-                details=[{"field": "teacher", "message": spec.teacher}],
-            ) from exc
+    teacher = _job_teacher(
+        session,
+        tenant_id,
+        spec,
+        allow_private=allow_private_teacher,
+        policy=teacher_policy,
+        local_teacher=local_teacher,
+    )
 
     stored = spec.model_copy(update={"task": task, "params": params}).model_dump(mode="json")
+    # What the job runs on, by id: a name may later be reused by another upload or teacher.
     stored["teacher"] = str(teacher.id)
+    stored["datasets"] = {role: str(ds.id) if ds else None for role, ds in datasets.items()}
     stored["_hash"] = spec_hash
     job = Job(
         tenant_id=tenant_id,

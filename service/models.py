@@ -53,6 +53,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def isoformat_utc(moment: datetime) -> str:
+    """A moment as API responses and webhook payloads write it: ISO 8601 in UTC with a Z. A
+    naive value is UTC already (every stored moment is; SQLite only drops the offset)."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return aware.isoformat().replace("+00:00", "Z")
+
+
 def _enum(enum_cls: type[Any], name: str) -> SAEnum:
     # Stored as VARCHAR + CHECK, not a native PG enum: adding a status is a plain migration.
     return SAEnum(

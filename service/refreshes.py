@@ -163,7 +163,8 @@ def _check_student(job: Job, body: RefreshCreate, *, allow_private: bool) -> Non
             allow_private=allow_private,
             field="student.base_url",
             # A served student is a model server like a teacher: the same operator setting.
-            private_hint="only an operator can allow such a student: set "
+            private_hint="only an operator can allow such a student: add its host to "
+            "DISTILL_API__TEACHER_HOST_ALLOWLIST or set "
             "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "dev-secret"}
 
@@ -48,8 +49,23 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(500, ge=1)
     allow_private_teacher_urls: bool = Field(
         False,
-        description="Let tenants point teachers at private/loopback addresses (SSRF guard off). "
-        "Operators always can, through the CLI.",
+        description="Let tenants point teachers at any private/loopback address (SSRF guard "
+        "off). Operators always can, through the CLI; an embedded server (no DATABASE_URL, no "
+        "REDIS_URL) has one user, the operator, and allows them too.",
+    )
+    # NoDecode: written as a comma-separated list (vllm,10.0.0.5), not as JSON.
+    teacher_host_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Teacher hosts tenants may use although they are private: host names (the "
+        "URL's host, any case), IP addresses or networks (10.0.0.0/8), comma-separated; e.g. "
+        "vllm,10.0.0.5 for compose's bundled vLLM. Everything else private stays refused.",
+    )
+    local_teacher_url: str | None = Field(
+        None,
+        description="Base URL of the local teacher this deployment runs (`distill teacher "
+        "local --port P` prints it, e.g. http://127.0.0.1:8081/v1): REST jobs with "
+        "`teacher: local` use it with the local teacher's defaults. Unset: `teacher: local` "
+        "is refused with a 422 over REST.",
     )
     metrics_token: SecretStr | None = Field(
         None,
@@ -73,6 +89,13 @@ class ApiSettings(BaseModel):
         description="Let tenants point webhooks at private/loopback addresses, as "
         "allow_private_teacher_urls does for teachers (and a refreshed endpoint student).",
     )
+
+    @field_validator("teacher_host_allowlist", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
 
 
 class WebhookSettings(BaseModel):
@@ -144,6 +167,9 @@ class Settings(BaseSettings):
         env_prefix="DISTILL_",
         env_nested_delimiter="__",
         env_file=".env",
+        # `.env.example` lists every variable, the unset ones as `NAME=`: empty means unset
+        # (not an empty broker URL, which would leave embedded mode, nor a cache in "").
+        env_ignore_empty=True,
         extra="ignore",
     )
 
@@ -174,6 +200,13 @@ class Settings(BaseSettings):
         if self.environment is Environment.production and self.secret_key in _PLACEHOLDER_SECRETS:
             raise ValueError("DISTILL_SECRET_KEY must be set to a real secret in production")
         return self
+
+    @property
+    def single_user(self) -> bool:
+        """Neither a database nor a broker configured: a laptop's embedded server, whose one
+        user is the operator (so the guards that protect a deployment from its tenants, like
+        the private-address one, do not apply to it)."""
+        return self.database.url is None and self.broker.url is None
 
     @property
     def embedded(self) -> bool:

@@ -6,7 +6,8 @@ import contextlib
 import ipaddress
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from service.domain.teacher import GenerationParams, TeacherLimits, TeacherPrice
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Job, Teacher
 from service.secrets import encrypt_secret
+from service.settings import Settings
 
 # Names of cloud metadata services. Their addresses are refused anyway (link-local or shared
 # address space), but a worker may resolve a name differently than the API did, so the names
@@ -71,10 +73,71 @@ def is_metadata_host(host: str) -> bool:
 
 
 TEACHER_PRIVATE_HINT = (
-    "only an operator can allow such a teacher: set DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true "
-    "on the API, or create the job with an inline teacher through the CLI (distill run / "
-    "distill jobs create)"
+    "only an operator can allow such a teacher: add its host to "
+    "DISTILL_API__TEACHER_HOST_ALLOWLIST (e.g. vllm,10.0.0.5) or set "
+    "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API, or create the job with an inline "
+    "teacher through the CLI (distill run / distill jobs create)"
 )
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class TeacherUrlPolicy:
+    """Which private teacher addresses a deployment lets its tenants use: all of them
+    (`allow_all`: an operator said so, or the server's one user is the operator), or only the
+    hosts the operator listed (`DISTILL_API__TEACHER_HOST_ALLOWLIST`), so compose's bundled
+    `http://vllm:8000/v1` works without opening the whole internal network.
+
+    An allowed host is trusted by its name (or literal address): the workers skip the
+    connect-time guard for that teacher, as they do for one the operator created."""
+
+    allow_all: bool = False
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str], *, allow_all: bool = False) -> TeacherUrlPolicy:
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for entry in entries:
+            entry = entry.strip().lower().rstrip(".")
+            if not entry:
+                continue
+            try:  # an address or a network (10.0.0.5, 10.0.0.0/8, fd00::/8)
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(entry)
+        return cls(allow_all=allow_all, hosts=frozenset(hosts), networks=tuple(networks))
+
+    def allows(self, url: str) -> bool:
+        """Whether a tenant may point a teacher at `url` although it may be private."""
+        if self.allow_all:
+            return True
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+        if not host:
+            return False
+        if host in self.hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def allows_all(self, urls: Iterable[str]) -> bool:
+        """Whether every one of a teacher's URLs (base_url and its replicas) is allowed: one
+        allow-listed URL must not open the internal network to the others."""
+        return all(self.allows(url) for url in urls)
+
+
+def teacher_url_policy(settings: Settings) -> TeacherUrlPolicy:
+    """The deployment's policy for tenants' teacher URLs (teachers, inline job teachers, a
+    refreshed endpoint student)."""
+    return TeacherUrlPolicy.from_entries(
+        settings.api.teacher_host_allowlist,
+        allow_all=settings.api.allow_private_teacher_urls or settings.single_user,
+    )
 
 
 def check_base_url(
@@ -216,6 +279,28 @@ def get_teacher(session: Session, tenant_id: uuid.UUID, teacher_id: uuid.UUID) -
     if teacher is None or teacher.tenant_id != tenant_id:
         raise NotFound(f"teacher {teacher_id} not found")
     return teacher
+
+
+def find_teacher(session: Session, tenant_id: uuid.UUID, ref: str) -> Teacher | None:
+    """The tenant's teacher with this id or, failing that, this name (names are unique per
+    tenant); None when there is neither."""
+    with contextlib.suppress(ValueError, NotFound):
+        return get_teacher(session, tenant_id, uuid.UUID(ref))
+    return session.scalar(
+        select(Teacher).where(Teacher.tenant_id == tenant_id, Teacher.name == ref)
+    )
+
+
+def teacher_not_found(
+    ref: str, *, field: str = "teacher", local_hint: str = ""
+) -> ValidationFailed:
+    """The 422 for a job spec's teacher that names nothing: which field, and where to look."""
+    return ValidationFailed(
+        f"{field}: no teacher with the id or name {ref!r}; GET /v1/teachers lists yours, "
+        f"POST /v1/teachers creates one, or give an inline teacher (base_url, model){local_hint}",
+        details=[{"field": field, "message": f"teacher not found: {ref}"}],
+        code="teacher_not_found",
+    )
 
 
 def update_teacher(

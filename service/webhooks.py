@@ -34,6 +34,7 @@ from service.models import (
     Job,
     WebhookDelivery,
     WebhookSubscription,
+    isoformat_utc,
     utcnow,
 )
 from service.secrets import encrypt_secret
@@ -143,7 +144,7 @@ def _job_data(session: Session, job: Job, current: Iteration | None = None) -> d
         "examples_accepted": job.examples_accepted,
         "tokens": job.tokens_in + job.tokens_out,
         "cost_usd": job.cost_usd,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "finished_at": isoformat_utc(job.finished_at) if job.finished_at else None,
     }
 
 
@@ -177,7 +178,7 @@ def record_event(
                 "payload": {
                     "id": str(delivery_id),
                     "type": event_type,
-                    "created_at": now.isoformat(),
+                    "created_at": isoformat_utc(now),
                     "data": data,
                 },
                 "status": DeliveryStatus.pending.value,

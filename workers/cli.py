@@ -22,11 +22,12 @@ from service import cli as service_cli
 from service.auth import get_or_create_tenant
 from service.cli_style import TenantOpt
 from service.datasets import create_dataset, parse_jsonl
+from service.domain.spec import TeacherSpec
 from service.domain.statuses import ExportStatus, JobStatus
 from service.errors import BadRequest, DistillError, NotFound
 from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.tasks import ALL_QUEUES
 
 app = service_cli.app
@@ -71,13 +72,20 @@ def serve(
     from service.api.app import create_app
 
     settings = get_settings()
+    # log_config=None everywhere below: uvicorn's loggers reach the handler main() installed
+    # (service/logging.py), so its lines come out in the same format as distill's own.
     if not settings.embedded:
         if workers > 1:
             uvicorn.run(
-                "workers.cli:production_app", host=host, port=port, workers=workers, factory=True
+                "workers.cli:production_app",
+                host=host,
+                port=port,
+                workers=workers,
+                factory=True,
+                log_config=None,
             )
         else:
-            uvicorn.run(create_app(settings), host=host, port=port)
+            uvicorn.run(production_app(), host=host, port=port, log_config=None)
         return
     from workers.inline import inline_sender
     from workers.runtime import set_sender
@@ -94,7 +102,8 @@ def serve(
     webhooks = threading.Thread(target=_webhook_loop, args=(stop,), daemon=True)
     webhooks.start()
     try:
-        uvicorn.run(create_app(settings, task_sender=sender), host=host, port=port)
+        app = create_app(settings, task_sender=sender, local_teacher=local_teacher_spec(settings))
+        uvicorn.run(app, host=host, port=port, log_config=None)
     finally:
         stop.set()
 
@@ -117,8 +126,23 @@ def _resume_embedded_work(sender: Any) -> None:
 
 def production_app() -> Any:
     from service.api.app import create_app
+    from service.logging import configure_logging
 
-    return create_app(get_settings())
+    settings = get_settings()
+    # uvicorn's worker processes start here, not in main(): the same one log format for them.
+    configure_logging(settings.log_level)
+    return create_app(settings, local_teacher=local_teacher_spec(settings))
+
+
+def local_teacher_spec(settings: Settings) -> TeacherSpec | None:
+    """The inline teacher a REST job's `teacher: local` becomes: the local teacher's defaults
+    (the ones `distill run` uses) at DISTILL_API__LOCAL_TEACHER_URL; None when it is unset."""
+    url = settings.api.local_teacher_url
+    if not url:
+        return None
+    from workers.teacher.local import LOCAL_TEACHER_DEFAULTS
+
+    return LOCAL_TEACHER_DEFAULTS.teacher_spec(url)
 
 
 def _reconcile_loop(stop: threading.Event) -> None:

@@ -8,6 +8,7 @@ import hmac
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.docs import install_docs, install_openapi
@@ -25,6 +26,7 @@ from service.api.routes import (
 from service.api.routing import operation_id
 from service.dashboard import install_dashboard
 from service.db import session_factory
+from service.domain.spec import TeacherSpec
 from service.settings import Settings, get_settings
 from service.tasks import CeleryTaskSender, RecordingTaskSender, TaskSender
 
@@ -53,6 +55,17 @@ def _bearer_only(inner: ASGIApp, token: str) -> ASGIApp:
         await inner(scope, receive, send)
 
     return app
+
+
+class _AsgiEndpoint:
+    """An ASGI app as a route's endpoint: Starlette calls a plain function endpoint with a
+    Request, and an object like this one with (scope, receive, send)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class InFlightLimit:
@@ -88,8 +101,11 @@ def create_app(
     *,
     sessions: sessionmaker[Session] | None = None,
     task_sender: TaskSender | None = None,
+    local_teacher: TeacherSpec | None = None,
 ) -> FastAPI:
-    """Build the app. The composition root passes an in-process task sender in embedded mode."""
+    """Build the app. The composition root passes an in-process task sender in embedded mode,
+    and the local teacher's spec (the local teacher's defaults are worker code) when the
+    deployment runs one, for jobs that say `teacher: local`."""
     settings = settings or get_settings()
     if task_sender is None:
         task_sender = (
@@ -113,6 +129,7 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = sessions or session_factory()
     app.state.task_sender = task_sender
+    app.state.local_teacher = local_teacher
     install_error_handlers(app)
     # Prometheus metrics of this process (in embedded mode that includes the teacher calls the
     # steps make here; workers serve theirs with `distill worker --metrics-port`).
@@ -120,10 +137,11 @@ def create_app(
 
     metrics_app = make_asgi_app()
     token = settings.api.metrics_token
-    app.mount(
-        "/metrics",
-        metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value()),
-    )
+    guarded = metrics_app if token is None else _bearer_only(metrics_app, token.get_secret_value())
+    # Routes, not a mount: a mount answers /metrics with a 307 to /metrics/, which some
+    # scrapers do not follow; both paths answer here.
+    for path in ("/metrics", "/metrics/"):
+        app.router.routes.append(Route(path, _AsgiEndpoint(guarded), include_in_schema=False))
     for router in (
         health.router,
         datasets.router,

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, FORMAT_ORDER, ExportSelection
 from service.domain.spec import ReplicaUrls, Text
@@ -19,6 +19,7 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.domain.teacher import GenerationParams, StructuredMode, TeacherLimits, TeacherPrices
+from service.models import isoformat_utc
 from service.pagination import CURSOR_PATTERN
 
 # The largest value of a Postgres `integer` column (iteration numbers and the like).
@@ -38,6 +39,15 @@ CursorQuery = Annotated[
         pattern=CURSOR_PATTERN,
         description="The next_cursor of the page before; omit for the first.",
     ),
+]
+
+
+# Every moment a response carries is written one way: UTC with a Z. Read back, Postgres gives
+# the session's offset and SQLite none at all, while a row just created holds UTC.
+UtcDateTime = Annotated[
+    datetime,
+    PlainSerializer(isoformat_utc, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 
 
@@ -62,7 +72,7 @@ class DatasetRead(_Read):
     row_count: int
     size_bytes: int
     fields: list[str]
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class DatasetRowRead(_Read):
@@ -131,8 +141,8 @@ class TeacherRead(_Read):
     structured_mode: str
     timeout_s: float
     max_attempts: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class JobRead(_Read):
@@ -150,9 +160,9 @@ class JobRead(_Read):
     cost_usd: float
     examples_accepted: int
     examples_rejected: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
 
 
 class IterationRead(_Read):
@@ -184,8 +194,8 @@ class IterationRead(_Read):
         "metric difference and its 90% paired-bootstrap interval, rows.",
     )
     timings: dict[str, Any]
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
     note: str | None = Field(None, description="The note of the refresh that started it.")
     refresh_id: uuid.UUID | None = None
 
@@ -206,7 +216,7 @@ class ExampleRead(_Read):
     prompt_fingerprint: str | None
     teacher_call_id: uuid.UUID | None
     meta: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class ExportCreate(ExportSelection):
@@ -257,7 +267,7 @@ class ExportRead(_Read):
     options: dict[str, Any] = Field(
         default_factory=dict, description="The selection and gzip the export was requested with."
     )
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class Health(BaseModel):
@@ -290,10 +300,10 @@ class ApiKeyRead(_Read):
     name: str
     prefix: str = Field(..., description="The first characters of the key, to recognise it.")
     job_id: uuid.UUID | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-    created_at: datetime
+    expires_at: UtcDateTime | None
+    revoked_at: UtcDateTime | None
+    last_used_at: UtcDateTime | None
+    created_at: UtcDateTime
 
 
 class ApiKeyCreated(ApiKeyRead):
@@ -336,8 +346,8 @@ class RefreshRead(BaseModel):
     job_status_reason: str | None
     best_iteration: int | None
     iterations: list[IterationRead]
-    created_at: datetime
-    started_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
 
 
 # --- webhooks ---------------------------------------------------------------------------------
@@ -372,7 +382,7 @@ class WebhookRead(_Read):
     events: list[str]
     job_id: uuid.UUID | None
     description: str | None
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class WebhookCreated(WebhookRead):
@@ -387,9 +397,9 @@ class WebhookDeliveryRead(_Read):
     payload: dict[str, Any]
     status: DeliveryStatus
     attempts: int
-    next_attempt_at: datetime | None
-    last_attempt_at: datetime | None
+    next_attempt_at: UtcDateTime | None
+    last_attempt_at: UtcDateTime | None
     response_status: int | None
     last_error: str | None
-    delivered_at: datetime | None
-    created_at: datetime
+    delivered_at: UtcDateTime | None
+    created_at: UtcDateTime

@@ -91,7 +91,8 @@ class TaskSpec(_Spec):
 
 
 class DatasetRefs(_Spec):
-    """Dataset ids (REST) or JSONL paths (CLI, uploaded before the job is created)."""
+    """The tenant's dataset ids or names (REST and CLI), or JSONL paths (`distill run`,
+    uploaded before the job is created)."""
 
     train: Text = Field(..., description="Seed train set.")
     validation: Text | None = Field(
@@ -240,7 +241,11 @@ class JobSpec(_Spec):
     )
     task: TaskSpec
     datasets: DatasetRefs
-    teacher: str | TeacherSpec = Field(..., description="A teacher id, or an inline teacher.")
+    teacher: str | TeacherSpec = Field(
+        ...,
+        description="A teacher's id or name (GET /v1/teachers), `local` (the server's local "
+        "teacher, where it runs one), or an inline teacher.",
+    )
     student: StudentSpec = Field(default_factory=StudentSpec)
     budget: Budget = Field(default_factory=Budget)
     stopping: Stopping = Field(default_factory=Stopping)

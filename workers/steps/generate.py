@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -667,6 +667,8 @@ class _Pipeline:
         retry = bool(failed or missing) and not (final and outcome.stopped)
         now = utcnow()
         since = batch.unavailable_since or now
+        if since.tzinfo is None:  # read back from SQLite, which drops the offset (it is UTC)
+            since = since.replace(tzinfo=UTC)
         give_up = retry and (now - since).total_seconds() >= self.settings.teacher_retry_deadline_s
         rows = _candidate_rows(
             session, job, batch, self.ctx, work.targets, work.fingerprints, calls, final=give_up

@@ -162,8 +162,14 @@ def list_datasets(
     settings: SettingsDep,
     cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    name: Annotated[
+        str | None,
+        Query(max_length=200, description="Only datasets with this name (a job spec's name)."),
+    ] = None,
 ) -> Page[DatasetRead]:
     stmt = select(Dataset).where(Dataset.tenant_id == principal.tenant_id)
+    if name is not None:
+        stmt = stmt.where(Dataset.name == name)
     rows, next_cursor = paginate(
         session,
         stmt,

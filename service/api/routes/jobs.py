@@ -33,6 +33,7 @@ from service.jobs import (
 )
 from service.models import Iteration, Job
 from service.pagination import Page
+from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=DocumentedRoute)
 # Iteration numbers are a Postgres integer: a larger one is a 422, not a query that fails.
@@ -63,6 +64,7 @@ def job_schema() -> dict[str, Any]:
     responses={**_CONFLICT, 200: {"model": JobRead, "description": "Replayed Idempotency-Key"}},
 )
 def create(
+    request: Request,
     response: Response,
     session: SessionDep,
     principal: PrincipalDep,
@@ -75,8 +77,9 @@ def create(
         principal.tenant_id,
         parse_spec(spec),
         idempotency_key=idempotency_key,
-        allow_private_teacher=settings.api.allow_private_teacher_urls,
         allow_trainer_command=settings.api.allow_trainer_commands,
+        teacher_policy=teacher_url_policy(settings),
+        local_teacher=request.app.state.local_teacher,
     )
     session.commit()
     if not created:

@@ -19,6 +19,7 @@ from service.refreshes import (
     refresh_state,
     request_refresh,
 )
+from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1/jobs", tags=["refreshes"], route_class=DocumentedRoute)
 
@@ -73,13 +74,16 @@ def refresh(
     names its iterations as the loop plans them; follow it with GET …/refreshes/{id} until
     `outcome` is no longer `waiting`. The same Idempotency-Key returns the same refresh (200)."""
     job = get_job(session, principal.tenant_id, job_id)
+    body = body or RefreshCreate()
+    # A served student is a model server like a teacher: the same operator policy.
+    student_url = body.student.base_url if body.student else None
     refresh, created = request_refresh(
         session,
         job,
-        body or RefreshCreate(),
+        body,
         idempotency_key=idempotency_key,
         api_key_id=principal.api_key_id,
-        allow_private=settings.api.allow_private_teacher_urls,
+        allow_private=teacher_url_policy(settings).allows(student_url or ""),
     )
     session.commit()
     if not created:

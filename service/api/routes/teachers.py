@@ -13,7 +13,13 @@ from service.api.routing import DocumentedRoute, error_responses
 from service.api.schemas import CursorQuery, TeacherCreate, TeacherRead, TeacherUpdate
 from service.models import Teacher
 from service.pagination import Page, paginate
-from service.teachers import create_teacher, delete_teacher, get_teacher, update_teacher
+from service.teachers import (
+    create_teacher,
+    delete_teacher,
+    get_teacher,
+    teacher_url_policy,
+    update_teacher,
+)
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"], route_class=DocumentedRoute)
 _CONFLICT = error_responses(409)  # a name in use; a teacher a job still uses
@@ -53,7 +59,7 @@ def create(
         structured_mode=body.structured_mode.value,
         timeout_s=body.timeout_s,
         max_attempts=body.max_attempts,
-        allow_private=settings.api.allow_private_teacher_urls,
+        allow_private=teacher_url_policy(settings).allows_all([body.base_url, *body.replica_urls]),
     )
     session.commit()
     return to_read(teacher)
@@ -65,8 +71,11 @@ def list_teachers(
     principal: PrincipalDep,
     cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    name: Annotated[str | None, Query(max_length=200, description="Only this name.")] = None,
 ) -> Page[TeacherRead]:
     stmt = select(Teacher).where(Teacher.tenant_id == principal.tenant_id)
+    if name is not None:
+        stmt = stmt.where(Teacher.name == name)
     rows, next_cursor = paginate(
         session,
         stmt,
@@ -97,7 +106,11 @@ def update(
     changes = {field: getattr(body, field) for field in body.model_fields_set}
     if "structured_mode" in changes and changes["structured_mode"] is not None:
         changes["structured_mode"] = changes["structured_mode"].value
-    update_teacher(session, teacher, changes, allow_private=settings.api.allow_private_teacher_urls)
+    urls = [changes.get("base_url") or teacher.base_url]
+    urls += changes.get("replica_urls") or teacher.replica_urls or []
+    update_teacher(
+        session, teacher, changes, allow_private=teacher_url_policy(settings).allows_all(urls)
+    )
     session.commit()
     return to_read(teacher)
 
