@@ -270,11 +270,7 @@ def _check_spec(raw: dict[str, Any], local_teacher: bool) -> None:
 
 def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
     """`teacher: local` (or none): the zero-configuration llama.cpp teacher, for this run."""
-    from workers.teacher.local import (
-        LOCAL_TEACHER_DEFAULTS,
-        LocalTeacherError,
-        LocalTeacherServer,
-    )
+    from workers.teacher.local import LocalTeacherError, LocalTeacherServer
 
     console.print("starting the local teacher (llama.cpp, gemma-3-270m) …")
     try:
@@ -282,8 +278,11 @@ def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
     except LocalTeacherError as exc:
         service_cli.err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(code=2) from exc
-    console.print(f"local teacher at {escape(server.base_url)}")
-    return LOCAL_TEACHER_DEFAULTS.teacher_spec(server.base_url).model_dump(mode="json")
+    console.print(
+        escape(f"local teacher at {server.base_url} ({server.backend}; log {server.log_path})"),
+        soft_wrap=True,
+    )
+    return server.defaults.teacher_spec(server.base_url).model_dump(mode="json")
 
 
 def _run_spec(
