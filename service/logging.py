@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
+
+_NOISY = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -13,7 +17,7 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
     # One line per HTTP request is the teacher gateway's job (with tokens and latency), not
     # the HTTP clients'.
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[
@@ -26,5 +30,72 @@ def configure_logging(level: str = "INFO") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of the write: a live display (rich's
+    progress bars) replaces it with a proxy that prints whole lines above the bars."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_LOUD = frozenset({"warning", "warn", "error", "err", "critical", "fatal", "exception"})
+
+
+class _FileAndLoudToStderr:
+    """A structlog logger: every event to the file, warnings and worse to stderr as well.
+
+    structlog calls the method named after the event's level with the rendered line, so the
+    level is known here without parsing the line."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def _write(self, method: str, message: str) -> None:
+        self._file.write(message + "\n")
+        self._file.flush()
+        if method in _LOUD:
+            sys.stderr.write(message + "\n")
+
+    def __getattr__(self, method: str) -> Any:
+        return lambda message: self._write(method, message)
+
+
+def configure_run_logging(level: str, path: Path) -> None:
+    """Logging for a command that draws progress bars (`distill run`): every event at `level`
+    or above is appended to `path`; only warnings and errors reach the terminal, through the
+    current `sys.stderr`, so the live display prints them above its bars instead of through
+    them. Call it before the first event is logged (structlog caches loggers on first use)."""
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("a", encoding="utf-8")  # kept open for the life of the process
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    to_file = logging.StreamHandler(file)
+    to_file.setLevel(numeric)
+    to_terminal = logging.StreamHandler(_CurrentStderr())
+    to_terminal.setLevel(max(numeric, logging.WARNING))
+    for handler in (to_file, to_terminal):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(numeric)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=lambda *args: _FileAndLoudToStderr(file),
         cache_logger_on_first_use=True,
     )
