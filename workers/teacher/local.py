@@ -89,7 +89,8 @@ class LocalTeacherError(RuntimeError):
 
 
 class LocalTeacherNotInstalledError(LocalTeacherError):
-    """llama-cpp-python[server] or the model package is missing; the message says how to fix it."""
+    """The runtime (xllamacpp or llama-cpp-python[server]) or the model package is missing; the
+    message says how to fix it."""
 
 
 def install_hint(missing: Sequence[str]) -> str:
