@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from pathlib import Path
@@ -48,18 +49,32 @@ class _CurrentStderr:
 _LOUD = frozenset({"warning", "warn", "error", "err", "critical", "fatal", "exception"})
 
 
+# The open run log, replaced (and the previous one closed) by each configure_run_logging: a
+# process that runs several jobs in turn (tests drive `distill run` in process) keeps one open.
+_run_log: TextIO | None = None
+
+
+def _close_run_log() -> None:
+    global _run_log
+    if _run_log is not None:
+        _run_log.close()
+        _run_log = None
+
+
+atexit.register(_close_run_log)
+
+
 class _FileAndLoudToStderr:
-    """A structlog logger: every event to the file, warnings and worse to stderr as well.
+    """A structlog logger: every event to the run log, warnings and worse to stderr as well.
 
     structlog calls the method named after the event's level with the rendered line, so the
-    level is known here without parsing the line."""
-
-    def __init__(self, file: TextIO) -> None:
-        self._file = file
+    level is known here without parsing the line. The file is looked up at each write: loggers
+    are cached on first use, and the file may have been replaced since."""
 
     def _write(self, method: str, message: str) -> None:
-        self._file.write(message + "\n")
-        self._file.flush()
+        if _run_log is not None:
+            _run_log.write(message + "\n")
+            _run_log.flush()
         if method in _LOUD:
             sys.stderr.write(message + "\n")
 
@@ -72,13 +87,18 @@ def configure_run_logging(level: str, path: Path) -> None:
     or above is appended to `path`; only warnings and errors reach the terminal, through the
     current `sys.stderr`, so the live display prints them above its bars instead of through
     them. Call it before the first event is logged (structlog caches loggers on first use)."""
+    global _run_log
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     path.parent.mkdir(parents=True, exist_ok=True)
-    file = path.open("a", encoding="utf-8")  # kept open for the life of the process
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
-    to_file = logging.StreamHandler(file)
+        # Plain stream handlers (basicConfig's, ours from an earlier run) write to the terminal
+        # or to the previous run log; subclasses (a test runner's capture) are left alone.
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    _close_run_log()
+    _run_log = path.open("a", encoding="utf-8")
+    to_file = logging.StreamHandler(_run_log)
     to_file.setLevel(numeric)
     to_terminal = logging.StreamHandler(_CurrentStderr())
     to_terminal.setLevel(max(numeric, logging.WARNING))
@@ -96,6 +116,6 @@ def configure_run_logging(level: str, path: Path) -> None:
             structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=lambda *args: _FileAndLoudToStderr(file),
+        logger_factory=lambda *args: _FileAndLoudToStderr(),
         cache_logger_on_first_use=True,
     )
