@@ -29,6 +29,7 @@ from service.jobs import create_job, parse_spec
 from service.models import Dataset, Iteration, Job
 from service.settings import Settings, get_settings
 from service.tasks import ALL_QUEUES
+from workers.progress import IterationProgress, JobProgress
 
 app = service_cli.app
 console = service_cli.console
@@ -284,6 +285,7 @@ def run(
     from workers.inline import InlineTaskSender
     from workers.runtime import set_sender
 
+    _log_beside_the_bars()
     raw = service_cli.load_spec_file(spec_path)
     local_teacher = raw.get("teacher", "local") == "local"
     _check_spec(raw, local_teacher)
@@ -296,6 +298,21 @@ def run(
         if local_teacher:
             raw["teacher"] = _start_local_teacher(stack)
         _run_spec(raw, base, tenant, sender, export_dir)
+
+
+def _log_beside_the_bars() -> None:
+    """Log events go to a file while the bars are drawn (one line per teacher call would
+    scroll them away); warnings still reach the terminal, printed above the bars."""
+    import os
+
+    from service.logging import configure_run_logging
+
+    # Libraries' own progress bars (model loading) would draw through ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    settings = get_settings()
+    path = settings.home / "logs" / "run.log"
+    configure_run_logging(settings.log_level, path)
+    console.print(escape(f"log: {path}"), soft_wrap=True)
 
 
 def _check_spec(raw: dict[str, Any], local_teacher: bool) -> None:
@@ -312,11 +329,7 @@ def _check_spec(raw: dict[str, Any], local_teacher: bool) -> None:
 
 def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
     """`teacher: local` (or none): the zero-configuration llama.cpp teacher, for this run."""
-    from workers.teacher.local import (
-        LOCAL_TEACHER_DEFAULTS,
-        LocalTeacherError,
-        LocalTeacherServer,
-    )
+    from workers.teacher.local import LocalTeacherError, LocalTeacherServer
 
     console.print("starting the local teacher (llama.cpp, gemma-3-270m) …")
     try:
@@ -324,8 +337,11 @@ def _start_local_teacher(stack: contextlib.ExitStack) -> dict[str, Any]:
     except LocalTeacherError as exc:
         service_cli.err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(code=2) from exc
-    console.print(f"local teacher at {escape(server.base_url)}")
-    return LOCAL_TEACHER_DEFAULTS.teacher_spec(server.base_url).model_dump(mode="json")
+    console.print(
+        escape(f"local teacher at {server.base_url} ({server.backend}; log {server.log_path})"),
+        soft_wrap=True,
+    )
+    return server.defaults.teacher_spec(server.base_url).model_dump(mode="json")
 
 
 def _run_spec(
@@ -399,8 +415,14 @@ def _did_not_succeed(
     )
 
 
+PROGRESS_POLL_S = 0.5
+
+
 def _drive(sender: Any, job_id: uuid.UUID) -> None:
-    sessions = service_cli.sessions()
+    """Run the job's steps in this process under one bar per iteration. The bars move per
+    teacher call: a thread reads the progress every PROGRESS_POLL_S while a step runs (a
+    generation step makes all of a phase's calls in one task), and again after each task."""
+    reader = JobProgress(service_cli.sessions(), job_id)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -410,25 +432,51 @@ def _drive(sender: Any, job_id: uuid.UUID) -> None:
         console=console,
     ) as progress:
         bars: dict[int, Any] = {}
+        lock = threading.Lock()  # the poller and the task hook both refresh
 
         def refresh(_: Any = None) -> None:
-            with sessions() as session:
-                for it in session.scalars(select(Iteration).where(Iteration.job_id == job_id)):
-                    label = "baseline" if it.number == 0 else f"iteration {it.number}"
-                    total = max(it.batches_total, 1)
-                    done = it.batches_done if it.number else (1 if it.metric is not None else 0)
-                    if it.status.value == "completed":
-                        done = total
-                    info = it.status.value + (
-                        f" metric={it.metric:.4f}" if it.metric is not None else ""
-                    )
-                    if it.number not in bars:
-                        bars[it.number] = progress.add_task(label, total=total, info=info)
-                    progress.update(bars[it.number], total=total, completed=done, info=info)
+            with lock:
+                for it in reader.read():
+                    _show_iteration(progress, bars, it)
 
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(PROGRESS_POLL_S):
+                try:
+                    refresh()
+                except Exception:  # a read that lost a race with a write: the next one shows it
+                    structlog.get_logger().debug("run.progress_read_failed", exc_info=True)
+
+        poller = threading.Thread(target=poll, name="run-progress", daemon=True)
         sender.on_task_done = refresh
-        sender.run_until_idle()
+        poller.start()
+        try:
+            sender.run_until_idle()
+        finally:
+            stop.set()
+            poller.join()
         refresh()
+
+
+def _show_iteration(progress: Progress, bars: dict[int, Any], it: IterationProgress) -> None:
+    """One iteration's bar: the baseline is one step (its evaluation); a later iteration
+    counts its teacher calls, and is whole once completed."""
+    if it.number == 0:
+        label, total = "baseline", 1
+        done = 1 if it.metric is not None else 0
+        info = it.status.value
+    else:
+        label, total = f"iteration {it.number}", max(it.calls_planned, 1)
+        done = it.calls_done
+        info = f"teacher calls · {it.status.value} · {it.accepted} accepted {it.rejected} rejected"
+    if it.status.value == "completed":
+        done = total
+    if it.metric is not None:
+        info += f" · metric={it.metric:.4f}"
+    if it.number not in bars:
+        bars[it.number] = progress.add_task(label, total=total, info="")
+    progress.update(bars[it.number], total=total, completed=done, info=escape(info))
 
 
 def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:

@@ -12,6 +12,8 @@ import yaml
 
 from workers.teacher.local import (
     LOCAL_TEACHER_DEFAULTS,
+    Backend,
+    LocalTeacherDefaults,
     LocalTeacherError,
     LocalTeacherNotInstalledError,
     LocalTeacherServer,
@@ -31,9 +33,9 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def spec_snippet(base_url: str) -> str:
+def spec_snippet(base_url: str, defaults: LocalTeacherDefaults = LOCAL_TEACHER_DEFAULTS) -> str:
     """The `teacher:` block of a job spec that uses the server at `base_url`."""
-    teacher = LOCAL_TEACHER_DEFAULTS.teacher_spec(base_url)
+    teacher = defaults.teacher_spec(base_url)
     body = {"teacher": teacher.model_dump(mode="json", exclude_none=True)}
     return yaml.safe_dump(body, sort_keys=False)
 
@@ -48,7 +50,15 @@ def local(
         typer.Option(help="Where the model and the server log live; default DISTILL_HOME."),
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads; default all available, at most 8.")
+        int | None,
+        typer.Option(min=1, help="CPU threads; default all available but one, at most 8."),
+    ] = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(
+            help="The runtime: xllamacpp (prebuilt wheel) or llama-cpp-python (compiled); "
+            "default xllamacpp when installed."
+        ),
     ] = None,
 ) -> None:
     """Serve Gemma 3 270M (llama.cpp) on loopback until Ctrl-C, for jobs with no API key.
@@ -61,7 +71,7 @@ def local(
 
         home = get_settings().home
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = LocalTeacherServer(home, port=port, n_threads=threads)
+    server = LocalTeacherServer(home, port=port, n_threads=threads, backend=backend)
     typer.echo("starting the local teacher (the first start assembles a 253 MB model)...")
     try:
         server.start()
@@ -72,10 +82,13 @@ def local(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     try:
-        typer.echo(f"local teacher ready: base_url {server.base_url}  model {server.model}")
+        typer.echo(
+            f"local teacher ready: base_url {server.base_url}  model {server.model}  "
+            f"({server.backend})"
+        )
         typer.echo(f"server log: {server.log_path}")
         typer.echo("use it in a job spec (no API key needed):\n")
-        typer.echo(spec_snippet(server.base_url))
+        typer.echo(spec_snippet(server.base_url, server.defaults))
         typer.echo("Ctrl-C stops it.")
         try:
             returncode = server.wait()

