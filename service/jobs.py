@@ -313,7 +313,7 @@ def _job_teacher(
             raise ValidationFailed(
                 "teacher: this server runs no local teacher; give a teacher's name or id "
                 "(GET /v1/teachers) or an inline teacher (base_url, model), or have the operator "
-                "start one (`distill teacher local --port P`) and set "
+                "start one (`distill teachers local --port P`) and set "
                 "DISTILL_API__LOCAL_TEACHER_URL to the base_url it prints",
                 details=[{"field": "teacher", "message": "no local teacher is configured"}],
                 code="no_local_teacher",

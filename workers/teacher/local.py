@@ -355,7 +355,7 @@ def _exit_hint(returncode: int, backend: Backend | None) -> str:
             " (Illegal instruction: the prebuilt xllamacpp wheel uses CPU features this "
             "machine cannot run; build llama.cpp for it instead with\n"
             f"  {LLAMA_CPP_PYTHON_INSTALL_COMMAND}\n"
-            "and start `distill teacher local --backend llama-cpp-python`)"
+            "and start `distill teachers local --backend llama-cpp-python`)"
         )
     return (
         " (Illegal instruction: llama-cpp-python was built for CPU features this machine "
