@@ -127,6 +127,8 @@ def configure_run_logging(level: str, path: Path) -> None:
     to_terminal = logging.StreamHandler(_CurrentStderr())
     to_terminal.setLevel(max(numeric, logging.WARNING))
     for handler in (to_file, to_terminal):
+        # Named like configure_logging's handler, so configuring again replaces both.
+        handler.set_name(_HANDLER)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
     root.setLevel(numeric)

@@ -151,7 +151,7 @@ def test_teacher_local_uses_the_servers_local_teacher(
     # The defaults `distill run` gives the local teacher; a loopback address the operator set.
     assert (teacher.base_url, teacher.model) == ("http://127.0.0.1:8181/v1", spec.model)
     assert teacher.limits["max_concurrency"] == 1
-    assert teacher.structured_mode == "json_object"
+    assert teacher.structured_mode == spec.structured_mode.value
     assert teacher.allow_private_network
 
 

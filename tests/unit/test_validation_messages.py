@@ -101,4 +101,3 @@ def test_private_address_error_names_what_an_operator_can_do() -> None:
     root = get_command(app)
     assert "run" in root.commands  # type: ignore[attr-defined]
     assert "create" in root.commands["jobs"].commands  # type: ignore[attr-defined]
-    assert "teachers" not in root.commands  # type: ignore[attr-defined]
