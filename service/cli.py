@@ -339,22 +339,31 @@ DatasetArg = Annotated[
 ]
 
 
+def _newest_first(
+    session: Session, tenant: str, model: type[Dataset] | type[Teacher], limit: int
+) -> list[Any]:
+    """The first `limit` rows of a tenant's datasets or teachers, newest first (the API's own
+    pagination); an unknown tenant ends the command with its error."""
+    try:
+        t = _existing_tenant(session, tenant)
+    except NotFound as exc:
+        fail(exc)
+    rows, _ = paginate(
+        session,
+        select(model).where(model.tenant_id == t.id),
+        created_col=model.created_at,
+        id_col=model.id,
+        cursor=None,
+        limit=limit,
+    )
+    return list(rows)
+
+
 @datasets_app.command("list")
 def datasets_list(tenant: TenantOpt = "default", limit: LimitOpt = 50) -> None:
     """The tenant's datasets, newest first: name, rows, fields, content hash."""
     with open_session() as session:
-        try:
-            t = _existing_tenant(session, tenant)
-        except NotFound as exc:
-            fail(exc)
-        rows, _ = paginate(
-            session,
-            select(Dataset).where(Dataset.tenant_id == t.id),
-            created_col=Dataset.created_at,
-            id_col=Dataset.id,
-            cursor=None,
-            limit=limit,
-        )
+        rows = _newest_first(session, tenant, Dataset, limit)
         table = Table("name", "rows", "fields", "sha256", "created")
         table.add_column("id", no_wrap=True, min_width=36)
         for ds in rows:
@@ -599,18 +608,7 @@ def _key_source(teacher: Teacher) -> str:
 def teachers_list(tenant: TenantOpt = "default", limit: LimitOpt = 50) -> None:
     """The tenant's teachers, newest first (teachers written inline in job specs included)."""
     with open_session() as session:
-        try:
-            t = _existing_tenant(session, tenant)
-        except NotFound as exc:
-            fail(exc)
-        rows, _ = paginate(
-            session,
-            select(Teacher).where(Teacher.tenant_id == t.id),
-            created_col=Teacher.created_at,
-            id_col=Teacher.id,
-            cursor=None,
-            limit=limit,
-        )
+        rows = _newest_first(session, tenant, Teacher, limit)
         table = Table("name", "model", "base url", "api key", "created")
         table.add_column("id", no_wrap=True, min_width=36)
         for teacher in rows:
