@@ -29,19 +29,19 @@ class ValidationRoles(BaseModel):
     """Which validation rows steer an iteration and which judge it (`validation_roles`)."""
 
     steering: frozenset[str]
-    # Rows the iteration's prompts never showed: the step from the previous kept iteration is
-    # judged on them.
+    # Rows neither this iteration's prompts nor the previous iteration's showed: the step from
+    # the previous kept iteration is judged on them.
     judging_step: frozenset[str]
-    # Rows no iteration ever shows: the comparison with the seed-only student, and the metric
-    # every iteration reports, are computed on them.
+    # Rows the comparison with the seed-only student, and the metric the iteration reports, are
+    # computed on: the same rows (every row in iteration 0).
     held_out: frozenset[str]
 
 
 def validation_thirds(
     rows: Sequence[tuple[str, str]], seed: int
 ) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-    """The validation rows `(row_id, label)` in three parts, stratified by label and drawn with
-    the job seed: two that take turns steering, one that is never shown."""
+    """The validation rows `(row_id, label)` in three parts that take turns steering,
+    stratified by label and drawn with the job seed."""
     by_label: dict[str, list[str]] = {}
     for row_id, label in rows:
         by_label.setdefault(label, []).append(row_id)
@@ -62,19 +62,34 @@ def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int)
     """The roles of the validation rows in iteration `iteration`, for a strategy that shows
     validation rows to the teacher.
 
-    A row that steered the teacher would flatter its data (the student is fixed exactly where
-    the teacher was shown it fails), so it must not judge that data. The rows are cut in three
-    (`validation_thirds`): odd iterations steer with the first third, even ones with the second,
-    so each iteration aims at mistakes the loop has not aimed at yet; the third third is never
-    shown. An iteration's step is judged on the two thirds its own prompts never showed: the
-    two students compared differ only by this iteration's examples, so what earlier iterations
-    were steered by weighs on both alike. The comparison with the seed-only student spans every
-    iteration's examples, and the metric each iteration reports must be comparable across
-    iterations, so both use the third that is never shown.
+    The rows are cut in three parts (`validation_thirds`) that steer in rotation: iteration 1
+    shows the teacher the student's mistakes in the first third, iteration 2 in the second,
+    iteration 3 in the third, iteration 4 in the first again. Each iteration aims at mistakes
+    the loop has not aimed at lately, and in three iterations every validation row has steered
+    once: a teacher writes near what it is shown, so the rows shown are the loop's reach.
+
+    A row that steered the teacher flatters that data (the student is fixed exactly where the
+    teacher was shown it fails), so an iteration is judged on the rows that neither its own
+    prompts nor the previous iteration's showed: in iteration 1 two thirds, later one third.
+    Its step from the previous kept iteration (the two students differ by this iteration's
+    examples only), its comparison with the seed-only student and the metric it reports all use
+    those rows. Rows the previous iteration was steered by are left out of the step on purpose:
+    the reference student already holds examples written near them, so new examples could only
+    look worse there (measured: the step read 1 to 3 points below zero on such rows while the
+    test accuracy rose). From iteration 3 on, the judging third steered an earlier iteration,
+    so the reported metric leans optimistic (a test split, when given, is the unbiased one).
+
+    Measured with bench/selection_study.py (docs/loops.md): thirds in rotation closed 8 more
+    points of the gap on HWU64 than two alternating thirds with one never shown.
     """
-    first, second, never = validation_thirds(rows, seed)
-    steering, other = (first, second) if iteration % 2 == 1 else (second, first)
-    return ValidationRoles(steering=steering, judging_step=other | never, held_out=never)
+    every = frozenset(row_id for row_id, _ in rows)
+    if iteration <= 0:
+        return ValidationRoles(steering=frozenset(), judging_step=every, held_out=every)
+    parts = validation_thirds(rows, seed)
+    steering = parts[(iteration - 1) % 3]
+    previous = parts[(iteration - 2) % 3] if iteration >= 2 else frozenset()
+    judging = every - steering - previous
+    return ValidationRoles(steering=steering, judging_step=judging, held_out=judging)
 
 
 # 90% two-sided interval: "measurably worse" is a one-sided 95% call.

@@ -7,8 +7,8 @@ Paper: "Aligning Teacher with Student Preferences for Tailored Training Data Gen
    `arte_draft.j2`) each showing a few seed rows (`n_shots`); for classification each target asks
    for one label, rotating through the label set so the drafts cover it.
 2. Student preference: the orchestration uses each parsed draft as an in-context demonstration
-   for the student on `score_rows` validation rows of the half that steers this iteration (the
-   other half judges whether its examples are kept); the accuracy is the draft's
+   for the student on `score_rows` validation rows of the third that steers this iteration
+   (rows it never showed judge whether its examples are kept); the accuracy is the draft's
    score (`ScoredDraft.score`). Only student inference is needed.
 3. Align the teacher with those preferences. With a black-box teacher this is in-context: phase
    "final", `plan` shows every target the `n_best` highest-scored drafts and the `n_worst`
@@ -70,8 +70,8 @@ class ARTEParams(StrategyParams):
         32,
         ge=1,
         le=10000,
-        description="Validation rows each draft is scored on, from the half that steers the "
-        "iteration (the other half decides whether its examples are kept).",
+        description="Validation rows each draft is scored on, from the third that steers the "
+        "iteration (rows it never showed decide whether its examples are kept).",
     )
     n_preference_pairs: int = Field(
         8, ge=0, le=1000, description="(chosen, rejected) draft pairs exported per iteration."

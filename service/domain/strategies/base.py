@@ -156,8 +156,9 @@ class Strategy(ABC):
     phases: ClassVar[tuple[str, ...]] = ("generate",)
     task_kinds: ClassVar[frozenset[TaskKind]]
     # Whether the strategy shows validation rows to the teacher (its prompts are aimed at the
-    # student's mistakes there). Then each iteration sees a third of the validation set and is
-    # judged on rows it never saw (`selection.validation_roles`); otherwise all of it judges.
+    # student's mistakes there). Then each iteration sees a third of the validation set, the
+    # thirds in rotation, and is judged on rows that neither it nor the iteration before saw
+    # (`selection.validation_roles`); otherwise all of it judges.
     steers_with_validation: ClassVar[bool] = False
 
     @classmethod

@@ -165,29 +165,40 @@ def test_no_rows_to_compare_keeps_the_data() -> None:
 
 def test_validation_thirds_are_stratified_disjoint_and_drawn_with_the_job_seed() -> None:
     rows = [(f"validation:{i}", "abc"[i % 3]) for i in range(31)]
-    first, second, never = validation_thirds(rows, seed=0)
-    assert first | second | never == {r for r, _ in rows}
-    assert not (first & second or first & never or second & never)
-    assert max(map(len, (first, second, never))) - min(map(len, (first, second, never))) <= 1
+    first, second, third = validation_thirds(rows, seed=0)
+    assert first | second | third == {r for r, _ in rows}
+    assert not (first & second or first & third or second & third)
+    assert max(map(len, (first, second, third))) - min(map(len, (first, second, third))) <= 1
     for label in "abc":
         counts = [
             sum(1 for r, lab in rows if lab == label and r in part)
-            for part in (first, second, never)
+            for part in (first, second, third)
         ]
         assert max(counts) - min(counts) <= 1
-    assert validation_thirds(list(reversed(rows)), seed=0) == (first, second, never)
-    assert validation_thirds(rows, seed=1) != (first, second, never), "the job seed draws them"
+    assert validation_thirds(list(reversed(rows)), seed=0) == (first, second, third)
+    assert validation_thirds(rows, seed=1) != (first, second, third), "the job seed draws them"
 
 
-def test_each_iteration_steers_with_a_third_and_is_judged_on_rows_it_never_saw() -> None:
+def test_the_thirds_steer_in_rotation_and_judge_rows_no_recent_prompt_showed() -> None:
     rows = [(f"v{i}", "ab"[i % 2]) for i in range(30)]
-    first, second, never = validation_thirds(rows, seed=3)
-    one, two, three = (validation_roles(rows, 3, n) for n in (1, 2, 3))
-    assert (one.steering, two.steering, three.steering) == (first, second, first)
-    for roles in (one, two, three):
-        assert roles.held_out == never
-        assert roles.steering.isdisjoint(roles.judging_step)
-        assert roles.steering | roles.judging_step == {r for r, _ in rows}
+    every = {r for r, _ in rows}
+    first, second, third = validation_thirds(rows, seed=3)
+    roles = [validation_roles(rows, 3, n) for n in range(6)]
+    # Iteration 0 (the seed-only student) shows the teacher nothing: every row judges it.
+    assert roles[0].steering == frozenset() and roles[0].held_out == every
+    # In three iterations every row steers once, then the rotation starts again.
+    assert [r.steering for r in roles[1:]] == [first, second, third, first, second]
+    # Iteration 1 is judged on the two thirds it did not show; later ones on the third that
+    # neither they nor the iteration before showed.
+    assert roles[1].judging_step == second | third
+    assert roles[2].judging_step == third
+    assert roles[3].judging_step == first
+    assert roles[4].judging_step == second
+    for n in range(1, 6):
+        assert roles[n].steering.isdisjoint(roles[n].judging_step)
+        assert roles[n - 1].steering.isdisjoint(roles[n].judging_step)
+        # The seed-only comparison and the reported metric use the same rows.
+        assert roles[n].held_out == roles[n].judging_step
 
 
 def test_many_small_labels_still_cut_the_set_evenly() -> None:
