@@ -14,9 +14,12 @@ Paper: "LLM2LLM: Boosting LLMs with Novel Iterative Data Enhancement" (Lee et al
    (prompt `llm2llm.j2`, at most `examples_per_error` per prompt); `parse`. The paper is budgeted
    per iteration; here the iteration's share of the job's budget (`ctx.max_examples`) is what is
    spent: for classification it goes to the labels in proportion to their error rate plus a
-   floor (`shares_by_weakness`), then evenly to each label's wrong rows; a label with no wrong
-   row gets examples like its seed rows (reason "coverage", prompt `augment.j2`), so the classes
-   the student handles are not starved while it learns the others.
+   floor (`shares_by_weakness`), then within a label to its wrong rows and to the held-out
+   rows the student got right, a wrong row weighing `WRONG_ROW_WEIGHT` times a right one
+   (`weighted_row_targets`; right rows get reason "coverage" and prompt `augment.j2`, which
+   presents the row as a training example, not a mistake), so the classes the student
+   handles are not starved while it learns the others, and no single row is asked for many
+   near-copies.
 4. Add them and go to 1: the orchestration. Stop after T iterations or when no seed example is
    wrong: `decide`.
 """
@@ -41,6 +44,7 @@ from service.domain.strategies.base import (
     PlanContext,
     Strategy,
     StrategyParams,
+    apportion,
     decide_by_metric,
     example_item,
     params_as,
@@ -180,6 +184,45 @@ def row_targets(
     return targets
 
 
+# A wrong row is asked for this many times the examples a correctly predicted one is: the
+# mistakes are what the loop aims at, the rest keeps the class covered. Measured with the
+# selection study behind docs/loops.md (1, 2 and 3 on HWU64 and TREC: 2 was best or tied).
+WRONG_ROW_WEIGHT = 2.0
+
+
+def weighted_row_targets(
+    ctx: PlanContext,
+    slots: Sequence[tuple[LabelledRow, EvaluatedRow | None, float]],
+    total: int,
+    per_prompt: int,
+    *,
+    prefix: str,
+) -> list[GenerationTarget]:
+    """`total` examples over `slots` (row, the student's wrong verdict or None, weight) in
+    proportion to the weights by largest remainders (earlier slots win ties), at most
+    `per_prompt` per prompt. A row with a verdict is a mistake (reason "wrong_seed" or
+    "wrong_validation", prompt `llm2llm.j2`); one without is coverage (`augment.j2`)."""
+    counts = apportion(total, {str(i): weight for i, (_, _, weight) in enumerate(slots)})
+    targets: list[GenerationTarget] = []
+    for i, (row, verdict, _) in enumerate(slots):
+        for part, m in enumerate(split_in_chunks(counts[str(i)], per_prompt)):
+            suffix = f"#{part + 1}" if part else ""
+            reason = "coverage"
+            if verdict is not None:
+                reason = "wrong_seed" if verdict.split == "train" else "wrong_validation"
+            targets.append(
+                augment_target(
+                    ctx,
+                    row,
+                    m,
+                    reason=reason,
+                    target_id=f"{prefix if verdict is not None else 'cov'}:{row.row_id}{suffix}",
+                    verdict=verdict,
+                )
+            )
+    return targets
+
+
 class LLM2LLM(Strategy):
     name: ClassVar[str] = "llm2llm"
     Params = LLM2LLMParams
@@ -217,43 +260,47 @@ class LLM2LLM(Strategy):
             targets = row_targets(ctx, slots, total, per_prompt, reason="wrong", prefix="err")
             return with_sample_indices(targets, ctx.iteration)
         # Classification: the share goes to the labels in proportion to their error rate plus a
-        # floor; within a label to its wrong rows, or, for a label the student gets right, to
-        # its correctly predicted rows as plain examples (coverage), held-out validation rows
-        # first (the student has not trained on them), so no class is starved.
-        held_out_of = {
+        # floor; within a label to every held-out row of it the iteration may show, a wrong row
+        # counting WRONG_ROW_WEIGHT times a correctly predicted one (coverage), so no class is
+        # starved and no one row is asked for many examples (a teacher writes near what it is
+        # shown: the fifth example like one row teaches less than the first like another). Seed
+        # rows the student predicts right come in only for a label with no other row: the
+        # student trained on them, so examples like them add least.
+        correct_held_out = {
             label: [
                 LabelledRow(row_id=r.row_id, input=r.input, output=r.gold)
                 for r in ctx.evaluated
-                if r.split == "validation" and r.gold == label
+                if r.split == "validation" and r.gold == label and r.correct
             ]
             for label in labels
         }
         seeds_of = {label: [s for s in ctx.train_rows if s.output == label] for label in labels}
+        wrong_of = {
+            label: [(row, v) for row, v in slots if row.output == label] for label in labels
+        }
         shares = shares_by_weakness(
             total,
-            [label for label in labels if held_out_of[label] or seeds_of[label]],
+            [
+                label
+                for label in labels
+                if wrong_of[label] or correct_held_out[label] or seeds_of[label]
+            ],
             error_rates(ctx.evaluated, labels),
         )
         targets = []
         for label, n in shares.items():
             if n == 0:
                 continue
-            wrong_here = [(row, v) for row, v in slots if row.output == label]
-            if wrong_here:
-                rng.shuffle(wrong_here)
-                targets += row_targets(ctx, wrong_here, n, per_prompt, reason="wrong", prefix="err")
-                continue
-            first, rest = list(held_out_of[label]), list(seeds_of[label])
-            rng.shuffle(first)
-            rng.shuffle(rest)
-            targets += row_targets(
-                ctx,
-                [(row, None) for row in first + rest],
-                n,
-                per_prompt,
-                reason="coverage",
-                prefix="cov",
-            )
+            wrong_here = list(wrong_of[label])
+            rng.shuffle(wrong_here)
+            covered = list(correct_held_out[label])
+            rng.shuffle(covered)
+            if not wrong_here and not covered:
+                covered = list(seeds_of[label])
+                rng.shuffle(covered)
+            weighted = [(row, v, WRONG_ROW_WEIGHT) for row, v in wrong_here]
+            weighted += [(row, None, 1.0) for row in covered]
+            targets += weighted_row_targets(ctx, weighted, n, per_prompt, prefix="err")
         return with_sample_indices(targets, ctx.iteration)
 
     def parse(

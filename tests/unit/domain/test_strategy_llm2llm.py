@@ -226,6 +226,42 @@ def test_coverage_prefers_validation_rows_the_student_never_trained_on() -> None
     assert refund and refund[0].source_row_id == "v9"
 
 
+def test_a_label_share_covers_its_held_out_rows_and_weighs_mistakes_double() -> None:
+    # billing (LABELS[0]) has seed rows s0, s3 (s0 wrong out of fold), one wrong validation row
+    # and two it gets right; nothing else is wrong.
+    seeds = _seeds(6)
+    rows = {
+        "v1": ("a billing question", "refund"),
+        "v2": ("another billing question", "billing"),
+        "v3": ("a third billing question", "billing"),
+    }
+    extra = [
+        _verdict(LabelledRow(row_id=k, input=text, output="billing"), pred, "validation")
+        for k, (text, pred) in rows.items()
+    ]
+    targets = LLM2LLM().plan(_ctx(seeds, {"s0"}, extra=extra, max_examples=30))
+    billing = {t.source_row_id: t for t in targets if t.expected_label == "billing"}
+    asked: dict[str | None, int] = {}
+    for t in targets:
+        if t.expected_label == "billing":
+            asked[t.source_row_id] = asked.get(t.source_row_id, 0) + t.n_examples
+    # Every held-out row of the label is shown; the seed row it gets right is not (the student
+    # trained on it).
+    assert set(billing) == {"s0", "v1", "v2", "v3"}
+    assert billing["s0"].reason == "wrong_seed" and billing["v1"].reason == "wrong_validation"
+    assert billing["v2"].reason == billing["v3"].reason == "coverage"
+    assert billing["v2"].request.template_id == "augment"
+    # Weights 2, 2, 1, 1: a mistake is asked for twice what a covered row is (largest
+    # remainders: within one example).
+    share = _spent_by_label(targets)["billing"]
+    assert sum(asked.values()) == share
+    for row_id, weight in (("s0", 2), ("v1", 2), ("v2", 1), ("v3", 1)):
+        assert abs(asked[row_id] - share * weight / 6) < 1
+    assert all(t.n_examples <= 3 for t in targets), "at most examples_per_error per prompt"
+    # A label with no held-out row but its seed rows still gets its floor, from the seed rows.
+    assert {t.reason for t in targets if t.expected_label == "refund"} == {"coverage"}
+
+
 def test_the_share_trims_the_plan_and_zero_plans_nothing() -> None:
     seeds = _seeds()
     targets = LLM2LLM().plan(_ctx(seeds, {"s0", "s1", "s2", "s3"}, max_examples=7))
