@@ -19,12 +19,14 @@ rows to each *anchor* the policy shows:
 - `near-seed`: every seed row, labels even (what the `random` strategy asks for);
 - `mistakes-third` / `mistakes-half`: the steering validation rows the student gets wrong (a
   label with none: its steering rows, else its seed rows), the steering rows being a third
-  that alternates with another while the last third is never shown (the earlier product) or a
-  half that alternates with the other (the product now);
-- `covered-third` / `covered-half` / `covered-fifths`: every steering validation row of the
-  label, a wrong one weighing twice a right one (LLM2LLM now), with thirds, halves, or two
-  fifths alternating while one fifth is never shown, or thirds in rotation (each round the
-  next third: every row steers once in three rounds);
+  that alternates with another while the last third is never shown (an earlier product) or a
+  half that alternates with the other;
+- `covered-third` / `covered-half` / `covered-fifths` / `covered-rotate`: every steering
+  validation row of the label, a wrong one weighing twice a right one (what LLM2LLM asks for),
+  the steering rows being a third that alternates with another while one third is never
+  shown, a half that alternates with the other, two fifths that alternate while one fifth is
+  never shown, or thirds in rotation (each round the next third, so every row steers once in
+  three rounds: the product now, `service/domain/selection.py::validation_roles`);
 - `covered-all`: the same with every validation row steering every round (no rows left to judge
   the data: an upper bound, not a product option).
 
