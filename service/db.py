@@ -168,8 +168,9 @@ def _bound_columns(
         if isinstance(column.default, ColumnDefault)
         and (column.default.is_scalar or column.default.is_callable)
     }
-    given = dict.fromkeys(name for row in rows for name in row)
-    names = list(dict.fromkeys([*given, *defaults]))
+    given = list(rows[0])
+    given += sorted(set().union(*rows).difference(given))  # keys some rows have, the first not
+    names = given + [name for name in defaults if name not in given]
     dialect = session.get_bind().dialect
     columns = []
     for name in names:
@@ -199,19 +200,33 @@ def _bound_columns(
     return names, columns
 
 
+def _constant(column: list[Any]) -> bool:
+    """Whether a column holds one value (C-level: `count` compares by identity first, and a
+    batch's rows usually share the very object, e.g. the job's id)."""
+    return column.count(column[0]) == len(column)
+
+
 def _first_of_each_key(
     records: list[tuple[Any, ...]], key_columns: list[list[Any]]
 ) -> list[tuple[Any, ...]]:
     """The records less those whose conflict key an earlier record has: what one INSERT …
     ON CONFLICT DO NOTHING keeps of a batch. A key with a NULL in it never conflicts (NULLs
     are distinct in a unique index), so its records all stay."""
-    keys = list(zip(*key_columns, strict=True))
+    varying = []
+    for column in key_columns:
+        if not _constant(column):
+            varying.append(column)
+        elif column[0] is None:
+            return records  # a NULL in every key
+    if not varying:
+        return records[:1]  # one key, however many records
+    keys: list[Any] = varying[0] if len(varying) == 1 else list(zip(*varying, strict=True))
     if len(set(keys)) == len(keys):  # no key twice: the usual case, checked in C
         return records
-    seen: set[tuple[Any, ...]] = set()
+    seen: set[Any] = set()
     kept = []
     for record, key in zip(records, keys, strict=True):
-        if None in key:
+        if key is None or (len(varying) != 1 and None in key):
             kept.append(record)
         elif key not in seen:
             seen.add(key)
@@ -250,7 +265,7 @@ def _existing_keys(
         return set()
     if len(probed) < len(key_columns[0]):
         key_columns = [[column[i] for i in probed] for column in key_columns]
-    constant = [len(set(column)) == 1 for column in key_columns]
+    constant = [_constant(column) for column in key_columns]
     if all(constant):  # one key: probed as an array of one all the same
         constant = [False] * len(constant)
     arrays, scalars, unnest, match = [], [], [], []

@@ -197,6 +197,11 @@ def test_a_key_twice_in_one_batch_keeps_its_first_row(db_session: Session) -> No
     )
     assert _stored(db_session, "dup") == _stored(db_session, "vdup")
     assert all(row[5] != "second" for row in _stored(db_session, "dup"))
+    one = _rows(job_id, iteration_id, "one", 1)[0]
+    copies = [{**one, "id": uuid.uuid4(), "output": str(i)} for i in range(COPY_MIN_ROWS)]
+    assert insert_ignore(db_session, Example, copies, ["job_id", "dedup_key"]) == 1
+    assert db_session.scalar(select(Example.output).where(Example.dedup_key == "one:0")) == "0"
+    assert not _staged(db_session)  # settled before the COPY, not by its fallback
 
 
 def test_keys_with_a_null_never_conflict(db_session: Session) -> None:
