@@ -955,9 +955,8 @@ def _failed_row(
 
 def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
     now = utcnow()
-    for row in rows:
+    for row in rows:  # the ids are the column's default's (service.db.insert_ignore)
         row.setdefault("rationale", None)
-        row["id"] = uuid.uuid4()
         row["input_hash"] = text_hash(row["input"])
         row["created_at"] = now
     insert_ignore(session, Example, rows, ["job_id", "dedup_key"])

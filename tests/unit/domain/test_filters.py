@@ -18,6 +18,7 @@ from service.domain.filters import (
     FilterContext,
     Reason,
     Verdict,
+    _normalize_unicode,
     _Sketcher,
     canonical_label,
     filter_candidates,
@@ -92,6 +93,26 @@ def _reasons(verdicts: list[Verdict]) -> list[str | None]:
 )
 def test_normalize_text(text: str, expected: str) -> None:
     assert normalize_text(text) == expected
+
+
+def test_the_ascii_shortcut_normalizes_as_the_unicode_path_does() -> None:
+    """ASCII text skips the Unicode work; the result must be the same for every ASCII
+    character, at either end, inside, alone and in runs, and for random ASCII strings."""
+    texts = []
+    for code in range(128):
+        c = chr(code)
+        texts += [c, c * 3, f"{c}a{c}", f"{c} b {c}", f"a{c}b", f" {c}x", f"x{c} ", f"{c}!{c}?"]
+    rng = np.random.default_rng(3)
+    alphabet = [chr(code) for code in range(128)]
+    texts += ["".join(rng.choice(alphabet, size=int(rng.integers(0, 40)))) for _ in range(5000)]
+    texts += ["  What is the capital of France ?  ", "...!?", "$5 + 3 = <8>", "~tilde~", ""]
+    assert all(text.isascii() for text in texts)
+    for text in texts:
+        assert normalize_text(text) == _normalize_unicode(text), repr(text)
+    # The shortcut is taken, and only for ASCII: non-ASCII text still gets NFKC and casefolding.
+    assert normalize_text("$5 + 3 = <8>") == "$5 + 3 = <8>"
+    assert normalize_text("¡Straße!") == "strasse"
+    assert normalize_text("caf\u00e9\u00a0au\u2003lait\u2026") == "café au lait"
 
 
 def test_text_hash_is_sha256_of_the_normalized_text() -> None:
