@@ -381,6 +381,10 @@ class _Work:
     waiting: set[str] = field(default_factory=set)
     fed: bool = False
     closed: bool = False
+    # Whether any of its requests went to the teacher's window (set on the event loop; read
+    # on the DB thread only once the loop is done). A batch claimed ahead that never started
+    # is given back as it was, not closed or counted as a crash.
+    started: bool = False
 
 
 class _Pipeline:
@@ -441,7 +445,12 @@ class _Pipeline:
         try:
             self.session.rollback()
             for batch_id, token in self.held.snapshot().items():
-                release_crashed_batch(self.session, batch_id, token, self.settings, error)
+                work = self.works.get(batch_id)
+                if work is not None and not work.started and not work.fed:
+                    # Claimed ahead, never started: it did not crash anything.
+                    give_back_unstarted_batch(self.session, batch_id, token)
+                else:
+                    release_crashed_batch(self.session, batch_id, token, self.settings, error)
         except Exception as exc:
             log.warning("batch.put_back_failed", job_id=str(self.job_id), error=str(exc))
 
@@ -499,20 +508,31 @@ class _Pipeline:
                 return
 
     async def _feed(self, batch_id: uuid.UUID, token: int) -> AsyncIterator[TeacherRequest]:
+        """The held batches' requests, one batch after another, with one batch of lookahead:
+        the next batch is claimed and loaded on the DB thread while this one's requests go
+        out, so the window never waits for a claim, a load, or a store queued before them.
+        A batch claimed ahead that never starts (the pipeline stopped first) is given back
+        by `_close_all`."""
+        work, send = await self._db(self._load, batch_id, token)
         while True:
-            for request in await self._db(self._load, batch_id, token):
+            ahead = asyncio.ensure_future(self._db(self._claim_and_load_following))
+            # Never left unretrieved when the gateway closes this generator early; what it
+            # claimed is held, and `_close_all` (queued behind it) gives it back.
+            ahead.add_done_callback(_retrieve)
+            work.started = True
+            for request in send:
                 yield request
-            await self._db(self._fed, batch_id)
-            if not self.go:
+            # Marked on the DB thread, where answers are matched to batches, but not awaited:
+            # the next batch's requests go out meanwhile.
+            asyncio.ensure_future(self._db(self._fed, work.batch_id)).add_done_callback(_retrieve)
+            following = await ahead
+            if following is None or not self.go:
                 return
-            following = await self._db(self._claim_following)
-            if following is None:
-                return
-            batch_id, token = following
+            work, send = following
 
     # ------------------------------------------------------------------ the DB thread
 
-    def _load(self, batch_id: uuid.UUID, token: int) -> list[TeacherRequest]:
+    def _load(self, batch_id: uuid.UUID, token: int) -> tuple[_Work, list[TeacherRequest]]:
         batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
         assert batch is not None
         targets = [GenerationTarget.model_validate(t) for t in batch.targets]
@@ -531,23 +551,26 @@ class _Pipeline:
             if not any(fp in other.waiting for other in others if other is not work):
                 send.append(request)  # a fingerprint another held batch waits for goes once
             others.append(work)
-        return send
+        return work, send
 
     def _fed(self, batch_id: uuid.UUID) -> None:
         work = self.works[batch_id]
         work.fed = True
         self._check()
-        if not work.waiting:
-            self._finish(work, final=False)
+        if not work.waiting and not work.closed:
+            self._while_database_returns(self._finishing(work, final=False))
 
-    def _claim_following(self) -> tuple[uuid.UUID, int] | None:
+    def _claim_and_load_following(self) -> tuple[_Work, list[TeacherRequest]] | None:
+        if not self.go:
+            return None
         self.session.expire(self.job, ["status"])
         if self.job.status is not JobStatus.running:
             return None
         following = _claim_next(self.session, self.iteration_id, self.phase)
-        if following is not None:
-            self.held.add(*following)
-        return following
+        if following is None:
+            return None
+        self.held.add(*following)
+        return self._load(*following)
 
     def _store(self, results: list[TeacherResult]) -> None:
         """Store finished calls (paid answers are durable within one store of their arrival),
@@ -582,7 +605,11 @@ class _Pipeline:
 
     def _close_all(self) -> None:
         for work in list(self.works.values()):
-            if not work.closed:
+            if work.closed:
+                continue
+            if self._unstarted(work):
+                self._while_database_returns(self._giving_back(work))
+            else:
                 self._while_database_returns(self._finishing(work, final=True))
         for batch_id, token in self.held.snapshot().items():
             if batch_id not in self.works:  # claimed, but its targets could not be loaded
@@ -609,6 +636,26 @@ class _Pipeline:
                 log.warning("batch.database_unavailable", error=str(exc)[:200], retry_s=delay)
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
+
+    def _unstarted(self, work: _Work) -> bool:
+        """A batch claimed ahead that sent nothing, when the pipeline did not stop for a
+        reason that applies to it too (a cancel, a pause, the budget, a permanent error: those
+        close or keep it as its first batch would be)."""
+        return (
+            not work.started
+            and not work.fed
+            and not self.outcome.stopped
+            and not self.outcome.permanent_error
+        )
+
+    def _giving_back(self, work: _Work) -> Callable[[], None]:
+        def give_back() -> None:
+            work.closed = False
+            give_back_unstarted_batch(self.session, work.batch_id, work.token)
+            work.closed = True
+            self.held.discard(work.batch_id)
+
+        return give_back
 
     def _finishing(self, work: _Work, *, final: bool) -> Callable[[], None]:
         def finish() -> None:
@@ -726,6 +773,31 @@ class _Pipeline:
         _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
 
 
+def give_back_unstarted_batch(session: Session, batch_id: uuid.UUID, token: int) -> bool:
+    """Put back, as it was before the claim, a batch a pipeline claimed ahead and never
+    started (it stopped first: a crash, a lost database, the teacher's retries exhausted on
+    the batch before). Pending and due at once, no crash counted, no retry clock started; a
+    message is sent so that any worker takes it (a paused job's resume sends its own).
+    Returns whether it was put back (False: the claim lapsed and another worker holds it)."""
+    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
+    if job_id is None:
+        return False
+    lock_job(session, job_id)  # the job's row before the batch's (service.jobs.lock_job)
+    job = session.get(Job, job_id, populate_existing=True)
+    batch = session.get(GenerationBatch, batch_id, populate_existing=True)
+    if batch is None or batch.status is not BatchStatus.running or batch.attempts != token:
+        session.rollback()
+        return False
+    batch.status = BatchStatus.pending
+    batch.retry_at = None
+    batch.updated_at = utcnow()
+    if job is not None and job.status is JobStatus.running:
+        tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id))
+    session.commit()
+    log.info("batch.given_back", batch_id=str(batch.id), job_id=str(job_id))
+    return True
+
+
 def release_crashed_batch(
     session: Session,
     batch_id: uuid.UUID,
@@ -766,6 +838,14 @@ def release_crashed_batch(
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
     session.commit()
     return True
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Log the failure of a DB step nobody awaits. What it leaves undone is done at the
+    pipeline's end: `_close_all` closes every batch still open and gives back those claimed
+    ahead."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("batch.pipeline_step_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:
