@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH  # type: ignore[import-untyped, unused-ignore]
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 
 class Reason(StrEnum):
@@ -41,6 +41,16 @@ class Candidate(BaseModel):
     input: str
     output: str | None = Field(default=None, description="Label (classification) or answer text.")
     rationale: str | None = None
+    _fingerprinted: Fingerprinted | None = PrivateAttr(default=None)
+
+    @property
+    def fingerprinted(self) -> Fingerprinted:
+        """The input's `Fingerprinted` form, made once however many checks consult it (a copy
+        with another input makes its own)."""
+        known = self._fingerprinted
+        if known is None or known.text is not self.input:
+            known = self._fingerprinted = Fingerprinted(self.input)
+        return known
 
 
 class Verdict(BaseModel):
@@ -126,6 +136,27 @@ def text_hash(s: str) -> str:
     return _sha256(normalize_text(s))
 
 
+class Fingerprinted:
+    """A text with what the filters derive from it, each made once: its normalized form, that
+    form's sha256 (`text_hash`: exact duplicates, an example's stored input hash) and, when
+    first asked for, its MinHash sketch. A candidate is checked for contamination, exact and
+    near duplicates, added to the index and stored: without this, each step normalized and
+    hashed the text again."""
+
+    __slots__ = ("_sketch", "_sketch_params", "digest", "normalized", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.normalized = normalize_text(text)
+        self.digest = _sha256(self.normalized)
+        self._sketch: Any | None = None
+        self._sketch_params: tuple[int, int] | None = None
+
+
+def _fingerprinted(text: str | Fingerprinted) -> Fingerprinted:
+    return text if isinstance(text, Fingerprinted) else Fingerprinted(text)
+
+
 # --- MinHash sketches -----------------------------------------------------------------------
 
 # Near duplicates are measured on character 5-shingles of the text's words joined by single
@@ -187,6 +218,14 @@ class _Sketcher:
         # crc32's linearity does not bias the permutations. It builds 20k sketches about twice
         # as fast as the default SHA-1.
         self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
+
+    def sketch_of(self, text: Fingerprinted) -> Any | None:
+        """`sketch` of a fingerprinted text, kept on it for the next check."""
+        params = (self._template.num_perm, self._template.seed)
+        if text._sketch_params != params:
+            text._sketch = self.sketch(text.normalized)
+            text._sketch_params = params
+        return text._sketch
 
     def sketch(self, normalized: str) -> Any | None:
         """The MinHash of a normalized text, or None when it has no words to compare."""
@@ -268,29 +307,29 @@ class _TextIndex(ABC):
         keyed by their `text_hash`."""
         index = cls(config)
         for key, text in _keyed(texts):
-            index._add(key, normalize_text(text))
+            index._add(key, Fingerprinted(text))
         return index
 
     def __len__(self) -> int:
         return len(self._exact)
 
-    def _add(self, key: str | None, normalized: str) -> str | None:
-        """Index a normalized text; its key, or None when the same text is already indexed."""
-        digest = _sha256(normalized)
+    def _add(self, key: str | None, text: Fingerprinted) -> str | None:
+        """Index a text; its key, or None when the same text is already indexed."""
+        digest = text.digest
         if digest in self._exact:
             return None
         key = digest if key is None else key
         self._exact[digest] = key
-        sketch = self._sketcher.sketch(normalized)
+        sketch = self._sketcher.sketch_of(text)
         if sketch is not None:
             self._near.add(key, sketch)
         return key
 
-    def _exact_match(self, normalized: str) -> str | None:
-        return self._exact.get(_sha256(normalized))
+    def _exact_match(self, text: Fingerprinted) -> str | None:
+        return self._exact.get(text.digest)
 
-    def _near_match(self, normalized: str) -> tuple[str, float] | None:
-        sketch = self._sketcher.sketch(normalized)
+    def _near_match(self, text: Fingerprinted) -> tuple[str, float] | None:
+        sketch = self._sketcher.sketch_of(text)
         return None if sketch is None else self._near.best_match(sketch)
 
 
@@ -305,20 +344,21 @@ class DedupIndex(_TextIndex):
     def _threshold(config: FilterConfig) -> float:
         return config.near_duplicate_threshold
 
-    def add(self, key: str, text: str) -> None:
+    def add(self, key: str, text: str | Fingerprinted) -> None:
         """Index `text` under `key`; a text already indexed keeps its first key."""
-        self._add(key, normalize_text(text))
+        self._add(key, _fingerprinted(text))
 
-    def duplicate_of(self, text: str) -> str | None:
+    def duplicate_of(self, text: str | Fingerprinted) -> str | None:
         """The key of an indexed text with the same normalized form."""
-        return self._exact_match(normalize_text(text))
+        return self._exact_match(_fingerprinted(text))
 
-    def near_duplicate_of(self, text: str) -> tuple[str, float] | None:
+    def near_duplicate_of(self, text: str | Fingerprinted) -> tuple[str, float] | None:
         """The key and estimated Jaccard of the most similar indexed text above the threshold."""
-        return self._near_match(normalize_text(text))
+        return self._near_match(_fingerprinted(text))
 
-    def check(self, text: str) -> tuple[str | None, str | None]:
+    def check(self, text: str | Fingerprinted) -> tuple[str | None, str | None]:
         """(reason, detail) when `text` duplicates an indexed text, else (None, None)."""
+        text = _fingerprinted(text)
         if (key := self.duplicate_of(text)) is not None:
             return Reason.DUPLICATE, f"same normalized text as {key}"
         if (match := self.near_duplicate_of(text)) is not None:
@@ -348,9 +388,9 @@ class ContaminationGuard(_TextIndex):
     def _threshold(config: FilterConfig) -> float:
         return config.contamination_threshold
 
-    def _add(self, key: str | None, normalized: str) -> str | None:
-        added = super()._add(key, normalized)
-        words = _words(normalized)
+    def _add(self, key: str | None, text: Fingerprinted) -> str | None:
+        added = super()._add(key, text)
+        words = _words(text.normalized)
         size = min(len(words), self.config.contamination_ngram)
         if added is None or size < self.config.contamination_min_words:
             return added
@@ -359,18 +399,18 @@ class ContaminationGuard(_TextIndex):
             grams.setdefault(" ".join(words[start : start + size]), added)
         return added
 
-    def check(self, text: str) -> tuple[str | None, str | None]:
+    def check(self, text: str | Fingerprinted) -> tuple[str | None, str | None]:
         """(Reason.CONTAMINATED, which check matched) for a contaminated text, else (None, None)."""
-        normalized = normalize_text(text)
-        if (key := self._exact_match(normalized)) is not None:
+        text = _fingerprinted(text)
+        if (key := self._exact_match(text)) is not None:
             return Reason.CONTAMINATED, f"same normalized text as protected text {key}"
-        if (match := self._near_match(normalized)) is not None:
+        if (match := self._near_match(text)) is not None:
             key, similarity = match
             return (
                 Reason.CONTAMINATED,
                 f"near duplicate of protected text {key} (estimated Jaccard {similarity:.2f})",
             )
-        words = _words(normalized)
+        words = _words(text.normalized)
         # Longest n-grams first, then left to right: one deterministic answer per text.
         for size in sorted(self._ngrams, reverse=True):
             grams = self._ngrams[size]
@@ -434,7 +474,7 @@ def canonical_label(output: str, labels: Sequence[str]) -> str | None:
 
 def check_schema(candidate: Candidate, ctx: FilterContext) -> Verdict | None:
     """The input must have content; a classification candidate must carry an output."""
-    if not normalize_text(candidate.input):
+    if not candidate.fingerprinted.normalized:
         return reject(candidate, Reason.EMPTY, "input has no content")
     if ctx.config.labels is not None:
         if candidate.output is None:
@@ -471,13 +511,13 @@ def check_contamination(candidate: Candidate, ctx: FilterContext) -> Verdict | N
     """The input must not copy a validation or test text (see `ContaminationGuard`)."""
     if ctx.guard is None:
         return None
-    reason, detail = ctx.guard.check(candidate.input)
+    reason, detail = ctx.guard.check(candidate.fingerprinted)
     return None if reason is None else reject(candidate, reason, detail)
 
 
 def check_duplicate(candidate: Candidate, ctx: FilterContext) -> Verdict | None:
     """The input must differ, after normalization, from every text accepted so far."""
-    key = ctx.dedup.duplicate_of(candidate.input)
+    key = ctx.dedup.duplicate_of(candidate.fingerprinted)
     if key is None:
         return None
     return reject(candidate, Reason.DUPLICATE, f"same normalized text as {key}")
@@ -485,7 +525,7 @@ def check_duplicate(candidate: Candidate, ctx: FilterContext) -> Verdict | None:
 
 def check_near_duplicate(candidate: Candidate, ctx: FilterContext) -> Verdict | None:
     """The input must not be a near duplicate of a text accepted so far."""
-    match = ctx.dedup.near_duplicate_of(candidate.input)
+    match = ctx.dedup.near_duplicate_of(candidate.fingerprinted)
     if match is None:
         return None
     key, similarity = match
@@ -541,13 +581,14 @@ def filter_candidates(
     ctx = FilterContext(config=config, dedup=dedup, guard=guard)
     verdicts: list[Verdict] = []
     for candidate in candidates:
+        candidate.fingerprinted  # noqa: B018 - made before any copy below, which shares it
         if config.labels is not None and candidate.output is not None:
             label = canonical_label(candidate.output, config.labels)
             if label is not None and label != candidate.output:
                 candidate = candidate.model_copy(update={"output": label})
         verdict = _first_rejection(candidate, ctx, checks)
         if verdict is None:
-            dedup.add(candidate.key, candidate.input)
+            dedup.add(candidate.key, candidate.fingerprinted)
             verdict = Verdict(key=candidate.key, accepted=True, output=candidate.output)
         verdicts.append(verdict)
     return verdicts

@@ -108,10 +108,30 @@ def generation_params(teacher: TeacherRow, ctx: JobContext) -> GenerationParams:
 
 
 def _requests(
-    targets: Sequence[GenerationTarget], teacher: TeacherRow, ctx: JobContext
+    targets: Sequence[GenerationTarget],
+    teacher: TeacherRow,
+    ctx: JobContext,
+    schemas: list[dict[str, Any]],
 ) -> list[TeacherRequest]:
+    """The targets' requests with the teacher's sampling parameters, and equal response
+    schemas replaced by one shared dict (from `schemas`, which collects them): a batch's
+    targets are decoded from JSON each with a schema of its own, and everything derived from
+    a schema (its validator, its canonical JSON in the fingerprint and the prompt) is cached
+    by identity, so one dict per distinct schema makes it computed once, not per request."""
     params = generation_params(teacher, ctx)
-    return [t.request.model_copy(update={"params": params}) for t in targets]
+    requests = []
+    for target in targets:
+        update: dict[str, Any] = {"params": params}
+        schema = target.request.response_schema
+        if schema is not None:
+            # Dict equality is a C-level walk, far cheaper than serializing the schema.
+            shared = next((known for known in schemas if known == schema), None)
+            if shared is None:
+                schemas.append(schema)
+                shared = schema
+            update["response_schema"] = shared
+        requests.append(target.request.model_copy(update=update))
+    return requests
 
 
 def _calls_by_fingerprint(
@@ -410,6 +430,7 @@ class _Pipeline:
         self.works: dict[uuid.UUID, _Work] = {}
         self.by_fp: dict[str, list[_Work]] = {}
         self.requests: dict[str, TeacherRequest] = {}
+        self.schemas: list[dict[str, Any]] = []  # the distinct response schemas (`_requests`)
         self.previous: dict[str, dict[str, int]] = {}
         self.held = HeldBatches()
         self.spend = _Spend(0, 0.0)
@@ -536,7 +557,7 @@ class _Pipeline:
         batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
         assert batch is not None
         targets = [GenerationTarget.model_validate(t) for t in batch.targets]
-        requests = _requests(targets, self.teacher_row, self.ctx)
+        requests = _requests(targets, self.teacher_row, self.ctx, self.schemas)
         fingerprints = [r.fingerprint(self.teacher_row.model) for r in requests]
         to_call, previous = _uncached(self.session, self.teacher_row, requests, fingerprints)
         self.session.commit()
@@ -981,7 +1002,8 @@ def _candidate_rows(
     golds = {row["dedup_key"]: row["meta"]["gold"] for row, _ in pending if "gold" in row["meta"]}
     kinds = [row["kind"] for row, _ in pending]
     verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds)
-    for (row, _), verdict in zip(pending, verdicts, strict=True):
+    for (row, candidate), verdict in zip(pending, verdicts, strict=True):
+        row["input_hash"] = candidate.fingerprinted.digest  # hashed once, by the filters
         if verdict.output is not None:
             row["output"] = verdict.output  # the filter maps e.g. "hum" to the canonical "HUM"
         row["status"] = (
@@ -1038,7 +1060,8 @@ def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         row.setdefault("rationale", None)
         row["id"] = uuid.uuid4()
-        row["input_hash"] = text_hash(row["input"])
+        if "input_hash" not in row:
+            row["input_hash"] = text_hash(row["input"])
         row["created_at"] = now
     insert_ignore(session, Example, rows, ["job_id", "dedup_key"])
     session.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -513,3 +514,39 @@ def test_building_over_trec_sized_data_takes_seconds() -> None:
     assert all(index.check(text)[0] == Reason.DUPLICATE for text in texts[:200])
     caught = [text for text in texts if guard.check(text)[0] == Reason.CONTAMINATED]
     assert set(leaked) <= set(caught)
+
+
+def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.domain import filters
+
+    config = FilterConfig(labels=["A", "B"])
+    dedup = DedupIndex.build({"seed:1": "What is the capital of France?"}, config)
+    guard = ContaminationGuard.build(["How many legs does a spider have?"], config)
+    candidates = [
+        Candidate(key="k1", input="What is the capital city of Spain?", output="a"),
+        Candidate(key="k2", input="What is the capital city of Spain ?", output="B"),
+        Candidate(key="k3", input="Name a river in Egypt.", output="A"),
+    ]
+    counts = {"normalize": 0, "sketch": 0}
+    normalize, sketch = filters.normalize_text, filters._Sketcher.sketch
+
+    def counting_normalize(text: str) -> str:
+        counts["normalize"] += 1
+        return normalize(text)
+
+    def counting_sketch(self: Any, normalized: str) -> Any:
+        counts["sketch"] += 1
+        return sketch(self, normalized)
+
+    monkeypatch.setattr(filters, "normalize_text", counting_normalize)
+    monkeypatch.setattr(filters._Sketcher, "sketch", counting_sketch)
+    verdicts = filter_candidates(candidates, config=config, dedup=dedup, guard=guard)
+    assert [v.accepted for v in verdicts] == [True, False, True]
+    assert verdicts[1].reason == "duplicate"
+    # Once each, though each is checked against the guard and the index and then indexed.
+    assert counts == {"normalize": 3, "sketch": 3}
+    # The digest is the stored input hash, carried to the insert.
+    assert [c.fingerprinted.digest for c in candidates] == [text_hash(c.input) for c in candidates]
+    assert counts["normalize"] == 3 + 3  # text_hash above, not the candidates
