@@ -69,6 +69,31 @@ def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int, float]:
     return (end - start).total_seconds(), int(count), start.timestamp()
 
 
+def _batch_spans(sessions: Any, job_id: uuid.UUID, start: float) -> str:
+    """Each batch's claim and close, in seconds from the window's start ("index:from-to"),
+    with the last stored call of each: which batch held the window's tail."""
+    from service.models import GenerationBatch, TeacherCall
+
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                GenerationBatch.index,
+                GenerationBatch.started_at,
+                GenerationBatch.finished_at,
+                func.max(TeacherCall.created_at),
+            )
+            .outerjoin(TeacherCall, TeacherCall.batch_id == GenerationBatch.id)
+            .where(GenerationBatch.job_id == job_id)
+            .group_by(GenerationBatch.id)
+            .order_by(GenerationBatch.index)
+        ).all()
+
+    def at(moment: Any) -> str:
+        return "?" if moment is None else f"{moment.timestamp() - start:.1f}"
+
+    return " ".join(f"{i}:{at(a)}-{at(c)}/{at(b)}" for i, a, b, c in rows)
+
+
 @dataclass(frozen=True)
 class Occupancy:
     """How full the teacher was over a job's window (all its servers together)."""
@@ -271,6 +296,7 @@ class Row:
     status: str = "-"
     ideal: float | None = None  # N x L / (C x replicas), when not the run's own
     occupancy: Occupancy | None = None
+    batches: str = ""
 
     @property
     def rate(self) -> float:
@@ -523,6 +549,7 @@ def main() -> None:
                         status=status,
                         ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
                         occupancy=occupancy,
+                        batches=_batch_spans(sessions, job_id, started),
                     )
                 )
                 print(
@@ -598,6 +625,10 @@ def main() -> None:
                 f"{occ.tail_s:>7.2f} {occ.gaps:>5} {occ.gap_s:>6.2f} {occ.longest_gap:>10}  "
                 f"{occ.strip()}"
             )
+    print("Batches (index:claimed-last call stored/closed, seconds into the window):")
+    for row in rows:
+        if row.batches:
+            print(f"  {row.label}: {row.batches}")
     print(
         "head: until the teacher is first full (claiming, loading, the limiter's ramp); tail: "
         "after it was last full (the last answers, retries, the last store); gaps: stretches "

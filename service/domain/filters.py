@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any, Self
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH  # type: ignore[import-untyped, unused-ignore]
+from datasketch import MinHash  # type: ignore[import-untyped, unused-ignore]
 from pydantic import BaseModel, Field, PrivateAttr
 
 
@@ -246,18 +246,56 @@ class _Sketcher:
         return sketch
 
 
+class _Bands:
+    """Banded LSH over MinHash signatures: two signatures are candidates when they agree on
+    every value of at least one band of `rows` consecutive values.
+
+    What datasketch's MinHashLSH does with in-memory storage, for the same bands, so the same
+    candidates; written here because its insert (a byte-swapped copy and a storage call per
+    band) cost as much as sketching the text, and a worker indexes every seed row and every
+    accepted example of a job (each process, for every job it runs). A band's key here is a
+    slice of the signature's bytes: one `tobytes` per signature, one dict lookup per band.
+    """
+
+    def __init__(self, threshold: float, num_perm: int) -> None:
+        bands, self._rows = _band_params(threshold, num_perm)
+        self._tables: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+
+    def _keys(self, hashvalues: Any) -> Iterator[tuple[dict[bytes, list[int]], bytes]]:
+        raw = hashvalues.tobytes()
+        width = self._rows * hashvalues.itemsize
+        for band, table in enumerate(self._tables):
+            yield table, raw[band * width : (band + 1) * width]
+
+    def insert(self, ordinal: int, hashvalues: Any) -> None:
+        for table, key in self._keys(hashvalues):
+            bucket = table.get(key)
+            if bucket is None:
+                table[key] = [ordinal]
+            else:
+                bucket.append(ordinal)
+
+    def query(self, hashvalues: Any) -> set[int]:
+        found: set[int] = set()
+        for table, key in self._keys(hashvalues):
+            bucket = table.get(key)
+            if bucket is not None:
+                found.update(bucket)
+        return found
+
+
 class _NearIndex:
     """Texts' MinHash signatures behind an LSH index; answers with the most similar one."""
 
     def __init__(self, threshold: float, num_perm: int) -> None:
         self._threshold = threshold
-        self._lsh = MinHashLSH(num_perm=num_perm, params=_band_params(threshold, num_perm))
+        self._lsh = _Bands(threshold, num_perm)
         self._signatures: list[Any] = []
         self._keys: list[str] = []
 
     def add(self, key: str, sketch: Any) -> None:
         ordinal = len(self._keys)
-        self._lsh.insert(ordinal, sketch, check_duplication=False)
+        self._lsh.insert(ordinal, sketch.hashvalues)
         self._signatures.append(sketch.hashvalues)
         self._keys.append(key)
 
@@ -266,7 +304,7 @@ class _NearIndex:
 
         Ties go to the text added first, so the answer does not depend on set iteration order.
         """
-        ordinals = sorted(self._lsh.query(sketch))
+        ordinals = sorted(self._lsh.query(sketch.hashvalues))
         if not ordinals:
             return None
         signatures = np.stack([self._signatures[ordinal] for ordinal in ordinals])

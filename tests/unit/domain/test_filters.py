@@ -550,3 +550,23 @@ def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
     # The digest is the stored input hash, carried to the insert.
     assert [c.fingerprinted.digest for c in candidates] == [text_hash(c.input) for c in candidates]
     assert counts["normalize"] == 3 + 3  # text_hash above, not the candidates
+
+
+@pytest.mark.parametrize("threshold", [0.85, 0.8, 0.5])
+def test_the_band_index_proposes_what_datasketchs_lsh_proposes(threshold: float) -> None:
+    from datasketch import MinHashLSH
+
+    from service.domain.filters import _band_params, _Bands
+
+    texts = [r["text"] for rows in question_splits({"a": 300}).values() for r in rows]
+    sketcher = _Sketcher(128, 1)
+    sketches = [s for s in (sketcher.sketch(normalize_text(t)) for t in texts) if s]
+    indexed, queries = sketches[: len(sketches) // 2], sketches[len(sketches) // 2 :]
+    reference = MinHashLSH(num_perm=128, params=_band_params(threshold, 128))
+    bands = _Bands(threshold, 128)
+    for ordinal, sketch in enumerate(indexed):
+        reference.insert(ordinal, sketch, check_duplication=False)
+        bands.insert(ordinal, sketch.hashvalues)
+    proposed = [bands.query(s.hashvalues) for s in queries + indexed[:50]]
+    assert proposed == [set(reference.query(s)) for s in queries + indexed[:50]]
+    assert sum(map(len, proposed)) >= 50  # every indexed text proposes itself, at least
