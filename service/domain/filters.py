@@ -149,7 +149,7 @@ class Fingerprinted:
         self.text = text
         self.normalized = normalize_text(text)
         self.digest = _sha256(self.normalized)
-        self._sketch: Any | None = None
+        self._sketch: _Signature | None = None
         self._sketch_params: tuple[int, int] | None = None
 
 
@@ -199,6 +199,16 @@ def _band_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return num_perm, 1
 
 
+class _Signature:
+    """A text's MinHash values: what datasketch's `MinHash.hashvalues` holds, without the
+    object around them (the permutations, the hash function), which the index never needs."""
+
+    __slots__ = ("hashvalues",)
+
+    def __init__(self, hashvalues: Any) -> None:
+        self.hashvalues = hashvalues
+
+
 class _Sketcher:
     """Makes MinHash signatures that share one set of permutations.
 
@@ -208,7 +218,7 @@ class _Sketcher:
     share one bounded cache of recent sketches, so a text is sketched once. Sketches are never
     changed after they are made, so sharing them is safe."""
 
-    _cache: dict[tuple[int, int], OrderedDict[str, Any | None]] = {}
+    _cache: dict[tuple[int, int], OrderedDict[str, _Signature | None]] = {}
     _cache_size = 4096
     _lock = threading.Lock()
 
@@ -218,32 +228,129 @@ class _Sketcher:
         # crc32's linearity does not bias the permutations. It builds 20k sketches about twice
         # as fast as the default SHA-1.
         self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
+        self._params = (num_perm, seed)
+        self._permute = _permuter(self._template)
 
-    def sketch_of(self, text: Fingerprinted) -> Any | None:
+    def _compute(self, shingle_sets: list[set[bytes]]) -> list[_Signature | None]:
+        if self._permute is not None:
+            return self._permute([[zlib.crc32(s) for s in shingles] for shingles in shingle_sets])
+        sketches: list[_Signature | None] = []
+        for shingles in shingle_sets:
+            sketch = None
+            if shingles:
+                minhash = self._template.copy()
+                minhash.update_batch(shingles)
+                sketch = _Signature(minhash.hashvalues)
+            sketches.append(sketch)
+        return sketches
+
+    def sketch_of(self, text: Fingerprinted) -> _Signature | None:
         """`sketch` of a fingerprinted text, kept on it for the next check."""
-        params = (self._template.num_perm, self._template.seed)
-        if text._sketch_params != params:
+        if text._sketch_params != self._params:
             text._sketch = self.sketch(text.normalized)
-            text._sketch_params = params
+            text._sketch_params = self._params
         return text._sketch
 
-    def sketch(self, normalized: str) -> Any | None:
+    def sketch(self, normalized: str) -> _Signature | None:
         """The MinHash of a normalized text, or None when it has no words to compare."""
-        cache = self._cache.setdefault(
-            (self._template.num_perm, self._template.seed), OrderedDict()
-        )
+        cache = self._cache.setdefault(self._params, OrderedDict())
         if normalized in cache:
             cache.move_to_end(normalized)
             return cache[normalized]
-        shingles = _shingles(_words(normalized))
-        sketch = None
-        if shingles:
-            sketch = self._template.copy()
-            sketch.update_batch(shingles)
+        sketch = self._compute([_shingles(_words(normalized))])[0]
         cache[normalized] = sketch
         while len(cache) > self._cache_size:
             cache.popitem(last=False)
         return sketch
+
+    def sketch_all(self, texts: Iterable[Fingerprinted]) -> None:
+        """Sketch many texts at once (an index built from a job's seed rows, or brought up to
+        date with other workers' examples): one numpy pass over a chunk of texts' shingles
+        instead of a pass per text, which for a short text is mostly fixed cost (5,000 TREC
+        questions: 0.12 s against 0.2 s). Each text keeps its sketch (`sketch_of`)."""
+        cache = self._cache.setdefault(self._params, OrderedDict())
+        missing: dict[str, list[Fingerprinted]] = {}
+        for text in texts:
+            if text._sketch_params == self._params:
+                continue
+            if text.normalized in cache:
+                self.sketch_of(text)
+            else:
+                missing.setdefault(text.normalized, []).append(text)
+        if not missing:
+            return
+        sketches = self._compute([_shingles(_words(n)) for n in missing])
+        for (normalized, waiting), sketch in zip(missing.items(), sketches, strict=True):
+            for text in waiting:
+                text._sketch, text._sketch_params = sketch, self._params
+            cache[normalized] = sketch
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+
+# (shingle x permutation) values computed in one numpy pass: 1,024 x 128 x 4 bytes stays in
+# the CPU's cache (16,384 rows made the bulk path slower than one text at a time).
+_PERMUTE_ROWS = 1024
+
+
+def _permuter(template: Any) -> Callable[[list[list[int]]], list[_Signature | None]] | None:
+    """Sketches of many texts' shingle hashes, value for value what `template` (a MinHash of
+    datasketch's affine schemes) makes with one `update_batch` per text; None when this
+    datasketch computes another way or a trial sketch differs (then datasketch sketches).
+
+    Hand-written because datasketch sketches one set at a time (its `bulk` loops over
+    `update_batch`): this applies datasketch's own pieces (the MurmurHash3 pre-mix, its
+    permutations) to the shingles of a chunk of texts in one array, and takes each text's
+    minimum with `np.minimum.reduceat`."""
+    try:
+        from datasketch.minhash import (  # type: ignore[import-untyped, unused-ignore]
+            _SCHEME_DTYPES,
+            _SCHEME_WIDTHS,
+            _fmix,
+        )
+    except ImportError:
+        return None
+    scheme = getattr(template, "scheme", None)
+    if scheme not in _SCHEME_WIDTHS:
+        return None
+    dtype, width = _SCHEME_DTYPES[scheme], _SCHEME_WIDTHS[scheme]
+    a, b = template.permutations
+    empty = template.hashvalues
+
+    def permute(hashes: list[list[int]]) -> list[_Signature | None]:
+        sketches: list[_Signature | None] = [None] * len(hashes)
+        start = 0
+        while start < len(hashes):
+            end, rows = start, 0
+            while end < len(hashes) and (not rows or rows + len(hashes[end]) <= _PERMUTE_ROWS):
+                rows += len(hashes[end])
+                end += 1
+            chunk = [(i, h) for i, h in enumerate(hashes[start:end], start) if h]
+            start = end
+            if not chunk:
+                continue
+            flat = np.fromiter(
+                (v for _, h in chunk for v in h), dtype=dtype, count=sum(len(h) for _, h in chunk)
+            )
+            offsets = np.cumsum([0] + [len(h) for _, h in chunk[:-1]])
+            permuted = _fmix(flat.reshape(-1, 1), width) * a + b
+            minima = np.minimum(np.minimum.reduceat(permuted, offsets, axis=0), empty)
+            for (i, _), values in zip(chunk, minima, strict=True):
+                sketches[i] = _Signature(values)
+        return sketches
+
+    trials = [{b"one s"}, {b"a dog", b" dog ", b"og ba", b"g bar", b" bark"}, set()]
+    made = permute([[zlib.crc32(s) for s in trial] for trial in trials])
+    for trial, sketch in zip(trials, made, strict=True):
+        if not trial:
+            if sketch is not None:
+                return None
+            continue
+        minhash = template.copy()
+        minhash.update_batch(trial)
+        if sketch is None or not np.array_equal(sketch.hashvalues, minhash.hashvalues):
+            return None
+    return permute
 
 
 class _Bands:
@@ -293,13 +400,13 @@ class _NearIndex:
         self._signatures: list[Any] = []
         self._keys: list[str] = []
 
-    def add(self, key: str, sketch: Any) -> None:
+    def add(self, key: str, sketch: _Signature) -> None:
         ordinal = len(self._keys)
         self._lsh.insert(ordinal, sketch.hashvalues)
         self._signatures.append(sketch.hashvalues)
         self._keys.append(key)
 
-    def best_match(self, sketch: Any) -> tuple[str, float] | None:
+    def best_match(self, sketch: _Signature) -> tuple[str, float] | None:
         """The key and estimated Jaccard of the most similar text at or above the threshold.
 
         Ties go to the text added first, so the answer does not depend on set iteration order.
@@ -344,12 +451,19 @@ class _TextIndex(ABC):
         """An index of `texts`: a mapping of key (e.g. row id) to text, or bare texts, which are
         keyed by their `text_hash`."""
         index = cls(config)
-        for key, text in _keyed(texts):
-            index._add(key, Fingerprinted(text))
+        index.add_all(_keyed(texts))
         return index
 
     def __len__(self) -> int:
         return len(self._exact)
+
+    def add_all(self, texts: Iterable[tuple[str | None, str | Fingerprinted]]) -> None:
+        """Index each (key, text) (a None key: the text's hash), sketched together (see
+        `_Sketcher.sketch_all`); a text already indexed keeps its first key."""
+        keyed = [(key, _fingerprinted(text)) for key, text in texts]
+        self._sketcher.sketch_all(text for _, text in keyed)
+        for key, text in keyed:
+            self._add(key, text)
 
     def _add(self, key: str | None, text: Fingerprinted) -> str | None:
         """Index a text; its key, or None when the same text is already indexed."""

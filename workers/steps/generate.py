@@ -1226,6 +1226,8 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
         while len(_INDEXES) > _MAX_CACHED_JOBS:
             _INDEXES.popitem(last=False)
     _INDEXES.move_to_end(job.id)
+    plain: list[tuple[str | None, str]] = []
+    rationales: list[tuple[str | None, str]] = []
     for key, text, kind, rationale in session.execute(
         select(Example.dedup_key, Example.input, Example.kind, Example.rationale).where(
             Example.job_id == job.id, Example.status == ExampleStatus.accepted
@@ -1233,10 +1235,14 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
     ):
         if key not in cached.keys:
             if kind == ExampleKind.rationale.value:
-                cached.rationales.add(key, _rationale_text(text, rationale))
+                rationales.append((key, _rationale_text(text, rationale)))
             else:
-                cached.dedup.add(key, text)
+                plain.append((key, text))
             cached.keys.add(key)
+    # Other workers' examples (this process indexes its own as it accepts them), sketched
+    # together.
+    cached.dedup.add_all(plain)
+    cached.rationales.add_all(rationales)
     return cached
 
 

@@ -554,7 +554,7 @@ def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
 
 @pytest.mark.parametrize("threshold", [0.85, 0.8, 0.5])
 def test_the_band_index_proposes_what_datasketchs_lsh_proposes(threshold: float) -> None:
-    from datasketch import MinHashLSH
+    from datasketch import MinHash, MinHashLSH
 
     from service.domain.filters import _band_params, _Bands
 
@@ -565,8 +565,46 @@ def test_the_band_index_proposes_what_datasketchs_lsh_proposes(threshold: float)
     reference = MinHashLSH(num_perm=128, params=_band_params(threshold, 128))
     bands = _Bands(threshold, 128)
     for ordinal, sketch in enumerate(indexed):
-        reference.insert(ordinal, sketch, check_duplication=False)
+        minhash = MinHash(num_perm=128, seed=1, hashvalues=sketch.hashvalues, scheme="affine32")
+        reference.insert(ordinal, minhash, check_duplication=False)
         bands.insert(ordinal, sketch.hashvalues)
     proposed = [bands.query(s.hashvalues) for s in queries + indexed[:50]]
-    assert proposed == [set(reference.query(s)) for s in queries + indexed[:50]]
+    expected = [
+        set(
+            reference.query(
+                MinHash(num_perm=128, seed=1, hashvalues=s.hashvalues, scheme="affine32")
+            )
+        )
+        for s in queries + indexed[:50]
+    ]
+    assert proposed == expected
     assert sum(map(len, proposed)) >= 50  # every indexed text proposes itself, at least
+
+
+def test_sketches_are_datasketchs_own_one_by_one_or_in_bulk() -> None:
+    import zlib
+
+    from datasketch import MinHash
+
+    from service.domain.filters import Fingerprinted, _shingles, _words
+
+    texts = [r["text"] for rows in question_splits({"a": 200}).values() for r in rows]
+    texts += ["", "?!", "a", "ab cd", "x" * 3000]
+    template = MinHash(num_perm=128, seed=1, hashfunc=zlib.crc32)
+    sketcher = _Sketcher(128, 1)
+    assert sketcher._permute is not None  # the bulk path is the one in use
+    _Sketcher._cache.clear()
+    bulk = [Fingerprinted(t) for t in texts]
+    sketcher.sketch_all(bulk)
+    _Sketcher._cache.clear()
+    for text, together in zip(texts, bulk, strict=True):
+        alone = sketcher.sketch(normalize_text(text))
+        shingles = _shingles(_words(normalize_text(text)))
+        if not shingles:
+            assert alone is None and together._sketch is None
+            continue
+        minhash = template.copy()
+        minhash.update_batch(shingles)
+        assert alone is not None and together._sketch is not None
+        assert np.array_equal(alone.hashvalues, minhash.hashvalues)
+        assert np.array_equal(together._sketch.hashvalues, minhash.hashvalues)
