@@ -52,6 +52,14 @@ class Candidate(BaseModel):
             known = self._fingerprinted = Fingerprinted(self.input)
         return known
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields: the cached `fingerprinted` is not part of a candidate's value."""
+        if not isinstance(other, Candidate):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
 
 class Verdict(BaseModel):
     """The filters' decision on one candidate."""

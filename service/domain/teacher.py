@@ -155,6 +155,14 @@ class TeacherRequest(BaseModel):
         copy._fingerprints = {}
         return copy
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields: the fingerprint cache is not part of a request's value."""
+        if not isinstance(other, TeacherRequest):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

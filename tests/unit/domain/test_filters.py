@@ -550,6 +550,8 @@ def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
     # The digest is the stored input hash, carried to the insert.
     assert [c.fingerprinted.digest for c in candidates] == [text_hash(c.input) for c in candidates]
     assert counts["normalize"] == 3 + 3  # text_hash above, not the candidates
+    # The cached form is not part of a candidate's value.
+    assert candidates[0] == Candidate(key="k1", input=candidates[0].input, output="a")
 
 
 @pytest.mark.parametrize("threshold", [0.85, 0.8, 0.5])

@@ -68,3 +68,5 @@ def test_a_request_fingerprint_is_the_canonical_json_hash_computed_once_per_copy
         changed = request.model_copy(update={"sample_index": 9, "response_schema": {}})
         assert changed.fingerprint("m") == _fingerprint_as_specified(changed, "m")
         assert changed.fingerprint("m") != request.fingerprint("m")
+        # The cache is not part of the value: a request equals its fresh twin.
+        assert request == TeacherRequest.model_validate(request.model_dump())
