@@ -12,8 +12,9 @@ the teacher, and four replicas of the teacher (each L and C) with four worker pr
 uses the `random` strategy with one example per prompt, so its
 generation is exactly N teacher calls; the window is read from the rows (first batch start to
 last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
-targets of issue 14, the teacher's max in flight and 429s, answers paid twice, and the worker
-processes' CPU per teacher call (the student trains on a worker of its own).
+targets of issue 14, the teacher's max in flight and 429s, answers paid twice, the worker
+processes' CPU per teacher call (the student trains on a worker of its own), and where each
+window went: the teacher's occupancy over time from its own timeline (head, tail, idle gaps).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def _rows(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return unique[:n], unique[n : n + 60]
 
 
-def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int]:
+def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int, float]:
+    """(seconds from the first batch's start to the last call stored, calls, the start as a
+    Unix time)."""
     from service.models import GenerationBatch, TeacherCall
 
     with sessions() as session:
@@ -63,7 +66,120 @@ def _window(sessions: Any, job_id: uuid.UUID) -> tuple[float, int]:
                 TeacherCall.job_id == job_id
             )
         ).one()
-    return (end - start).total_seconds(), int(count)
+    return (end - start).total_seconds(), int(count), start.timestamp()
+
+
+def _batch_spans(sessions: Any, job_id: uuid.UUID, start: float) -> str:
+    """Each batch's claim and close, in seconds from the window's start ("index:from-to"),
+    with the last stored call of each: which batch held the window's tail."""
+    from service.models import GenerationBatch, TeacherCall
+
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                GenerationBatch.index,
+                GenerationBatch.started_at,
+                GenerationBatch.finished_at,
+                func.max(TeacherCall.created_at),
+            )
+            .outerjoin(TeacherCall, TeacherCall.batch_id == GenerationBatch.id)
+            .where(GenerationBatch.job_id == job_id)
+            .group_by(GenerationBatch.id)
+            .order_by(GenerationBatch.index)
+        ).all()
+
+    def at(moment: Any) -> str:
+        return "?" if moment is None else f"{moment.timestamp() - start:.1f}"
+
+    return " ".join(f"{i}:{at(a)}-{at(c)}/{at(b)}" for i, a, b, c in rows)
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """How full the teacher was over a job's window (all its servers together)."""
+
+    mean: float  # requests in flight over the window / the cap (1.0 = always full)
+    full: float  # share of the window at 90% of the cap or more
+    head_s: float  # from the window's start until the teacher is first 90% full
+    tail_s: float  # from the last moment it was 90% full to the window's end
+    gaps: int  # stretches below half the cap, 20 ms or longer, between head and tail
+    gap_s: float  # their total length
+    longest_gap: str  # the longest one: its length and where it started
+    by_tenth: list[float]  # the mean occupancy in each tenth of the window
+
+    def strip(self) -> str:
+        return " ".join(f"{round(100 * x):>3}" for x in self.by_tenth)
+
+
+def _occupancy(
+    timelines: list[list[tuple[float, int]]], start: float, wall: float, cap: int
+) -> Occupancy | None:
+    """The teacher servers' in-flight timelines (see FakeTeacherProcess.timeline) over the
+    window [start, start + wall], summed across servers, against their summed cap."""
+    deltas: list[tuple[float, int]] = []
+    for events in timelines:
+        previous = 0
+        for t, n in events:
+            deltas.append((t, n - previous))
+            previous = n
+    if not deltas or wall <= 0:
+        return None
+    deltas.sort()
+    end = start + wall
+    level, t_prev = 0, start
+    area = full_s = 0.0
+    tenths = [0.0] * 10
+    first_full: float | None = None
+    last_full: float | None = None
+    low_since: float | None = None
+    gaps: list[tuple[float, float]] = []
+
+    def span(a: float, b: float, n: int) -> None:
+        nonlocal area, full_s, first_full, last_full, low_since
+        if b <= a:
+            return
+        area += n * (b - a)
+        tenth = wall / 10
+        for i in range(int((a - start) // tenth), min(10, int((b - start) // tenth) + 1)):
+            lo, hi = max(a, start + i * tenth), min(b, start + (i + 1) * tenth)
+            if hi > lo:
+                tenths[i] += n * (hi - lo)
+        if n >= 0.9 * cap:
+            full_s += b - a
+            first_full = a if first_full is None else first_full
+            last_full = b
+            if low_since is not None:
+                gaps.append((low_since, a))
+                low_since = None
+        elif n < 0.5 * cap and low_since is None and first_full is not None:
+            low_since = a
+        elif n >= 0.5 * cap and low_since is not None:
+            gaps.append((low_since, a))
+            low_since = None
+
+    for t, delta in deltas:
+        if t > end:
+            break
+        if t > start:
+            span(t_prev, t, level)
+            t_prev = t
+        level += delta
+    span(t_prev, end, level)
+    # A low stretch still open at the end belongs to the tail, not to the gaps.
+    inner = [(a, b) for a, b in gaps if b - a >= 0.02 and (last_full is None or b <= last_full)]
+    longest = max(inner, key=lambda g: g[1] - g[0], default=None)
+    return Occupancy(
+        mean=area / (wall * cap),
+        full=full_s / wall,
+        head_s=(first_full if first_full is not None else end) - start,
+        tail_s=end - (last_full if last_full is not None else start),
+        gaps=len(inner),
+        gap_s=sum(b - a for a, b in inner),
+        longest_gap="-"
+        if longest is None
+        else f"{longest[1] - longest[0]:.2f}s@{longest[0] - start:.1f}",
+        by_tenth=[x / (wall / 10 * cap) for x in tenths],
+    )
 
 
 def _gateway_alone(base_url: str, n: int, cap: int) -> tuple[float, float]:
@@ -179,6 +295,8 @@ class Row:
     busy: float | None = None  # share of the machine's CPUs busy during the scenario
     status: str = "-"
     ideal: float | None = None  # N x L / (C x replicas), when not the run's own
+    occupancy: Occupancy | None = None
+    batches: str = ""
 
     @property
     def rate(self) -> float:
@@ -313,7 +431,7 @@ def main() -> None:
                 runtime.configure(sessions=sessions, sender=inline)
                 job_id = job(inline, "inline", args.cap)
                 inline.run_until_idle()
-                wall, calls = _window(sessions, job_id)
+                wall, calls, _ = _window(sessions, job_id)
                 found = stats()
                 rows.append(
                     Row(
@@ -408,7 +526,13 @@ def main() -> None:
                 if profiler is not None:
                     profiler.send_signal(signal.SIGINT)  # py-spy writes its report on SIGINT
                     profiler.wait(timeout=120)
-                wall, calls = _window(sessions, job_id)
+                wall, calls, started = _window(sessions, job_id)
+                occupancy = _occupancy(
+                    [server.timeline() for server in fakes[: scenario.replicas]],
+                    started,
+                    wall,
+                    args.cap * scenario.replicas,
+                )
                 found = stats()
                 rows.append(
                     Row(
@@ -424,6 +548,8 @@ def main() -> None:
                         busy=busy,
                         status=status,
                         ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
+                        occupancy=occupancy,
+                        batches=_batch_spans(sessions, job_id, started),
                     )
                 )
                 print(
@@ -482,6 +608,31 @@ def main() -> None:
     print(
         "two workers: the teacher's max in flight must not exceed the cap "
         f"({args.cap}); 429s are the teacher refusing requests over its cap."
+    )
+    print(
+        "\nWhere the window went (the teacher's requests in flight over the job's window, "
+        "from its own timeline; 'full' is 90% of the cap or more):"
+    )
+    print(
+        f"{'path':<44} {'mean':>5} {'full':>5} {'head s':>7} {'tail s':>7} {'gaps':>5} "
+        f"{'gap s':>6} {'longest':>10}  occupancy % by tenth of the window"
+    )
+    for row in rows:
+        occ = row.occupancy
+        if occ is not None:
+            print(
+                f"{row.label:<44} {occ.mean:>5.0%} {occ.full:>5.0%} {occ.head_s:>7.2f} "
+                f"{occ.tail_s:>7.2f} {occ.gaps:>5} {occ.gap_s:>6.2f} {occ.longest_gap:>10}  "
+                f"{occ.strip()}"
+            )
+    print("Batches (index:claimed-last call stored/closed, seconds into the window):")
+    for row in rows:
+        if row.batches:
+            print(f"  {row.label}: {row.batches}")
+    print(
+        "head: until the teacher is first full (claiming, loading, the limiter's ramp); tail: "
+        "after it was last full (the last answers, retries, the last store); gaps: stretches "
+        "below half the cap in between (the feed waiting on the database)."
     )
     by_name = {row.label.split(": ")[-1].split(" (")[0]: row for row in rows}
     one, four = by_name.get("clean"), by_name.get("four-replicas")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue  # type: ignore[attr-defined]
 
 from service.settings import get_settings
@@ -44,3 +48,25 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+# Young-generation collections: 10,000 allocations between them instead of CPython's 700.
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc(**_: Any) -> None:
+    """Garbage collection tuned for a pool process, once its imports are done.
+
+    `gc.freeze()` moves every object alive now (modules, the ORM's and pydantic's classes and
+    schemas, tens of thousands of them) to a permanent generation that collections never scan
+    again: they live as long as the process, and a full collection otherwise walks them all.
+    A generation pipeline allocates and drops a few dicts and strings per teacher answer, so
+    at the default gen0 threshold (700) it ran a young collection every couple of answers and
+    an old one every hundred or so; 10,000 keeps the young generation a few MB and the
+    collections rare (bench/job_throughput.py: worker CPU per call, see docs/generation.md).
+    Reference cycles are still collected; memory is not held longer than a collection cycle.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
+worker_process_init.connect(tune_gc)

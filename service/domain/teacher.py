@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, PrivateAttr
 
 
 class StructuredMode(StrEnum):
@@ -113,19 +114,78 @@ class TeacherRequest(BaseModel):
     response_schema: dict[str, Any] | None = None
     schema_name: str = "output"
     sample_index: int = 0
+    # Fingerprints by model, computed once: the worker needs a request's fingerprint to look
+    # it up in the cache and again to send it. A request is not changed in place once built
+    # (callers derive new ones with model_copy, which starts a fresh cache).
+    _fingerprints: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def fingerprint(self, model: str) -> str:
-        """Content hash identifying this request for caching: a redelivery never pays twice."""
-        payload = {
-            "template": [self.template_id, self.template_version],
-            "messages": [m.model_dump() for m in self.messages],
-            "model": model,
-            "params": self.params.model_dump(),
-            "schema": self.response_schema,
-            "sample": self.sample_index,
-        }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """Content hash identifying this request for caching: a redelivery never pays twice.
+
+        The sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of {"messages",
+        "model", "params", "sample", "schema", "template"}; the JSON is written part by part,
+        in key order, so that the response schema, the same dict for a whole batch, is
+        serialized once (`_canonical_schema`), not once per request."""
+        known = self._fingerprints.get(model)
+        if known is not None:
+            return known
+        blob = "".join(
+            (
+                '{"messages":',
+                _canonical([{"role": m.role, "content": m.content} for m in self.messages]),
+                ',"model":',
+                _canonical(model),
+                ',"params":',
+                _canonical(self.params.model_dump()),
+                ',"sample":',
+                _canonical(self.sample_index),
+                ',"schema":',
+                _canonical_schema(self.response_schema),
+                ',"template":',
+                _canonical([self.template_id, self.template_version]),
+                "}",
+            )
+        )
+        known = hashlib.sha256(blob.encode()).hexdigest()
+        self._fingerprints[model] = known
+        return known
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copy = super().model_copy(update=update, deep=deep)
+        copy._fingerprints = {}
+        return copy
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields: the fingerprint cache is not part of a request's value."""
+        if not isinstance(other, TeacherRequest):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# Canonical JSON of response schemas by identity: a batch's requests share one schema dict
+# (workers/steps/generate.py interns them), so each is serialized once. Each entry keeps its
+# dict alive, so an id is not reused while cached; schemas are not changed in place.
+_SCHEMA_JSON: dict[int, tuple[dict[str, Any], str]] = {}
+_SCHEMA_JSON_MAX = 1024
+
+
+def _canonical_schema(schema: dict[str, Any] | None) -> str:
+    if schema is None:
+        return "null"
+    known = _SCHEMA_JSON.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
+    text = _canonical(schema)
+    if len(_SCHEMA_JSON) >= _SCHEMA_JSON_MAX:
+        _SCHEMA_JSON.clear()
+    _SCHEMA_JSON[id(schema)] = (schema, text)
+    return text
 
 
 class TeacherCallStatus(StrEnum):

@@ -194,6 +194,12 @@ class FakeTeacherProcess:
         assert isinstance(result, dict)
         return result
 
+    def timeline(self) -> list[tuple[float, int]]:
+        """(wall-clock time, requests in flight just after) at every admission and answer
+        since the last reset."""
+        result = self._request("GET", "/timeline")
+        return [(float(t), int(n)) for t, n in result["events"]]
+
     def reset(self) -> None:
         """Zero counters and forget request fingerprints."""
         self._request("POST", "/admin/reset", {})

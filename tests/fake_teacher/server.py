@@ -70,6 +70,7 @@ _FILLER_TEXT: Final = (
 FILLER_WORDS: Final = tuple(_FILLER_TEXT.split())
 MAX_DEPTH: Final = 12
 MAX_CHOICES: Final = 128
+MAX_TIMELINE_EVENTS: Final = 1_000_000  # two per request; bounded for a long-running server
 
 
 # --------------------------------------------------------------------------- configuration
@@ -839,6 +840,9 @@ class TeacherState:
         self.duplicate_successes = 0
         self.client_disconnects = 0
         self.faults = {"error": 0, "malformed": 0, "truncate": 0, "hang": 0}
+        # (wall-clock time, requests in flight just after) at each admission and each answer,
+        # so a benchmark can see how full the teacher was over a run and where it idled.
+        self.timeline: list[tuple[float, int]] = []
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -976,6 +980,7 @@ class TeacherState:
         self.in_flight += 1
         self.in_flight_by_model[model] = self.in_flight_by_model.get(model, 0) + 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._mark()
         try:
             return await self._complete(body, model, messages, n, max_tokens, ctx, mode, arrival)
         except asyncio.CancelledError:
@@ -985,6 +990,11 @@ class TeacherState:
         finally:
             self.in_flight -= 1
             self.in_flight_by_model[model] -= 1
+            self._mark()
+
+    def _mark(self) -> None:
+        if len(self.timeline) < MAX_TIMELINE_EVENTS:
+            self.timeline.append((time.time(), self.in_flight))
 
     async def _complete(
         self,
@@ -1156,6 +1166,9 @@ class TeacherState:
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
+    async def get_timeline(self, request: web.Request) -> web.Response:
+        return web.json_response({"events": self.timeline})
+
     async def admin_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
@@ -1206,6 +1219,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/chat/completions", state.chat_completions)
     app.router.add_get("/v1/models", state.list_models)
     app.router.add_get("/stats", state.get_stats)
+    app.router.add_get("/timeline", state.get_timeline)
     app.router.add_post("/admin/reset", state.admin_reset)
     app.router.add_get("/admin/config", state.admin_get_config)
     app.router.add_post("/admin/config", state.admin_config)

@@ -562,6 +562,32 @@ def test_latency_and_metrics_while_in_flight(
     assert teacher.stats()["max_in_flight"] == 3
 
 
+def test_timeline_records_requests_in_flight_at_each_admission_and_answer(
+    teacher: FakeTeacherProcess, http: httpx.Client
+) -> None:
+    teacher.configure(latency_ms=300)
+    teacher.reset()
+    before = time.time()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(
+            pool.map(
+                lambda i: http.post("/v1/chat/completions", json=_chat_body(f"timeline {i}")),
+                range(3),
+            )
+        )
+    after = time.time()
+    assert all(r.status_code == 200 for r in answers)
+    events = teacher.timeline()
+    times = [t for t, _ in events]
+    levels = [n for _, n in events]
+    assert len(events) == 6 and times == sorted(times)
+    assert before <= times[0] and times[-1] <= after
+    assert max(levels) == 3 and levels[-1] == 0
+    assert times[-1] - times[0] >= 0.3  # each answer came after the latency
+    teacher.reset()
+    assert teacher.timeline() == []
+
+
 def test_error_rate_is_roughly_honoured_and_reproducible(
     teacher: FakeTeacherProcess, http: httpx.Client
 ) -> None:

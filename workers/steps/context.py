@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +22,30 @@ from service.splits import JobRows, job_spec, load_job_rows
 
 @dataclass
 class JobContext:
-    """A job's spec, its strategy and its rows split into seed-train, validation and test."""
+    """A job's spec, its strategy and its rows split into seed-train, validation and test.
+
+    The rows are read when first asked for (and then kept for the process, see `_job_rows`):
+    a generation pipeline needs them only to filter its first answers, so its first requests
+    go out without waiting for thousands of rows to be decoded."""
 
     job: Job
     spec: JobSpec
     strategy: Strategy
     params: Any
-    rows: JobRows
     labels: list[str] | None
-    protected_texts: list[str] = field(default_factory=list)
+    load_rows: Callable[[], JobRows] = field(repr=False)
+    _rows: JobRows | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> JobRows:
+        if self._rows is None:
+            self._rows = self.load_rows()
+        return self._rows
+
+    @property
+    def protected_texts(self) -> list[str]:
+        """The validation and test inputs, which generated examples must not copy."""
+        return [r.input for r in self.rows.validation] + [r.input for r in self.rows.test]
 
     @property
     def train(self) -> list[LabelledRow]:
@@ -80,16 +96,15 @@ def _job_rows(session: Session, job: Job, spec: JobSpec) -> JobRows:
 
 
 def load_job_context(session: Session, job: Job) -> JobContext:
+    """The job's context; its rows are read from `session` when first needed."""
     spec = job_spec(job)
-    rows = _job_rows(session, job, spec)
     return JobContext(
         job=job,
         spec=spec,
         strategy=get_strategy(spec.strategy),
         params=validate_params(spec.strategy, spec.params),
-        rows=rows,
         labels=spec.task.labels,
-        protected_texts=[r.input for r in rows.validation] + [r.input for r in rows.test],
+        load_rows=lambda: _job_rows(session, job, spec),
     )
 
 

@@ -108,10 +108,30 @@ def generation_params(teacher: TeacherRow, ctx: JobContext) -> GenerationParams:
 
 
 def _requests(
-    targets: Sequence[GenerationTarget], teacher: TeacherRow, ctx: JobContext
+    targets: Sequence[GenerationTarget],
+    teacher: TeacherRow,
+    ctx: JobContext,
+    schemas: list[dict[str, Any]],
 ) -> list[TeacherRequest]:
+    """The targets' requests with the teacher's sampling parameters, and equal response
+    schemas replaced by one shared dict (from `schemas`, which collects them): a batch's
+    targets are decoded from JSON each with a schema of its own, and everything derived from
+    a schema (its validator, its canonical JSON in the fingerprint and the prompt) is cached
+    by identity, so one dict per distinct schema makes it computed once, not per request."""
     params = generation_params(teacher, ctx)
-    return [t.request.model_copy(update={"params": params}) for t in targets]
+    requests = []
+    for target in targets:
+        update: dict[str, Any] = {"params": params}
+        schema = target.request.response_schema
+        if schema is not None:
+            # Dict equality is a C-level walk, far cheaper than serializing the schema.
+            shared = next((known for known in schemas if known == schema), None)
+            if shared is None:
+                schemas.append(schema)
+                shared = schema
+            update["response_schema"] = shared
+        requests.append(target.request.model_copy(update=update))
+    return requests
 
 
 def _calls_by_fingerprint(
@@ -381,6 +401,10 @@ class _Work:
     waiting: set[str] = field(default_factory=set)
     fed: bool = False
     closed: bool = False
+    # Whether any of its requests went to the teacher's window (set on the event loop; read
+    # on the DB thread only once the loop is done). A batch claimed ahead that never started
+    # is given back as it was, not closed or counted as a crash.
+    started: bool = False
 
 
 class _Pipeline:
@@ -406,6 +430,7 @@ class _Pipeline:
         self.works: dict[uuid.UUID, _Work] = {}
         self.by_fp: dict[str, list[_Work]] = {}
         self.requests: dict[str, TeacherRequest] = {}
+        self.schemas: list[dict[str, Any]] = []  # the distinct response schemas (`_requests`)
         self.previous: dict[str, dict[str, int]] = {}
         self.held = HeldBatches()
         self.spend = _Spend(0, 0.0)
@@ -441,7 +466,12 @@ class _Pipeline:
         try:
             self.session.rollback()
             for batch_id, token in self.held.snapshot().items():
-                release_crashed_batch(self.session, batch_id, token, self.settings, error)
+                work = self.works.get(batch_id)
+                if work is not None and not work.started and not work.fed:
+                    # Claimed ahead, never started: it did not crash anything.
+                    give_back_unstarted_batch(self.session, batch_id, token)
+                else:
+                    release_crashed_batch(self.session, batch_id, token, self.settings, error)
         except Exception as exc:
             log.warning("batch.put_back_failed", job_id=str(self.job_id), error=str(exc))
 
@@ -499,24 +529,47 @@ class _Pipeline:
                 return
 
     async def _feed(self, batch_id: uuid.UUID, token: int) -> AsyncIterator[TeacherRequest]:
+        """The held batches' requests, one batch after another, with one batch of lookahead:
+        the next batch is claimed and loaded on the DB thread while this one's second half
+        goes out, so the window never waits for a claim, a load, or a store queued before them.
+        A batch claimed ahead that never starts (the pipeline stopped first) is given back
+        by `_close_all`."""
+        work, send = await self._db(self._load, batch_id, token)
         while True:
-            for request in await self._db(self._load, batch_id, token):
+            ahead: asyncio.Future[tuple[_Work, list[TeacherRequest]] | None] | None = None
+            work.started = True
+            # The next batch is claimed once half of this one went out: not while the window
+            # fills (loading a batch holds the GIL for tens of milliseconds, which slowed the
+            # first 64 sends from 0.3 to 1.8 ms each), and long before this one runs out.
+            half = len(send) // 2
+            for sent, request in enumerate(send):
+                if sent == half:
+                    ahead = self._claim_ahead()
                 yield request
-            await self._db(self._fed, batch_id)
-            if not self.go:
+            if ahead is None:
+                ahead = self._claim_ahead()
+            # Marked on the DB thread, where answers are matched to batches, but not awaited:
+            # the next batch's requests go out meanwhile.
+            asyncio.ensure_future(self._db(self._fed, work.batch_id)).add_done_callback(_retrieve)
+            following = await ahead
+            if following is None or not self.go:
                 return
-            following = await self._db(self._claim_following)
-            if following is None:
-                return
-            batch_id, token = following
+            work, send = following
+
+    def _claim_ahead(self) -> asyncio.Future[tuple[_Work, list[TeacherRequest]] | None]:
+        ahead = asyncio.ensure_future(self._db(self._claim_and_load_following))
+        # Never left unretrieved when the gateway closes the feed early; what it claimed is
+        # held, and `_close_all` (queued behind it) gives it back.
+        ahead.add_done_callback(_retrieve)
+        return ahead
 
     # ------------------------------------------------------------------ the DB thread
 
-    def _load(self, batch_id: uuid.UUID, token: int) -> list[TeacherRequest]:
+    def _load(self, batch_id: uuid.UUID, token: int) -> tuple[_Work, list[TeacherRequest]]:
         batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
         assert batch is not None
         targets = [GenerationTarget.model_validate(t) for t in batch.targets]
-        requests = _requests(targets, self.teacher_row, self.ctx)
+        requests = _requests(targets, self.teacher_row, self.ctx, self.schemas)
         fingerprints = [r.fingerprint(self.teacher_row.model) for r in requests]
         to_call, previous = _uncached(self.session, self.teacher_row, requests, fingerprints)
         self.session.commit()
@@ -531,23 +584,26 @@ class _Pipeline:
             if not any(fp in other.waiting for other in others if other is not work):
                 send.append(request)  # a fingerprint another held batch waits for goes once
             others.append(work)
-        return send
+        return work, send
 
     def _fed(self, batch_id: uuid.UUID) -> None:
         work = self.works[batch_id]
         work.fed = True
         self._check()
-        if not work.waiting:
-            self._finish(work, final=False)
+        if not work.waiting and not work.closed:
+            self._while_database_returns(self._finishing(work, final=False))
 
-    def _claim_following(self) -> tuple[uuid.UUID, int] | None:
+    def _claim_and_load_following(self) -> tuple[_Work, list[TeacherRequest]] | None:
+        if not self.go:
+            return None
         self.session.expire(self.job, ["status"])
         if self.job.status is not JobStatus.running:
             return None
         following = _claim_next(self.session, self.iteration_id, self.phase)
-        if following is not None:
-            self.held.add(*following)
-        return following
+        if following is None:
+            return None
+        self.held.add(*following)
+        return self._load(*following)
 
     def _store(self, results: list[TeacherResult]) -> None:
         """Store finished calls (paid answers are durable within one store of their arrival),
@@ -582,7 +638,11 @@ class _Pipeline:
 
     def _close_all(self) -> None:
         for work in list(self.works.values()):
-            if not work.closed:
+            if work.closed:
+                continue
+            if self._unstarted(work):
+                self._while_database_returns(self._giving_back(work))
+            else:
                 self._while_database_returns(self._finishing(work, final=True))
         for batch_id, token in self.held.snapshot().items():
             if batch_id not in self.works:  # claimed, but its targets could not be loaded
@@ -609,6 +669,26 @@ class _Pipeline:
                 log.warning("batch.database_unavailable", error=str(exc)[:200], retry_s=delay)
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
+
+    def _unstarted(self, work: _Work) -> bool:
+        """A batch claimed ahead that sent nothing, when the pipeline did not stop for a
+        reason that applies to it too (a cancel, a pause, the budget, a permanent error: those
+        close or keep it as its first batch would be)."""
+        return (
+            not work.started
+            and not work.fed
+            and not self.outcome.stopped
+            and not self.outcome.permanent_error
+        )
+
+    def _giving_back(self, work: _Work) -> Callable[[], None]:
+        def give_back() -> None:
+            work.closed = False
+            give_back_unstarted_batch(self.session, work.batch_id, work.token)
+            work.closed = True
+            self.held.discard(work.batch_id)
+
+        return give_back
 
     def _finishing(self, work: _Work, *, final: bool) -> Callable[[], None]:
         def finish() -> None:
@@ -726,6 +806,31 @@ class _Pipeline:
         _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
 
 
+def give_back_unstarted_batch(session: Session, batch_id: uuid.UUID, token: int) -> bool:
+    """Put back, as it was before the claim, a batch a pipeline claimed ahead and never
+    started (it stopped first: a crash, a lost database, the teacher's retries exhausted on
+    the batch before). Pending and due at once, no crash counted, no retry clock started; a
+    message is sent so that any worker takes it (a paused job's resume sends its own).
+    Returns whether it was put back (False: the claim lapsed and another worker holds it)."""
+    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
+    if job_id is None:
+        return False
+    lock_job(session, job_id)  # the job's row before the batch's (service.jobs.lock_job)
+    job = session.get(Job, job_id, populate_existing=True)
+    batch = session.get(GenerationBatch, batch_id, populate_existing=True)
+    if batch is None or batch.status is not BatchStatus.running or batch.attempts != token:
+        session.rollback()
+        return False
+    batch.status = BatchStatus.pending
+    batch.retry_at = None
+    batch.updated_at = utcnow()
+    if job is not None and job.status is JobStatus.running:
+        tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id))
+    session.commit()
+    log.info("batch.given_back", batch_id=str(batch.id), job_id=str(job_id))
+    return True
+
+
 def release_crashed_batch(
     session: Session,
     batch_id: uuid.UUID,
@@ -766,6 +871,14 @@ def release_crashed_batch(
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id), countdown=delay)
     session.commit()
     return True
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Log the failure of a DB step nobody awaits. What it leaves undone is done at the
+    pipeline's end: `_close_all` closes every batch still open and gives back those claimed
+    ahead."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("batch.pipeline_step_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:
@@ -901,7 +1014,8 @@ def _candidate_rows(
     golds = {row["dedup_key"]: row["meta"]["gold"] for row, _ in pending if "gold" in row["meta"]}
     kinds = [row["kind"] for row, _ in pending]
     verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds)
-    for (row, _), verdict in zip(pending, verdicts, strict=True):
+    for (row, candidate), verdict in zip(pending, verdicts, strict=True):
+        row["input_hash"] = candidate.fingerprinted.digest  # hashed once, by the filters
         if verdict.output is not None:
             row["output"] = verdict.output  # the filter maps e.g. "hum" to the canonical "HUM"
         row["status"] = (
@@ -957,7 +1071,8 @@ def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
     now = utcnow()
     for row in rows:  # the ids are the column's default's (service.db.insert_ignore)
         row.setdefault("rationale", None)
-        row["input_hash"] = text_hash(row["input"])
+        if "input_hash" not in row:
+            row["input_hash"] = text_hash(row["input"])
         row["created_at"] = now
     insert_ignore(session, Example, rows, ["job_id", "dedup_key"])
     session.flush()
@@ -1122,6 +1237,8 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
         while len(_INDEXES) > _MAX_CACHED_JOBS:
             _INDEXES.popitem(last=False)
     _INDEXES.move_to_end(job.id)
+    plain: list[tuple[str | None, str]] = []
+    rationales: list[tuple[str | None, str]] = []
     for key, text, kind, rationale in session.execute(
         select(Example.dedup_key, Example.input, Example.kind, Example.rationale).where(
             Example.job_id == job.id, Example.status == ExampleStatus.accepted
@@ -1129,10 +1246,14 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
     ):
         if key not in cached.keys:
             if kind == ExampleKind.rationale.value:
-                cached.rationales.add(key, _rationale_text(text, rationale))
+                rationales.append((key, _rationale_text(text, rationale)))
             else:
-                cached.dedup.add(key, text)
+                plain.append((key, text))
             cached.keys.add(key)
+    # Other workers' examples (this process indexes its own as it accepts them), sketched
+    # together.
+    cached.dedup.add_all(plain)
+    cached.rationales.add_all(rationales)
     return cached
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -534,3 +535,99 @@ def test_building_over_trec_sized_data_takes_seconds() -> None:
     assert all(index.check(text)[0] == Reason.DUPLICATE for text in texts[:200])
     caught = [text for text in texts if guard.check(text)[0] == Reason.CONTAMINATED]
     assert set(leaked) <= set(caught)
+
+
+def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.domain import filters
+
+    config = FilterConfig(labels=["A", "B"])
+    dedup = DedupIndex.build({"seed:1": "What is the capital of France?"}, config)
+    guard = ContaminationGuard.build(["How many legs does a spider have?"], config)
+    candidates = [
+        Candidate(key="k1", input="What is the capital city of Spain?", output="a"),
+        Candidate(key="k2", input="What is the capital city of Spain ?", output="B"),
+        Candidate(key="k3", input="Name a river in Egypt.", output="A"),
+    ]
+    counts = {"normalize": 0, "sketch": 0}
+    normalize, sketch = filters.normalize_text, filters._Sketcher.sketch
+
+    def counting_normalize(text: str) -> str:
+        counts["normalize"] += 1
+        return normalize(text)
+
+    def counting_sketch(self: Any, normalized: str) -> Any:
+        counts["sketch"] += 1
+        return sketch(self, normalized)
+
+    monkeypatch.setattr(filters, "normalize_text", counting_normalize)
+    monkeypatch.setattr(filters._Sketcher, "sketch", counting_sketch)
+    verdicts = filter_candidates(candidates, config=config, dedup=dedup, guard=guard)
+    assert [v.accepted for v in verdicts] == [True, False, True]
+    assert verdicts[1].reason == "duplicate"
+    # Once each, though each is checked against the guard and the index and then indexed.
+    assert counts == {"normalize": 3, "sketch": 3}
+    # The digest is the stored input hash, carried to the insert.
+    assert [c.fingerprinted.digest for c in candidates] == [text_hash(c.input) for c in candidates]
+    assert counts["normalize"] == 3 + 3  # text_hash above, not the candidates
+    # The cached form is not part of a candidate's value.
+    assert candidates[0] == Candidate(key="k1", input=candidates[0].input, output="a")
+
+
+@pytest.mark.parametrize("threshold", [0.85, 0.8, 0.5])
+def test_the_band_index_proposes_what_datasketchs_lsh_proposes(threshold: float) -> None:
+    from datasketch import MinHash, MinHashLSH
+
+    from service.domain.filters import _band_params, _Bands
+
+    texts = [r["text"] for rows in question_splits({"a": 300}).values() for r in rows]
+    sketcher = _Sketcher(128, 1)
+    sketches = [s for s in (sketcher.sketch(normalize_text(t)) for t in texts) if s]
+    indexed, queries = sketches[: len(sketches) // 2], sketches[len(sketches) // 2 :]
+    reference = MinHashLSH(num_perm=128, params=_band_params(threshold, 128))
+    bands = _Bands(threshold, 128)
+    for ordinal, sketch in enumerate(indexed):
+        minhash = MinHash(num_perm=128, seed=1, hashvalues=sketch.hashvalues, scheme="affine32")
+        reference.insert(ordinal, minhash, check_duplication=False)
+        bands.insert(ordinal, sketch.hashvalues)
+    proposed = [bands.query(s.hashvalues) for s in queries + indexed[:50]]
+    expected = [
+        set(
+            reference.query(
+                MinHash(num_perm=128, seed=1, hashvalues=s.hashvalues, scheme="affine32")
+            )
+        )
+        for s in queries + indexed[:50]
+    ]
+    assert proposed == expected
+    assert sum(map(len, proposed)) >= 50  # every indexed text proposes itself, at least
+
+
+def test_sketches_are_datasketchs_own_one_by_one_or_in_bulk() -> None:
+    import zlib
+
+    from datasketch import MinHash
+
+    from service.domain.filters import Fingerprinted, _shingles, _words
+
+    texts = [r["text"] for rows in question_splits({"a": 200}).values() for r in rows]
+    texts += ["", "?!", "a", "ab cd", "x" * 3000]
+    template = MinHash(num_perm=128, seed=1, hashfunc=zlib.crc32)
+    sketcher = _Sketcher(128, 1)
+    assert sketcher._permute is not None  # the bulk path is the one in use
+    _Sketcher._cache.clear()
+    bulk = [Fingerprinted(t) for t in texts]
+    sketcher.sketch_all(bulk)
+    _Sketcher._cache.clear()
+    for text, together in zip(texts, bulk, strict=True):
+        alone = sketcher.sketch(normalize_text(text))
+        shingles = _shingles(_words(normalize_text(text)))
+        if not shingles:
+            assert alone is None and together._sketch is None
+            continue
+        minhash = template.copy()
+        minhash.update_batch(shingles)
+        assert alone is not None and together._sketch is not None
+        assert np.array_equal(alone.hashvalues, minhash.hashvalues)
+        assert np.array_equal(together._sketch.hashvalues, minhash.hashvalues)

@@ -1,0 +1,146 @@
+"""The generation pipeline claims the next batch while the current one sends; a batch claimed
+ahead that never started is given back as it was, so a crash or an interruption loses nothing
+and counts no crash against it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from service.domain.statuses import BatchStatus
+from service.domain.teacher import TeacherRequest, TeacherResult
+from service.models import Example, GenerationBatch, TeacherCall
+from service.tasks import BATCH_GENERATE, SENDER, RecordingTaskSender
+from tests.data_factory import question_slice
+from tests.integration.conftest import InlineStack
+from workers import runtime
+from workers.steps.generate import generate_batch
+
+CALLS = 16
+BATCH = 4
+
+
+def _job(st: InlineStack) -> str:
+    train, val = question_slice(per_class=5, val_per_class=5)
+    spec = st.job_spec(
+        train=train,
+        validation=val,
+        name="lookahead",
+        strategy="random",
+        # Exactly CALLS teacher calls, in CALLS / BATCH batches.
+        params={"rows_per_iteration": CALLS, "examples_per_row": 1},
+        budget={"max_iterations": 1, "max_examples_per_iteration": CALLS},
+        batch_size=BATCH,
+    )
+    job_id = st.create_job(spec)
+    st.sender.run_until_idle(should_stop=lambda: len(_batches(st, job_id)) > 0)
+    return job_id
+
+
+def _batches(st: InlineStack, job_id: str) -> list[GenerationBatch]:
+    with st.sessions() as session:
+        return list(
+            session.scalars(
+                select(GenerationBatch)
+                .where(GenerationBatch.job_id == uuid.UUID(job_id))
+                .order_by(GenerationBatch.index)
+            )
+        )
+
+
+class _StopsAfterOneBatch:
+    """A teacher that takes the first batch's requests, waits until the pipeline holds the
+    next batch too (claimed ahead), then fails: in its stream (the limiter lost Redis: the
+    pipeline is interrupted) or when closed (the step crashes)."""
+
+    def __init__(self, holding: Callable[[], int], *, crash: bool) -> None:
+        self._holding = holding
+        self._crash = crash
+
+    async def stream(
+        self, requests: AsyncIterator[TeacherRequest], **_: Any
+    ) -> AsyncIterator[TeacherResult]:
+        for _ in range(BATCH):
+            await anext(requests)
+        for _ in range(200):
+            if await asyncio.to_thread(self._holding) == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the pipeline never claimed a batch ahead")
+        raise RuntimeError("the limiter lost Redis")
+        yield  # an async generator, like the real stream
+
+    async def aclose(self) -> None:
+        if self._crash:
+            raise RuntimeError("the step crashed")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["interrupted", "crashed"])
+def test_a_batch_claimed_ahead_and_never_started_is_given_back_whole(
+    inline_stack: InlineStack, crash: bool
+) -> None:
+    st = inline_stack
+    job_id = _job(st)
+    batches = _batches(st, job_id)
+    assert len(batches) == CALLS // BATCH
+
+    def holding() -> int:
+        return sum(b.status is BatchStatus.running for b in _batches(st, job_id))
+
+    teacher = _StopsAfterOneBatch(holding, crash=crash)
+    ports = dataclasses.replace(runtime.process_ports(), make_teacher=lambda _: teacher)
+    recorded = RecordingTaskSender()
+    with st.sessions() as session:
+        session.info[SENDER] = recorded
+        if crash:
+            with pytest.raises(RuntimeError, match="the step crashed"):
+                generate_batch(session, batches[0].id, ports)
+        else:
+            generate_batch(session, batches[0].id, ports)
+
+    first, ahead, *rest = _batches(st, job_id)
+    # The batch that started is put back the way its failure says: a crash counted, or a
+    # retry after the interruption with the teacher's retry clock started.
+    assert first.status is BatchStatus.pending
+    assert first.crashes == (1 if crash else 0)
+    assert (first.unavailable_since is None) == crash
+    # The batch claimed ahead is pending again at once: no crash, no retry clock, a message.
+    assert ahead.status is BatchStatus.pending
+    assert ahead.attempts == 1 and ahead.crashes == 0
+    assert ahead.retry_at is None and ahead.unavailable_since is None
+    assert (BATCH_GENERATE, (str(ahead.id),)) in [(m.name, m.args) for m in recorded.sent]
+    # The others were never touched.
+    assert all(b.status is BatchStatus.pending and b.attempts == 0 for b in rest)
+
+    # Any worker then finishes the job with nothing lost and nothing paid twice.
+    for message in recorded.sent:
+        st.sender.send(message)
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
+    with st.sessions() as session:
+        calls = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
+        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
+    assert calls == CALLS and examples == CALLS
+    assert st.teacher.stats()["duplicate_successes"] == 0
+
+
+def test_one_pipeline_runs_every_batch_of_the_phase(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    job_id = _job(st)
+    batches = _batches(st, job_id)
+    st.teacher.reset()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        generate_batch(session, batches[0].id, runtime.process_ports())
+    after = _batches(st, job_id)
+    assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
+    stats = st.teacher.stats()
+    assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
