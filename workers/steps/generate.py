@@ -806,18 +806,24 @@ class _Pipeline:
         _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
 
 
+def _lock_batch(session: Session, batch_id: uuid.UUID) -> tuple[Job | None, GenerationBatch | None]:
+    """The batch and its job, fresh from the database and locked in the order every writer
+    takes them: the job's row before the batch's (service.jobs.lock_job)."""
+    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
+    if job_id is None:
+        return None, None
+    lock_job(session, job_id)
+    job = session.get(Job, job_id, populate_existing=True)
+    return job, session.get(GenerationBatch, batch_id, populate_existing=True)
+
+
 def give_back_unstarted_batch(session: Session, batch_id: uuid.UUID, token: int) -> bool:
     """Put back, as it was before the claim, a batch a pipeline claimed ahead and never
     started (it stopped first: a crash, a lost database, the teacher's retries exhausted on
     the batch before). Pending and due at once, no crash counted, no retry clock started; a
     message is sent so that any worker takes it (a paused job's resume sends its own).
     Returns whether it was put back (False: the claim lapsed and another worker holds it)."""
-    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
-    if job_id is None:
-        return False
-    lock_job(session, job_id)  # the job's row before the batch's (service.jobs.lock_job)
-    job = session.get(Job, job_id, populate_existing=True)
-    batch = session.get(GenerationBatch, batch_id, populate_existing=True)
+    job, batch = _lock_batch(session, batch_id)
     if batch is None or batch.status is not BatchStatus.running or batch.attempts != token:
         session.rollback()
         return False
@@ -827,7 +833,7 @@ def give_back_unstarted_batch(session: Session, batch_id: uuid.UUID, token: int)
     if job is not None and job.status is JobStatus.running:
         tasks.enqueue(session, tasks.BATCH_GENERATE, str(batch.id))
     session.commit()
-    log.info("batch.given_back", batch_id=str(batch.id), job_id=str(job_id))
+    log.info("batch.given_back", batch_id=str(batch.id), job_id=str(batch.job_id))
     return True
 
 
@@ -841,12 +847,7 @@ def release_crashed_batch(
     """Put back a batch whose worker crashed or died (token None: whoever held it), counting
     the crash, or fail it at `max_crashes` (a batch that kills its workers must not loop).
     Returns whether it was put back."""
-    job_id = session.scalar(select(GenerationBatch.job_id).where(GenerationBatch.id == batch_id))
-    if job_id is None:
-        return False
-    lock_job(session, job_id)  # the job's row before the batch's (service.jobs.lock_job)
-    job = session.get(Job, job_id, populate_existing=True)
-    batch = session.get(GenerationBatch, batch_id, populate_existing=True)
+    job, batch = _lock_batch(session, batch_id)
     if batch is None or batch.status is not BatchStatus.running:
         session.rollback()
         return False
