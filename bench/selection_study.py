@@ -28,7 +28,10 @@ rows to each *anchor* the policy shows:
   never shown, or thirds in rotation (each round the next third, so every row steers once in
   three rounds: the product now, `service/domain/selection.py::validation_roles`);
 - `covered-all`: the same with every validation row steering every round (no rows left to judge
-  the data: an upper bound, not a product option).
+  the data: an upper bound, not a product option);
+- `contrast-rotate`: `covered-rotate`, where a third of what a wrong row is asked for (rounded)
+  is the nearest pool rows of the label the student predicted for it (LLM2LLM's contrast
+  examples: the boundary drawn from both sides).
 
 Prints the mean gap closed, (score - seed only) / (full train - seed only), per data set.
 """
@@ -58,7 +61,11 @@ POLICIES = (
     "covered-fifths",
     "covered-rotate",
     "covered-all",
+    "contrast-rotate",
 )
+# contrast-rotate: this share of a wrong row's examples goes to the label the student predicted
+# (what LLM2LLM asks for, `strategies/base.py::CONTRAST_SHARE`); 1/2 closed less than 1/3.
+CONTRAST = 1 / 3
 ROUNDS = 3
 FLOOR = 0.25
 WRONG_WEIGHT = 2
@@ -188,8 +195,17 @@ def select(setting: Setting, policy: str, seed: int) -> list[int]:
                 anchors = [(v, float(WRONG_WEIGHT)) for v in wrong] + [(v, 1.0) for v in right]
                 anchors = anchors or [(v, 1.0) for v in seeds]
             counts = apportion(n, {i: w for i, (_, w) in enumerate(anchors)})
+            wrong_predicted = [predicted[i] for i in np.where(mine & (predicted != label))[0]]
             for i, (anchor, _) in enumerate(anchors):
-                if counts[i]:
+                if not counts[i]:
+                    continue
+                if policy.startswith("contrast") and i < len(wrong):
+                    other = round(counts[i] * CONTRAST)
+                    if other:
+                        nearest(anchor, str(wrong_predicted[i]), other)
+                    if counts[i] - other:
+                        nearest(anchor, label, counts[i] - other)
+                else:
                     nearest(anchor, label, counts[i])
     return added
 

@@ -86,6 +86,31 @@ def test_nearest_rows_follow_the_texts_shown_and_are_given_out_once(
     assert teacher.reused == 1
 
 
+def test_a_contrast_prompt_is_answered_with_the_label_it_names_near_the_text_shown(
+    teacher: RetrievalTeacher,
+) -> None:
+    from service.domain.strategies import LLM2LLM
+
+    # A billing text the student took for refund: the contrast prompt asks for refund rows
+    # like it, and the nearest refund row to "money back on the invoice" is the money one.
+    _, ctx = next(c for c in _contexts("x") if c[0] == "llm2llm")
+    wrong = ctx.evaluated[0].model_copy(
+        update={
+            "row_id": "v9",
+            "split": "validation",
+            "input": "give money back on the invoice",
+            "gold": "billing",
+            "predicted": "refund",
+        }
+    )
+    ctx = ctx.model_copy(update={"evaluated": [wrong], "max_examples": 6})
+    contrast = [t for t in LLM2LLM().plan(ctx) if t.reason == "contrast"]
+    assert contrast and contrast[0].expected_label == "refund"
+    answer = teacher.answer([m.model_dump() for m in contrast[0].request.messages])
+    assert [e["label"] for e in answer["examples"]] == ["refund"] * contrast[0].n_examples
+    assert answer["examples"][0]["text"] == "give me my money back"
+
+
 def test_a_lying_teacher_gives_wrong_labels(teacher: RetrievalTeacher) -> None:
     teacher.mislabel = 1.0
     examples = teacher.answer(_llm2llm_messages("refund my money", "refund"))["examples"]

@@ -19,7 +19,9 @@ Paper: "LLM2LLM: Boosting LLMs with Novel Iterative Data Enhancement" (Lee et al
    (`weighted_row_targets`; right rows get reason "coverage" and prompt `augment.j2`, which
    presents the row as a training example, not a mistake), so the classes the student
    handles are not starved while it learns the others, and no single row is asked for many
-   near-copies.
+   near-copies. A third of what a wrong row is asked for (`base.contrast_count`) are
+   *contrast* examples: of the label the student predicted for it, resembling it (reason
+   "contrast", prompt `contrast.j2`), so the boundary it crossed is drawn from both sides.
 4. Add them and go to 1: the orchestration. Stop after T iterations or when no seed example is
    wrong: `decide`.
 """
@@ -45,6 +47,8 @@ from service.domain.strategies.base import (
     Strategy,
     StrategyParams,
     apportion,
+    contrast_count,
+    contrast_target,
     decide_by_metric,
     example_item,
     params_as,
@@ -201,11 +205,23 @@ def weighted_row_targets(
     """`total` examples over `slots` (row, the student's wrong verdict or None, weight) in
     proportion to the weights by largest remainders (earlier slots win ties), at most
     `per_prompt` per prompt. A row with a verdict is a mistake (reason "wrong_seed" or
-    "wrong_validation", prompt `llm2llm.j2`); one without is coverage (`augment.j2`)."""
+    "wrong_validation", prompt `llm2llm.j2`), and for classification `contrast_count` of its
+    examples are of the label the student predicted (reason "contrast", `contrast.j2`); one
+    without is coverage (`augment.j2`)."""
     counts = apportion(total, {str(i): weight for i, (_, _, weight) in enumerate(slots)})
+    labels = set(ctx.resolved_labels() or ())
     targets: list[GenerationTarget] = []
     for i, (row, verdict, _) in enumerate(slots):
-        for part, m in enumerate(split_in_chunks(counts[str(i)], per_prompt)):
+        n = counts[str(i)]
+        contrast = 0
+        if (
+            verdict is not None
+            and ctx.task.kind is TaskKind.classification
+            and verdict.predicted in labels
+            and verdict.predicted != row.output
+        ):
+            contrast = contrast_count(n)
+        for part, m in enumerate(split_in_chunks(n - contrast, per_prompt)):
             suffix = f"#{part + 1}" if part else ""
             reason = "coverage"
             if verdict is not None:
@@ -218,6 +234,21 @@ def weighted_row_targets(
                     reason=reason,
                     target_id=f"{prefix if verdict is not None else 'cov'}:{row.row_id}{suffix}",
                     verdict=verdict,
+                )
+            )
+        for part, m in enumerate(split_in_chunks(contrast, per_prompt)):
+            assert verdict is not None
+            suffix = f"#{part + 1}" if part else ""
+            assert verdict.predicted is not None
+            targets.append(
+                contrast_target(
+                    ctx,
+                    [(row.input, row.output)],
+                    predicted=verdict.predicted,
+                    true_label=row.output,
+                    n=m,
+                    target_id=f"vs:{row.row_id}{suffix}",
+                    source_row_id=row.row_id,
                 )
             )
     return targets

@@ -72,6 +72,7 @@ def test_the_shipped_templates_are_the_ones_the_strategies_use() -> None:
         "arte_draft",
         "arte_final",
         "augment",  # random augmentation, and LLM2LLM's coverage of labels it gets right
+        "contrast",  # LLM2LLM: examples of the label the student wrongly chose, like the row
         "llm2llm",
         "pgkd",
         "rationale",
@@ -300,6 +301,9 @@ def _contexts(text: str) -> list[tuple[str, PlanContext]]:
             report=report,
             drafts=drafts,
             previous_phase=previous,
+            # The orchestration always gives a classification iteration a share; LLM2LLM's
+            # contrast prompts come with it.
+            max_examples=12 if name == "llm2llm" else None,
         )
         contexts.append((name, ctx))
     return contexts

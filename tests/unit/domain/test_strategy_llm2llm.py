@@ -23,6 +23,7 @@ from service.domain.strategies import (
     get_strategy,
     validate_params,
 )
+from service.domain.strategies.base import contrast_count
 
 LABELS = ["billing", "shipping", "refund"]
 CLASSIFICATION = TaskSpec(kind=TaskKind.classification, instructions="Route it.", labels=LABELS)
@@ -192,11 +193,18 @@ def test_a_context_rebuilt_from_json_plans_the_same() -> None:
     ]
 
 
+def _share_of(target: GenerationTarget) -> str:
+    """The label whose share a target is spent out of: a contrast target (examples of the label
+    the student wrongly predicted) is spent out of the share of the row's own label."""
+    label = target.meta.get("contrast_of", target.expected_label)
+    assert isinstance(label, str)
+    return label
+
+
 def _spent_by_label(targets: list[GenerationTarget]) -> dict[str, int]:
     spent: dict[str, int] = {}
     for target in targets:
-        assert target.expected_label is not None
-        spent[target.expected_label] = spent.get(target.expected_label, 0) + target.n_examples
+        spent[_share_of(target)] = spent.get(_share_of(target), 0) + target.n_examples
     return spent
 
 
@@ -211,7 +219,7 @@ def test_the_share_is_spent_over_the_labels_by_error_rate_with_a_floor() -> None
     assert all(t.reason == "wrong_seed" and t.n_examples <= 3 for t in billing)
     # A label the student gets right is not starved: examples like its rows (coverage), shown
     # as what they are, not as mistakes.
-    refund = [t for t in targets if t.expected_label == "refund"]
+    refund = [t for t in targets if _share_of(t) == "refund"]
     assert [t.reason for t in refund] == ["coverage"] * 3
     assert {t.request.template_id for t in refund} == {"augment"}
     assert all("student_prediction" not in _data(t)[0] for t in refund)
@@ -222,7 +230,7 @@ def test_coverage_prefers_validation_rows_the_student_never_trained_on() -> None
     seeds = _seeds(6)
     held_out = LabelledRow(row_id="v9", input="a validation refund", output="refund")
     ctx = _ctx(seeds, {"s0"}, extra=[_verdict(held_out, "refund", "validation")], max_examples=9)
-    refund = [t for t in LLM2LLM().plan(ctx) if t.expected_label == "refund"]
+    refund = [t for t in LLM2LLM().plan(ctx) if _share_of(t) == "refund"]
     assert refund and refund[0].source_row_id == "v9"
 
 
@@ -240,10 +248,14 @@ def test_a_label_share_covers_its_held_out_rows_and_weighs_mistakes_double() -> 
         for k, (text, pred) in rows.items()
     ]
     targets = LLM2LLM().plan(_ctx(seeds, {"s0"}, extra=extra, max_examples=30))
-    billing = {t.source_row_id: t for t in targets if t.expected_label == "billing"}
+    billing = {
+        t.source_row_id: t
+        for t in targets
+        if t.expected_label == "billing" and t.reason != "contrast"
+    }
     asked: dict[str | None, int] = {}
     for t in targets:
-        if t.expected_label == "billing":
+        if _share_of(t) == "billing":
             asked[t.source_row_id] = asked.get(t.source_row_id, 0) + t.n_examples
     # Every held-out row of the label is shown; the seed row it gets right is not (the student
     # trained on it).
@@ -259,7 +271,7 @@ def test_a_label_share_covers_its_held_out_rows_and_weighs_mistakes_double() -> 
         assert abs(asked[row_id] - share * weight / 6) < 1
     assert all(t.n_examples <= 3 for t in targets), "at most examples_per_error per prompt"
     # A label with no held-out row but its seed rows still gets its floor, from the seed rows.
-    assert {t.reason for t in targets if t.expected_label == "refund"} == {"coverage"}
+    assert {t.reason for t in targets if _share_of(t) == "refund"} == {"coverage"}
 
 
 def test_the_share_trims_the_plan_and_zero_plans_nothing() -> None:
@@ -485,3 +497,44 @@ def test_validate_params_checks_the_task_kind_when_given() -> None:
     with pytest.raises(ValueError, match=r"task\.kind: strategy pgkd supports classification"):
         validate_params("pgkd", {}, task=QA)
     validate_params("llm2llm", {}, task=GENERATION)
+
+
+def test_a_mistake_is_also_answered_from_the_side_of_the_label_the_student_chose() -> None:
+    # billing's validation row v1 was predicted as refund: a third of what it is asked for
+    # (rounded half up) are refund examples that resemble it, shown with its true label.
+    seeds = _seeds(6)
+    wrong = LabelledRow(row_id="v1", input="charged twice for one order", output="billing")
+    targets = LLM2LLM().plan(
+        _ctx(seeds, set(), extra=[_verdict(wrong, "refund", "validation")], max_examples=12)
+    )
+    about_v1 = [t for t in targets if t.source_row_id == "v1"]
+    contrast = [t for t in about_v1 if t.reason == "contrast"]
+    own = [t for t in about_v1 if t.reason == "wrong_validation"]
+    asked = sum(t.n_examples for t in about_v1)
+    assert asked >= 2 and contrast and own
+    assert sum(t.n_examples for t in contrast) == int(asked / 3 + 0.5)
+    for t in contrast:
+        assert t.expected_label == "refund" and t.meta == {"contrast_of": "billing"}
+        assert t.kind is ExampleKind.hard_negative
+        assert t.request.template_id == "contrast"
+        assert _data(t) == [
+            {"text": wrong.input, "label": "billing", "student_prediction": "refund"}
+        ]
+        # The closing instruction names the label to write first, then the one it is not.
+        closing = t.request.messages[-1].content.rsplit("</data>", 1)[-1]
+        assert closing.index('"refund"') < closing.index('"billing"')
+    assert {t.expected_label for t in own} == {"billing"}
+    # A row asked for a single example gets no contrast: its own label comes first.
+    assert contrast_count(1) == 0 and contrast_count(2) == 1 and contrast_count(3) == 1
+
+
+def test_no_contrast_without_a_real_predicted_label() -> None:
+    seeds = _seeds(6)
+    # The student gave no label (a failed prediction) for v1: nothing to contrast with.
+    wrong = LabelledRow(row_id="v1", input="charged twice for one order", output="billing")
+    unlabelled = _verdict(wrong, "billing", "validation").model_copy(
+        update={"predicted": None, "correct": False}
+    )
+    targets = LLM2LLM().plan(_ctx(seeds, set(), extra=[unlabelled], max_examples=12))
+    assert any(t.reason == "wrong_validation" for t in targets)
+    assert not [t for t in targets if t.reason == "contrast"]
