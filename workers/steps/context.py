@@ -150,11 +150,11 @@ def evaluated_rows(session: Session, iteration: Iteration, ctx: JobContext) -> l
     return out
 
 
-def training_rows(session: Session, job: Job, ctx: JobContext) -> list[tuple[str, str]]:
-    """Seed train rows plus accepted examples of every iteration still included."""
-    rows = [(r.input, r.output) for r in ctx.train]
+def generated_training_rows(session: Session, job: Job) -> list[tuple[int, str, str]]:
+    """(iteration number, input, output) of the accepted examples of every iteration still
+    included: what the student trains on after the seed rows, in this order."""
     stmt = (
-        select(Example.input, Example.output)
+        select(Iteration.number, Example.input, Example.output)
         .join(Iteration, Iteration.id == Example.iteration_id)
         .where(
             Example.job_id == job.id,
@@ -167,5 +167,4 @@ def training_rows(session: Session, job: Job, ctx: JobContext) -> list[tuple[str
         # same student on any executor.
         .order_by(Iteration.number, Example.dedup_key)
     )
-    rows.extend((i, o) for i, o in session.execute(stmt) if o is not None)
-    return rows
+    return [(n, i, o) for n, i, o in session.execute(stmt) if o is not None]
