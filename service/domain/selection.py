@@ -77,7 +77,10 @@ def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int)
     the reference student already holds examples written near them, so new examples could only
     look worse there (measured: the step read 1 to 3 points below zero on such rows while the
     test accuracy rose). From iteration 3 on, the judging third steered an earlier iteration,
-    so the reported metric leans optimistic (a test split, when given, is the unbiased one).
+    so the reported metric leans optimistic (a test split, when given, is the unbiased one), and
+    the step would read low for the same reason; a built-in student's step is then judged by
+    two students without that iteration's examples
+    (`workers/steps/evaluate.py::_step_without_nearby_examples`).
 
     Measured with bench/selection_study.py (docs/loops.md): thirds in rotation closed 8 more
     points of the gap on HWU64 than two alternating thirds with one never shown.
