@@ -58,7 +58,9 @@ def validation_thirds(
     return frozenset(parts[0]), frozenset(parts[1]), frozenset(parts[2])
 
 
-def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int) -> ValidationRoles:
+def validation_roles(
+    rows: Sequence[tuple[str, str]], seed: int, iteration: int, *, previous_kept: bool = True
+) -> ValidationRoles:
     """The roles of the validation rows in iteration `iteration`, for a strategy that shows
     validation rows to the teacher.
 
@@ -82,6 +84,10 @@ def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int)
     two students without that iteration's examples
     (`workers/steps/evaluate.py::_step_without_nearby_examples`).
 
+    When the previous iteration's examples were excluded (`previous_kept` False), no student
+    compared holds examples written near the rows it was steered by, so those rows judge too:
+    twice the rows, and a harmful iteration after an excluded one is told with more power.
+
     Measured with bench/selection_study.py (docs/loops.md): thirds in rotation closed 8 more
     points of the gap on HWU64 than two alternating thirds with one never shown.
     """
@@ -90,7 +96,7 @@ def validation_roles(rows: Sequence[tuple[str, str]], seed: int, iteration: int)
         return ValidationRoles(steering=frozenset(), judging_step=every, held_out=every)
     parts = validation_thirds(rows, seed)
     steering = parts[(iteration - 1) % 3]
-    previous = parts[(iteration - 2) % 3] if iteration >= 2 else frozenset()
+    previous = parts[(iteration - 2) % 3] if iteration >= 2 and previous_kept else frozenset()
     judging = every - steering - previous
     return ValidationRoles(steering=steering, judging_step=judging, held_out=judging)
 

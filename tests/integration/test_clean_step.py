@@ -86,6 +86,20 @@ def test_a_step_judged_where_an_earlier_iteration_steered_is_judged_without_its_
         assert set(clean.reference) == set(clean.candidate) == expected
         assert all(p.correct for p in clean.candidate.values())
 
+        # With iteration 2 excluded, the rows it was steered by judge iteration 3 too (no
+        # student holds its examples), still without iteration 1's examples.
+        its[2].included = False
+        s.flush()
+        RecordingStudent.fits = []
+        generated = generated_training_rows(s, job)
+        clean = _step_without_nearby_examples(s, job, its[3], ctx, make_student, generated)
+        assert clean is not None and clean.without == (1,)
+        reference, candidate = RecordingStudent.fits
+        assert reference == seeds and candidate == seeds + by_iteration[3]
+        two_thirds = ctx.validation_roles(1).steering | ctx.validation_roles(2).steering
+        assert set(clean.candidate) == {ctx.row_uuid[row_id] for row_id in two_thirds}
+        its[2].included = True
+
         # With iteration 1 excluded nothing kept was written near the judging rows.
         its[1].included = False
         s.flush()

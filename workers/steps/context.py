@@ -66,15 +66,19 @@ class JobContext:
     def stable_id(self, row_uuid: uuid.UUID) -> str | None:
         return self.rows.stable_id(row_uuid)
 
-    def validation_roles(self, iteration: int) -> ValidationRoles:
+    def validation_roles(self, iteration: int, *, previous_kept: bool = True) -> ValidationRoles:
         """Which validation rows steer iteration `iteration` and which judge it
-        (`selection.validation_roles`); a strategy that never shows validation rows to the
-        teacher is judged on all of them."""
+        (`selection.validation_roles`; `previous_kept`: whether iteration - 1's examples are
+        still in the dataset); a strategy that never shows validation rows to the teacher is
+        judged on all of them."""
         if not self.strategy.steers_with_validation:
             every = frozenset(r.row_id for r in self.validation)
             return ValidationRoles(steering=frozenset(), judging_step=every, held_out=every)
         return validation_roles(
-            [(r.row_id, r.output) for r in self.validation], self.spec.seed, iteration
+            [(r.row_id, r.output) for r in self.validation],
+            self.spec.seed,
+            iteration,
+            previous_kept=previous_kept,
         )
 
 
@@ -105,6 +109,17 @@ def load_job_context(session: Session, job: Job) -> JobContext:
         params=validate_params(spec.strategy, spec.params),
         labels=spec.task.labels,
         load_rows=lambda: _job_rows(session, job, spec),
+    )
+
+
+def judging_roles(
+    session: Session, ctx: JobContext, job_id: uuid.UUID, number: int
+) -> ValidationRoles:
+    """The validation roles iteration `number` is judged by: its own, knowing whether the
+    previous iteration's examples were kept (iteration 1's previous is the seed-only run)."""
+    previous = iteration_by_number(session, job_id, number - 1) if number >= 2 else None
+    return ctx.validation_roles(
+        number, previous_kept=previous is None or previous.included is not False
     )
 
 

@@ -23,6 +23,7 @@ from service.domain.metrics import classification_report, qa_report
 from service.domain.selection import (
     Comparison,
     Selection,
+    ValidationRoles,
     paired_bootstrap,
     paired_bootstrap_correct,
     paired_bootstrap_scores,
@@ -40,6 +41,7 @@ from workers.steps.context import (
     best_iteration,
     generated_training_rows,
     iteration_by_number,
+    judging_roles,
     load_job_context,
 )
 from workers.steps.generate import refresh_iteration_counters, refresh_job_counters
@@ -63,13 +65,16 @@ def _report(ctx: JobContext, rows: list[LabelledRow], preds: list[Prediction]) -
 
 
 def _split_report(
-    ctx: JobContext, split: str, rows: list[LabelledRow], preds: list[Prediction], number: int
+    ctx: JobContext,
+    split: str,
+    rows: list[LabelledRow],
+    preds: list[Prediction],
+    roles: ValidationRoles,
 ) -> dict[str, Any]:
-    """A split's report; for validation, on the rows no iteration shows the teacher (rows that
-    steered it would flatter its data), so the metric is fair and comparable across
-    iterations."""
+    """A split's report; for validation, on the rows that judge the iteration (`roles`; rows
+    that steered it would flatter its data)."""
     if split == "validation":
-        held_out = ctx.validation_roles(number).held_out
+        held_out = roles.held_out
         kept = [(r, p) for r, p in zip(rows, preds, strict=True) if r.row_id in held_out]
         rows, preds = [r for r, _ in kept], [p for _, p in kept]
     return _report(ctx, rows, preds)
@@ -259,6 +264,7 @@ def _fit_and_score(
     if ctx.test:
         splits["test"] = ctx.test
     reports: dict[str, dict[str, Any]] = {}
+    roles = judging_roles(session, ctx, job.id, iteration.number)
     source = ctx.spec.student.type.value
     for split, rows in splits.items():
         # Built-in students only: an endpoint student retrained by a trainer command is an LLM
@@ -294,7 +300,7 @@ def _fit_and_score(
             ],
             ["iteration_id", "split", "row_id"],
         )
-        reports[split] = _split_report(ctx, split, rows, preds, iteration.number)
+        reports[split] = _split_report(ctx, split, rows, preds, roles)
     clean = None
     if ctx.spec.student.type is StudentType.builtin and fit is not None:
         clean = _step_without_nearby_examples(session, job, iteration, ctx, make_student, generated)
@@ -336,7 +342,7 @@ def _step_without_nearby_examples(
     kept iteration steered with the judging rows."""
     if iteration.number < 2:
         return None
-    judging = ctx.validation_roles(iteration.number).judging_step
+    judging = judging_roles(session, ctx, job.id, iteration.number).judging_step
     kept = session.scalars(
         select(Iteration.number).where(
             Iteration.job_id == job.id,
@@ -397,6 +403,7 @@ def _posted_reports(
             posted.setdefault(pred.split, {})[stable] = pred
     if "validation" not in posted:
         return None
+    roles = judging_roles(session, ctx, iteration.job_id, iteration.number)
     reports: dict[str, dict[str, Any]] = {}
     for split, by_id in posted.items():
         rows = [r for r in ctx.rows.split(split) if r.row_id in by_id]
@@ -409,7 +416,7 @@ def _posted_reports(
             )
             for r in rows
         ]
-        reports[split] = _split_report(ctx, split, rows, preds, iteration.number)
+        reports[split] = _split_report(ctx, split, rows, preds, roles)
     return reports
 
 
@@ -485,7 +492,7 @@ def _select(
     """Compare this iteration's student with the previous kept one and the seed-only one; with
     `clean`, its students stand for this iteration's and the previous kept one's."""
     session.flush()  # this iteration's predictions were just inserted
-    roles = ctx.validation_roles(iteration.number)
+    roles = judging_roles(session, ctx, job.id, iteration.number)
     predictions = _validation_predictions(session, iteration.id)
     references = [
         it

@@ -201,6 +201,19 @@ def test_the_thirds_steer_in_rotation_and_judge_rows_no_recent_prompt_showed() -
         assert roles[n].held_out == roles[n].judging_step
 
 
+def test_after_an_excluded_iteration_the_rows_it_was_steered_by_judge_too() -> None:
+    rows = [(f"v{i}", ("a", "b", "c")[i % 3]) for i in range(30)]
+    first, second, third = validation_thirds(rows, seed=3)
+    # Iteration 1's examples were excluded: no student holds examples written near the first
+    # third, so iteration 2 is judged on the first and the third.
+    after_excluded = validation_roles(rows, 3, 2, previous_kept=False)
+    assert after_excluded.steering == second
+    assert after_excluded.judging_step == after_excluded.held_out == first | third
+    assert validation_roles(rows, 3, 3, previous_kept=False).judging_step == first | second
+    # Iteration 1's previous is the seed-only run: nothing changes.
+    assert validation_roles(rows, 3, 1, previous_kept=False) == validation_roles(rows, 3, 1)
+
+
 def test_many_small_labels_still_cut_the_set_evenly() -> None:
     rows = [(f"v{i}", f"label{i // 2}") for i in range(64 * 5 // 2)]
     sizes = sorted(len(part) for part in validation_thirds(rows, seed=4))
