@@ -507,11 +507,19 @@ def teachers_create(
         int | None,
         typer.Option(min=1, max=50, help="Tries per request, transient errors (default 6)."),
     ] = None,
+    replica_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="URL",
+            help="Another server of the same model (repeat for each); requests are balanced "
+            "over the base URL and these by their load.",
+        ),
+    ] = None,
     from_file: Annotated[
         Path | None,
         typer.Option(
             help="A YAML or JSON file with the body of POST /v1/teachers (limits, prices, "
-            "generation, ...); the options above override its fields."
+            "generation, replica_urls, ...); the options above override its fields."
         ),
     ] = None,
     tenant: TenantOpt = "default",
@@ -536,6 +544,7 @@ def teachers_create(
         "structured_mode": structured_mode,
         "timeout_s": timeout_s,
         "max_attempts": max_attempts,
+        "replica_urls": replica_url or None,
     }
     document.update({k: v for k, v in options.items() if v is not None})
     if api_key_stdin:
@@ -561,6 +570,7 @@ def teachers_create(
                 structured_mode=body.structured_mode.value,
                 timeout_s=body.timeout_s,
                 max_attempts=body.max_attempts,
+                replica_urls=body.replica_urls,
                 allow_private=True,  # the CLI is the operator
             )
             session.commit()
@@ -589,6 +599,9 @@ def _invalid_teacher(exc: ValidationError) -> ValidationFailed:
         field = "--" + path.replace("_", "-") if path in _TEACHER_OPTIONS else path
         if path == "api_key":
             field = "--api-key-stdin"
+        elif err["loc"][0] == "replica_urls":
+            index = err["loc"][1] if len(err["loc"]) > 1 else None
+            field = "--replica-url" + (f" #{int(index) + 1}" if isinstance(index, int) else "")
         details.append({"field": field, "message": err["msg"]})
     first = details[0]
     message = f"{first['field']}: {first['message']}"
@@ -635,6 +648,7 @@ def teachers_show(teacher: TeacherArg, tenant: TenantOpt = "default") -> None:
                     ("id", row.id),
                     ("name", row.name),
                     ("base url", row.base_url),
+                    ("replicas", ", ".join(row.replica_urls or []) or "none"),
                     ("model", row.model),
                     ("api key", _key_source(row)),
                     ("private network", "allowed" if row.allow_private_network else "refused"),

@@ -139,6 +139,39 @@ def test_teachers_create_names_the_bad_option_and_reads_the_key_env(
     assert db_session.scalar(select(Teacher.name).where(Teacher.name == "t")) is None
 
 
+def test_teachers_create_stores_replicas_from_options_and_from_the_file(
+    cli: Cli, tenant: str, db_session: Session, tmp_path: Path
+) -> None:
+    replicas = ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"]
+    by_option = last_line(cli(
+        "teachers", "create", "--name", "pair", "--base-url", "http://127.0.0.1:8000/v1",
+        "--model", "m", "--replica-url", replicas[0], "--replica-url", replicas[1],
+        "--tenant", tenant,
+    ))  # fmt: skip
+    stored = db_session.get(Teacher, uuid.UUID(by_option))
+    assert stored is not None and stored.replica_urls == replicas
+    assert ", ".join(replicas) in ok(cli("teachers", "show", by_option, "--tenant", tenant))
+
+    # The file's replicas are kept too (they used to be validated and then dropped).
+    config = tmp_path / "teacher.yaml"
+    config.write_text(f"replica_urls: [{replicas[1]}]\n")
+    from_file = last_line(cli(
+        "teachers", "create", "--name", "filed", "--base-url", "http://127.0.0.1:8000/v1",
+        "--model", "m", "--from-file", str(config), "--tenant", tenant,
+    ))  # fmt: skip
+    stored = db_session.get(Teacher, uuid.UUID(from_file))
+    assert stored is not None and stored.replica_urls == [replicas[1]]
+    assert replicas[1] in ok(cli("teachers", "show", "filed", "--tenant", tenant))
+
+    bad = refused(cli(
+        "teachers", "create", "--name", "bad", "--base-url", "http://127.0.0.1:8000/v1",
+        "--model", "m", "--replica-url", replicas[0], "--replica-url", "ftp://x",
+        "--tenant", tenant,
+    ))  # fmt: skip
+    assert "replica_urls[1] must be an http(s) URL" in bad
+    assert db_session.scalar(select(Teacher.name).where(Teacher.name == "bad")) is None
+
+
 def test_a_teacher_a_job_uses_is_not_deleted(cli: Cli, tenant: str, tmp_path: Path) -> None:
     teacher_id = last_line(cli("teachers", "create", "--name", "used", "--base-url",
                                "http://127.0.0.1:9/v1", "--model", "m", "--tenant", tenant))  # fmt: skip
