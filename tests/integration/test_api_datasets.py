@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.models import Dataset, DatasetRow
+from service.settings import Settings
 from tests.data_factory import question_rows, to_jsonl
 
 
@@ -112,6 +113,52 @@ def test_other_tenant_gets_404(
     assert other.status_code == 404
     assert other.json()["error"]["code"] == "not_found"
     assert client.get("/v1/datasets", headers=other_auth).json()["items"] == []
+
+
+def test_delete_removes_the_rows_and_is_refused_while_a_job_uses_the_dataset(
+    client: TestClient,
+    auth: dict[str, str],
+    other_auth: dict[str, str],
+    db_session: Session,
+    settings: Settings,
+) -> None:
+    ndjson = {**auth, "Content-Type": "application/x-ndjson"}
+    # 5 rows a class or more, so a job can hold a validation split out of them.
+    unused = client.post("/v1/datasets", content=to_jsonl(question_rows(5)), headers=ndjson).json()[
+        "id"
+    ]
+    used = client.post("/v1/datasets", content=to_jsonl(question_rows(6)), headers=ndjson).json()[
+        "id"
+    ]
+    assert unused != used
+    settings.api.allow_private_teacher_urls = True
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "name": "uses-it",
+            "strategy": "pgkd",
+            "task": {"instructions": "Classify the question."},
+            "datasets": {"train": used},
+            "teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+            "student": {"type": "builtin", "model": "tfidf"},
+        },
+        headers=auth,
+    )
+    assert job.status_code == 201, job.text
+
+    # Another tenant cannot see it, let alone delete it.
+    assert client.delete(f"/v1/datasets/{unused}", headers=other_auth).status_code == 404
+    assert client.delete(f"/v1/datasets/{unused}", headers=auth).status_code == 204
+    assert client.get(f"/v1/datasets/{unused}", headers=auth).status_code == 404
+    rows = select(func.count()).select_from(DatasetRow).where(DatasetRow.dataset_id == unused)
+    assert db_session.scalar(rows) == 0
+    assert client.delete(f"/v1/datasets/{unused}", headers=auth).status_code == 404
+
+    refused = client.delete(f"/v1/datasets/{used}", headers=auth)
+    assert refused.status_code == 409
+    error = refused.json()["error"]
+    assert error["code"] == "conflict" and job.json()["id"] in error["message"]
+    assert client.get(f"/v1/datasets/{used}", headers=auth).status_code == 200
 
 
 def test_list_paginates_with_a_cursor(client: TestClient, auth: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Datasets: upload JSONL (a file or an NDJSON body), list, get with a row preview."""
+"""Datasets: upload JSONL (a file or an NDJSON body), list, get with a row preview, delete."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from service.datasets import (
     CHUNK_ROWS,
     DatasetWriter,
     JsonlStream,
+    delete_dataset,
     get_dataset,
     preview_rows,
     same_upload,
@@ -202,3 +203,17 @@ def read_dataset(
             "preview": [DatasetRowRead.model_validate(r) for r in rows],
         }
     )
+
+
+@router.delete(
+    "/{dataset_id}",
+    summary="Delete a dataset and its rows",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(409),  # a job still uses it: delete the job first
+)
+def delete(dataset_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Refused with 409, naming the jobs, while a job uses the dataset: a job's examples and
+    predictions point at the rows it trained and was evaluated on."""
+    delete_dataset(session, get_dataset(session, principal.tenant_id, dataset_id))
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
