@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service import tasks
 from service.datasets import get_dataset, load_rows
-from service.domain.spec import JobSpec, TaskKind, TaskSpec, TeacherSpec
+from service.domain.spec import JobSpec, StudentSpec, StudentType, TaskKind, TaskSpec, TeacherSpec
 from service.domain.statuses import (
     ITERATION_TERMINAL,
     JOB_TERMINAL,
@@ -26,6 +26,7 @@ from service.domain.statuses import (
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Dataset, DatasetRow, Iteration, Job, Teacher, utcnow
 from service.pagination import paginate
+from service.secrets import KeyEnvPolicy
 from service.splits import (
     HELD_OUT_FRACTION,
     hold_out,
@@ -35,6 +36,7 @@ from service.splits import (
 )
 from service.teachers import (
     TeacherUrlPolicy,
+    check_base_url,
     create_teacher,
     find_teacher,
     teacher_not_found,
@@ -339,6 +341,34 @@ def _job_teacher(
     )
 
 
+STUDENT_PRIVATE_HINT = (
+    "only an operator can allow such a student: add its host to "
+    "DISTILL_API__TEACHER_HOST_ALLOWLIST or set DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on "
+    "the API, or create the job through the CLI"
+)
+
+
+def _check_student_endpoint(
+    student: StudentSpec,
+    allow_private: bool,
+    policy: TeacherUrlPolicy | None,
+    key_envs: KeyEnvPolicy,
+) -> None:
+    """A served student is a model server like a teacher: the workers send it every validation
+    row and store what it answers, so a tenant may not point it inside the network (the
+    teacher's SSRF guard and operator policy), nor name a variable whose value it must not get."""
+    if student.type is not StudentType.endpoint or student.base_url is None:
+        return
+    allowed = allow_private or (policy is not None and policy.allows(student.base_url))
+    check_base_url(
+        student.base_url,
+        allow_private=allowed,
+        field="student.base_url",
+        private_hint=STUDENT_PRIVATE_HINT,
+    )
+    key_envs.check(student.api_key_env, [student.base_url], field="student.api_key_env")
+
+
 def create_job(
     session: Session,
     tenant_id: uuid.UUID,
@@ -348,6 +378,7 @@ def create_job(
     allow_private_teacher: bool = False,
     allow_trainer_command: bool = False,
     teacher_policy: TeacherUrlPolicy | None = None,
+    key_envs: KeyEnvPolicy | None = None,
     local_teacher: TeacherSpec | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key with the same spec returns the job.
@@ -355,13 +386,24 @@ def create_job(
     `datasets.*` and a `teacher` string are ids or names of the tenant's datasets and
     teachers. `teacher: local` is the tenant's teacher named "local" if there is one, else
     `local_teacher`, the server's own (`DISTILL_API__LOCAL_TEACHER_URL`; `distill run` starts
-    one itself). An inline teacher may use a private address when `allow_private_teacher` (the
-    CLI: the operator) or `teacher_policy` (the API's settings) allows its URL."""
+    one itself). An inline teacher, or an endpoint student, may use a private address when
+    `allow_private_teacher` (the CLI: the operator) or `teacher_policy` (the API's settings)
+    allows its URL; their `api_key_env` must be one `key_envs` lets tenants send to their URLs
+    (default: any for the operator, none otherwise)."""
+    if key_envs is None:
+        key_envs = KeyEnvPolicy(allow_all=allow_private_teacher)
     if spec.student.trainer_command and not allow_trainer_command:
         raise ValidationFailed(
             "student.trainer_command: only an operator can make the workers run a command "
             "(distill jobs create / distill run, or DISTILL_API__ALLOW_TRAINER_COMMANDS=true)",
             details=[{"field": "student.trainer_command", "message": "not allowed"}],
+        )
+    _check_student_endpoint(spec.student, allow_private_teacher, teacher_policy, key_envs)
+    if not isinstance(spec.teacher, str):
+        key_envs.check(
+            spec.teacher.api_key_env,
+            [spec.teacher.base_url, *spec.teacher.replica_urls],
+            field="teacher.api_key_env",
         )
     spec_hash = _spec_hash(spec)
     if idempotency_key:

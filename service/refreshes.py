@@ -36,6 +36,7 @@ from service.domain.statuses import IterationStatus, JobStatus, RefreshStatus
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.jobs import request_transition, transition_job
 from service.models import Iteration, Job, JobRefresh, utcnow
+from service.secrets import KeyEnvPolicy
 from service.splits import job_spec
 from service.teachers import check_base_url
 
@@ -137,7 +138,9 @@ def _check_state(session: Session, job: Job) -> Iteration | None:
     return latest
 
 
-def _check_student(job: Job, body: RefreshCreate, *, allow_private: bool) -> None:
+def _check_student(
+    job: Job, body: RefreshCreate, *, allow_private: bool, key_envs: KeyEnvPolicy
+) -> None:
     revision = body.student
     if revision is None or (revision.model is None and revision.base_url is None):
         return
@@ -167,6 +170,8 @@ def _check_student(job: Job, body: RefreshCreate, *, allow_private: bool) -> Non
             "DISTILL_API__TEACHER_HOST_ALLOWLIST or set "
             "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API",
         )
+        # The job's key goes to the new URL: it must be allowed there.
+        key_envs.check(student.api_key_env, [revision.base_url], field="student.api_key_env")
 
 
 def _check_budget(job: Job, body: RefreshCreate, latest: Iteration | None) -> None:
@@ -200,6 +205,7 @@ def request_refresh(
     idempotency_key: str | None,
     api_key_id: uuid.UUID | None,
     allow_private: bool,
+    key_envs: KeyEnvPolicy,
 ) -> tuple[JobRefresh, bool]:
     """Returns (refresh, created). The same Idempotency-Key with the same body returns the
     refresh it started; with another body it is a 409."""
@@ -219,7 +225,7 @@ def request_refresh(
                 )
             return existing, False
     latest = _check_state(session, job)
-    _check_student(job, body, allow_private=allow_private)
+    _check_student(job, body, allow_private=allow_private, key_envs=key_envs)
     _check_budget(job, body, latest)
     refresh = JobRefresh(
         job_id=job.id,

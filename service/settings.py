@@ -60,6 +60,16 @@ class ApiSettings(BaseModel):
         "URL's host, any case), IP addresses or networks (10.0.0.0/8), comma-separated; e.g. "
         "vllm,10.0.0.5 for compose's bundled vLLM. Everything else private stays refused.",
     )
+    # NoDecode: written as a comma-separated list (NAME=host,...), not as JSON.
+    key_env_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Worker environment variables tenants may name as a teacher's or an "
+        "endpoint student's api_key_env, each bound to the host its value may be sent to: "
+        "NAME=host, comma-separated (VLLM_API_KEY=vllm,OPENAI_API_KEY=api.openai.com); a bare "
+        "NAME may be sent to any host. Any other name is refused: the workers send the "
+        "variable's value as a bearer token to the tenant's URL. Operators (the CLI) and an "
+        "embedded server's one user may name any.",
+    )
     local_teacher_url: str | None = Field(
         None,
         description="Base URL of the local teacher this deployment runs (`distill teacher "
@@ -90,7 +100,7 @@ class ApiSettings(BaseModel):
         "allow_private_teacher_urls does for teachers (and a refreshed endpoint student).",
     )
 
-    @field_validator("teacher_host_allowlist", mode="before")
+    @field_validator("teacher_host_allowlist", "key_env_allowlist", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -103,7 +103,11 @@ def inline_stack() -> Iterator[InlineStack]:
         settings = Settings(
             database=DatabaseSettings(url=url),
             broker=BrokerSettings(url=None),
-            api=ApiSettings(allow_private_teacher_urls=True),
+            api=ApiSettings(
+                allow_private_teacher_urls=True,
+                # A key tenants may name, for the local fake teacher only.
+                key_env_allowlist=["DISTILL_TEST_NO_SUCH_KEY=127.0.0.1"],
+            ),
         )
         app = create_app(settings, sessions=sessions, task_sender=sender)
         with sessions() as s:

@@ -167,3 +167,40 @@ def test_openapi_documents_bearer_auth(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert "/v1/jobs/{job_id}/examples" in spec["paths"]
+
+
+def test_a_jobs_teacher_and_endpoint_student_are_held_to_the_key_and_address_guards(
+    client: TestClient, auth: dict[str, str], spec: dict[str, Any], settings: Settings
+) -> None:
+    settings.api.allow_private_teacher_urls = False
+    public = {"base_url": "https://93.184.215.14/v1", "model": "m"}
+
+    def refused(changes: dict[str, Any]) -> dict[str, Any]:
+        resp = client.post("/v1/jobs", json={**spec, **changes}, headers=auth)
+        assert resp.status_code == 422, resp.text
+        error: dict[str, Any] = resp.json()["error"]
+        return error
+
+    inline = refused({"teacher": {**public, "api_key_env": "DISTILL_SECRET_KEY"}})
+    assert inline["code"] == "key_env_not_allowed"
+    assert inline["details"][0]["field"] == "teacher.api_key_env"
+
+    # A served student gets every validation row and its answers are stored: it may not point
+    # inside the network, nor carry a variable it may not have.
+    student = {"type": "endpoint", "model": "s"}
+    private = refused({"student": {**student, "base_url": "http://127.0.0.1:9/v1"}})
+    assert private["code"] == "private_address"
+    assert private["details"][0]["field"] == "student.base_url"
+    metadata = refused({"student": {**student, "base_url": "http://169.254.169.254/v1"}})
+    assert metadata["details"][0]["field"] == "student.base_url"
+    keyed = refused({"student": {**student, **public, "model": "s", "api_key_env": "DATABASE_URL"}})
+    assert keyed["details"][0]["field"] == "student.api_key_env"
+
+    # What the operator allows passes.
+    settings.api.key_env_allowlist = ["STUDENT_KEY=93.184.215.14"]
+    ok = client.post(
+        "/v1/jobs",
+        json={**spec, "student": {**student, **public, "model": "s", "api_key_env": "STUDENT_KEY"}},
+        headers=auth,
+    )
+    assert ok.status_code == 201, ok.text

@@ -144,3 +144,57 @@ def test_replicas_are_stored_checked_one_by_one_and_reach_the_gateway(
     cleared = client.patch(f"/v1/teachers/{body['id']}", json={"replica_urls": []}, headers=auth)
     assert cleared.status_code == 200
     assert cleared.json()["replica_urls"] == []
+
+
+def test_a_tenant_names_only_allowed_key_variables_and_only_for_their_hosts(
+    client: TestClient, auth: dict[str, str], settings: Settings, db_session: Session
+) -> None:
+    # The workers would send the variable's value to the tenant's URL: DISTILL_SECRET_KEY
+    # next to a server of the tenant's own is refused, and nothing is stored.
+    stolen = client.post(
+        "/v1/teachers", json={**PUBLIC, "api_key_env": "DISTILL_SECRET_KEY"}, headers=auth
+    )
+    assert stolen.status_code == 422
+    error = stolen.json()["error"]
+    assert error["code"] == "key_env_not_allowed"
+    assert error["details"][0]["field"] == "api_key_env"
+    assert "DISTILL_API__KEY_ENV_ALLOWLIST" in error["message"]
+    assert db_session.query(Teacher).filter_by(name=PUBLIC["name"]).count() == 0
+
+    # The operator lets tenants send OPENAI_API_KEY to PUBLIC's host only.
+    settings.api.key_env_allowlist = ["OPENAI_API_KEY=93.184.215.14"]
+    created = client.post(
+        "/v1/teachers", json={**PUBLIC, "api_key_env": "OPENAI_API_KEY"}, headers=auth
+    )
+    assert created.status_code == 201, created.text
+    teacher_id = created.json()["id"]
+    elsewhere = client.post(
+        "/v1/teachers",
+        json={
+            **PUBLIC,
+            "name": "split",
+            "api_key_env": "OPENAI_API_KEY",
+            "replica_urls": ["https://93.184.215.15/v1"],
+        },
+        headers=auth,
+    )
+    assert elsewhere.status_code == 422
+    assert "not to '93.184.215.15'" in elsewhere.json()["error"]["message"]
+
+    # Moving the teacher would carry the key elsewhere: refused, the teacher unchanged; a change
+    # that keeps its URL is fine.
+    moved = client.patch(
+        f"/v1/teachers/{teacher_id}", json={"base_url": "https://93.184.215.15/v1"}, headers=auth
+    )
+    assert moved.status_code == 422
+    assert moved.json()["error"]["code"] == "key_env_not_allowed"
+    assert (
+        client.get(f"/v1/teachers/{teacher_id}", headers=auth).json()["base_url"]
+        == (PUBLIC["base_url"])
+    )
+    renamed = client.patch(f"/v1/teachers/{teacher_id}", json={"model": "gpt-z"}, headers=auth)
+    assert renamed.status_code == 200
+    swapped = client.patch(
+        f"/v1/teachers/{teacher_id}", json={"api_key_env": "DATABASE_URL"}, headers=auth
+    )
+    assert swapped.status_code == 422

@@ -323,3 +323,28 @@ def test_pausing_and_refreshing_resumes_the_job(inline_stack: InlineStack) -> No
     assert len(second_its) == 1 and second_its[0]["note"] == "resume with me"
     assert second_its[0]["number"] > first_its[0]["number"]
     assert st.job(job_id)["status"] == "succeeded"
+
+
+def test_a_refresh_cannot_carry_the_students_key_to_a_host_it_is_not_for(
+    inline_stack: InlineStack, student_server: FakeTeacherProcess
+) -> None:
+    st = inline_stack
+    # The stack lets tenants send DISTILL_TEST_NO_SUCH_KEY to 127.0.0.1 only.
+    job_id = _finished_job(
+        st,
+        student={
+            "type": "endpoint",
+            "base_url": student_server.base_url,
+            "model": "student-v1",
+            "api_key_env": "DISTILL_TEST_NO_SUCH_KEY",
+        },
+    )
+    assert "127.0.0.1" in student_server.base_url
+    moved = student_server.base_url.replace("127.0.0.1", "localhost")
+    refused = _refresh(st, job_id, {"student": {"model": "student-v2", "base_url": moved}})
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "key_env_not_allowed"
+    assert error["details"][0]["field"] == "student.api_key_env"
+    same_host = _refresh(st, job_id, {"student": {"model": "student-v2"}})
+    assert same_host.status_code == 202, same_host.text

@@ -33,6 +33,7 @@ from service.jobs import (
 )
 from service.models import Iteration, Job
 from service.pagination import Page
+from service.secrets import key_env_policy
 from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=DocumentedRoute)
@@ -79,6 +80,7 @@ def create(
         idempotency_key=idempotency_key,
         allow_trainer_command=settings.api.allow_trainer_commands,
         teacher_policy=teacher_url_policy(settings),
+        key_envs=key_env_policy(settings),
         local_teacher=request.app.state.local_teacher,
     )
     session.commit()

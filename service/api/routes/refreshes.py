@@ -19,6 +19,7 @@ from service.refreshes import (
     refresh_state,
     request_refresh,
 )
+from service.secrets import key_env_policy
 from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1/jobs", tags=["refreshes"], route_class=DocumentedRoute)
@@ -84,6 +85,7 @@ def refresh(
         idempotency_key=idempotency_key,
         api_key_id=principal.api_key_id,
         allow_private=teacher_url_policy(settings).allows(student_url or ""),
+        key_envs=key_env_policy(settings),
     )
     session.commit()
     if not created:

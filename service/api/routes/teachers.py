@@ -13,6 +13,7 @@ from service.api.routing import DocumentedRoute, error_responses
 from service.api.schemas import CursorQuery, TeacherCreate, TeacherRead, TeacherUpdate
 from service.models import Teacher
 from service.pagination import Page, paginate
+from service.secrets import key_env_policy
 from service.teachers import (
     create_teacher,
     delete_teacher,
@@ -44,6 +45,9 @@ def to_read(teacher: Teacher) -> TeacherRead:
 def create(
     body: TeacherCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> TeacherRead:
+    key_env_policy(settings).check(
+        body.api_key_env, [body.base_url, *body.replica_urls], field="api_key_env"
+    )
     teacher = create_teacher(
         session,
         principal.tenant_id,
@@ -108,6 +112,11 @@ def update(
         changes["structured_mode"] = changes["structured_mode"].value
     urls = [changes.get("base_url") or teacher.base_url]
     urls += changes.get("replica_urls") or teacher.replica_urls or []
+    # The key's variable and the URLs it is sent to, as they will be after the change: a new
+    # URL must not carry an old key elsewhere.
+    key_env_policy(settings).check(
+        changes.get("api_key_env") or teacher.api_key_env, urls, field="api_key_env"
+    )
     update_teacher(
         session, teacher, changes, allow_private=teacher_url_policy(settings).allows_all(urls)
     )
