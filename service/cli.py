@@ -559,18 +559,9 @@ def teachers_create(
             teacher = create_teacher(
                 session,
                 t.id,
+                body.as_spec(),
                 name=body.name,
-                base_url=body.base_url,
-                model=body.model,
                 api_key=body.api_key,
-                api_key_env=body.api_key_env,
-                limits=body.limits,
-                prices=body.prices,
-                generation=body.generation,
-                structured_mode=body.structured_mode.value,
-                timeout_s=body.timeout_s,
-                max_attempts=body.max_attempts,
-                replica_urls=body.replica_urls,
                 allow_private=True,  # the CLI is the operator
             )
             session.commit()

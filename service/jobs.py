@@ -326,17 +326,8 @@ def _job_teacher(
     return create_teacher(
         session,
         tenant_id,
+        inline,
         name=_inline_teacher_name(spec.name),
-        base_url=inline.base_url,
-        replica_urls=inline.replica_urls,
-        model=inline.model,
-        api_key_env=inline.api_key_env,
-        limits=inline.limits,
-        prices=inline.prices,
-        generation=inline.generation,
-        structured_mode=inline.structured_mode.value,
-        timeout_s=inline.timeout_s,
-        max_attempts=inline.max_attempts,
         allow_private=allow_private,
     )
 

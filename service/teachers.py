@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.domain.teacher import GenerationParams, TeacherLimits, TeacherPrices
+from service.domain.spec import TeacherSpec
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Job, Teacher
 from service.secrets import encrypt_secret
@@ -198,37 +198,31 @@ def check_base_url(
 def create_teacher(
     session: Session,
     tenant_id: uuid.UUID,
+    spec: TeacherSpec,
     *,
     name: str,
-    base_url: str,
-    model: str,
-    replica_urls: Sequence[str] = (),
     api_key: str | None = None,
-    api_key_env: str | None = None,
-    limits: TeacherLimits | None = None,
-    prices: TeacherPrices | None = None,
-    generation: GenerationParams | None = None,
-    structured_mode: str = "auto",
-    timeout_s: float = 120.0,
-    max_attempts: int = 6,
     allow_private: bool,
 ) -> Teacher:
-    check_base_url(base_url, allow_private=allow_private)
-    replicas = _checked_replicas(base_url, replica_urls, allow_private=allow_private)
+    """A teacher row from `spec`, every field of it: the REST body, the CLI's options and an
+    inline job teacher all arrive as a TeacherSpec (tests/unit/test_teacher_fields.py keeps
+    TeacherCreate's fields the same), so none can be validated and then dropped."""
+    check_base_url(spec.base_url, allow_private=allow_private)
+    replicas = _checked_replicas(spec.base_url, spec.replica_urls, allow_private=allow_private)
     teacher = Teacher(
         tenant_id=tenant_id,
         name=name,
-        base_url=base_url.rstrip("/"),
+        base_url=spec.base_url.rstrip("/"),
         replica_urls=replicas,
-        model=model,
+        model=spec.model,
         api_key_encrypted=encrypt_secret(api_key) if api_key else None,
-        api_key_env=api_key_env,
-        limits=(limits or TeacherLimits()).model_dump(mode="json"),
-        prices=(prices or TeacherPrices()).model_dump(mode="json"),
-        generation=(generation or GenerationParams()).model_dump(mode="json"),
-        structured_mode=structured_mode,
-        timeout_s=timeout_s,
-        max_attempts=max_attempts,
+        api_key_env=spec.api_key_env,
+        limits=spec.limits.model_dump(mode="json"),
+        prices=spec.prices.model_dump(mode="json"),
+        generation=spec.generation.model_dump(mode="json"),
+        structured_mode=spec.structured_mode.value,
+        timeout_s=spec.timeout_s,
+        max_attempts=spec.max_attempts,
         # Workers hold a tenant's teacher to public addresses at connect time as well, so a
         # name that resolves elsewhere later (DNS rebinding) or a redirect cannot reach inside.
         allow_private_network=allow_private,

@@ -10,7 +10,7 @@ from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from service.domain.export_formats import ALL_FORMATS, FORMAT_HELP, FORMAT_ORDER, ExportSelection
-from service.domain.spec import ReplicaUrls, Text
+from service.domain.spec import ReplicaUrls, TeacherSpec, Text
 from service.domain.statuses import (
     DeliveryStatus,
     ExampleStatus,
@@ -109,6 +109,10 @@ class TeacherCreate(BaseModel):
     structured_mode: StructuredMode = StructuredMode.auto
     timeout_s: float = Field(120.0, gt=0, le=3600, strict=True)
     max_attempts: int = Field(6, ge=1, le=50, strict=True)
+
+    def as_spec(self) -> TeacherSpec:
+        """Everything but the name and the key: what `teachers.create_teacher` stores."""
+        return TeacherSpec.model_validate(self.model_dump(exclude={"name", "api_key"}))
 
 
 class TeacherUpdate(BaseModel):

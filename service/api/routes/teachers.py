@@ -51,18 +51,9 @@ def create(
     teacher = create_teacher(
         session,
         principal.tenant_id,
+        body.as_spec(),
         name=body.name,
-        base_url=body.base_url,
-        replica_urls=body.replica_urls,
-        model=body.model,
         api_key=body.api_key,
-        api_key_env=body.api_key_env,
-        limits=body.limits,
-        prices=body.prices,
-        generation=body.generation,
-        structured_mode=body.structured_mode.value,
-        timeout_s=body.timeout_s,
-        max_attempts=body.max_attempts,
         allow_private=teacher_url_policy(settings).allows_all([body.base_url, *body.replica_urls]),
     )
     session.commit()
