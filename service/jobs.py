@@ -35,6 +35,7 @@ from service.splits import (
     min_class_rows_for_validation,
 )
 from service.teachers import (
+    STUDENT_PRIVATE_HINT,
     TeacherUrlPolicy,
     check_base_url,
     create_teacher,
@@ -332,13 +333,6 @@ def _job_teacher(
     )
 
 
-STUDENT_PRIVATE_HINT = (
-    "only an operator can allow such a student: add its host to "
-    "DISTILL_API__TEACHER_HOST_ALLOWLIST or set DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on "
-    "the API, or create the job through the CLI"
-)
-
-
 def _check_student_endpoint(
     student: StudentSpec,
     allow_private: bool,
@@ -355,7 +349,7 @@ def _check_student_endpoint(
         student.base_url,
         allow_private=allowed,
         field="student.base_url",
-        private_hint=STUDENT_PRIVATE_HINT,
+        private_hint=STUDENT_PRIVATE_HINT + ", or create the job through the CLI",
     )
     key_envs.check(student.api_key_env, [student.base_url], field="student.api_key_env")
 

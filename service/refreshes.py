@@ -38,7 +38,7 @@ from service.jobs import request_transition, transition_job
 from service.models import Iteration, Job, JobRefresh, utcnow
 from service.secrets import KeyEnvPolicy
 from service.splits import job_spec
-from service.teachers import check_base_url
+from service.teachers import STUDENT_PRIVATE_HINT, check_base_url
 
 # Budget.max_iterations' upper bound (service/domain/spec.py).
 MAX_ITERATIONS = 1000
@@ -165,10 +165,7 @@ def _check_student(
             revision.base_url,
             allow_private=allow_private,
             field="student.base_url",
-            # A served student is a model server like a teacher: the same operator setting.
-            private_hint="only an operator can allow such a student: add its host to "
-            "DISTILL_API__TEACHER_HOST_ALLOWLIST or set "
-            "DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on the API",
+            private_hint=STUDENT_PRIVATE_HINT,
         )
         # The job's key goes to the new URL: it must be allowed there.
         key_envs.check(student.api_key_env, [revision.base_url], field="student.api_key_env")

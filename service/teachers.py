@@ -79,6 +79,13 @@ TEACHER_PRIVATE_HINT = (
     "teacher through the CLI (distill run / distill jobs create)"
 )
 
+# A served student is a model server like a teacher: the same operator settings open it.
+STUDENT_PRIVATE_HINT = (
+    "only an operator can allow such a student: add its host to "
+    "DISTILL_API__TEACHER_HOST_ALLOWLIST or set DISTILL_API__ALLOW_PRIVATE_TEACHER_URLS=true on "
+    "the API"
+)
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
