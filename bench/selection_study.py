@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bench.efficacy import CACHE, DATA, split_data
+from bench.efficacy import CACHE, data_folder, split_data
 from bench.retrieval_teacher import EmbeddingTable, minilm_encoder
 
 POLICIES = (
@@ -223,7 +223,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown policies: {', '.join(unknown)} (known: {', '.join(POLICIES)})")
     names = [n for n in args.data.split(",") if n]
-    missing = [str(DATA / n) for n in names if not (DATA / n / "train.jsonl").exists()]
+    missing = [str(data_folder(n)) for n in names if not (data_folder(n) / "train.jsonl").exists()]
     if missing:
         parser.error(f"missing data: {', '.join(missing)} (the study reads ../shared/data)")
     embed = EmbeddingTable(minilm_encoder(), CACHE / "embeddings.npz")
