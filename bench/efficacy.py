@@ -2,6 +2,7 @@
 
     python -m bench.efficacy                          # TREC, SST-2, HWU64; 3 seeds; all strategies
     python -m bench.efficacy --data hwu64 --seeds 1 --strategies pgkd,random
+    python -m bench.efficacy --data trec-fine         # TREC's 50 fine labels: a set not tuned on
     python -m bench.efficacy --teacher-mode random    # an on-label teacher that ignores the prompt
     python -m bench.efficacy --mislabel 0.5           # a teacher that lies half the time
     python -m bench.efficacy --teacher-url http://vllm:8000/v1 --teacher-model Qwen/Qwen2.5-7B-Instruct

@@ -79,7 +79,7 @@ def test_any_comparison_measurably_worse_excludes() -> None:
     assert "iteration 0" in selection.reason
 
 
-def test_doubt_about_the_right_labels_excludes_only_with_a_probably_lower_metric() -> None:
+def test_doubt_about_the_right_labels_excludes_unless_the_metric_is_measurably_better() -> None:
     doubt = Comparison(
         reference=1, measure="gold_log_probability", delta=-0.06, low=-0.1, high=-0.02, n=100
     )
@@ -87,13 +87,23 @@ def test_doubt_about_the_right_labels_excludes_only_with_a_probably_lower_metric
     excluded = select_iteration([probably_lower], certainty=[doubt])
     assert not excluded.included
     assert "less sure of the right labels" in excluded.reason
+    assert "not measurably better" in excluded.reason
     assert doubt in excluded.comparisons
-    barely_lower = probably_lower.model_copy(update={"delta": -0.01, "p_worse": 0.6})
-    assert select_iteration([barely_lower], certainty=[doubt]).included
-    tie = probably_lower.model_copy(update={"delta": 0.0, "p_worse": 0.45})
-    assert select_iteration([tie], certainty=[doubt]).included
+    # A mislabelling teacher's data can leave accuracy flat or a little up while the student
+    # grows unsure of the right labels: that is excluded too.
+    tie = probably_lower.model_copy(update={"delta": 0.0, "low": -0.05, "p_worse": 0.45})
+    assert not select_iteration([tie], certainty=[doubt]).included
+    slightly_up = probably_lower.model_copy(update={"delta": 0.014, "low": -0.02, "high": 0.05})
+    assert not select_iteration([slightly_up], certainty=[doubt]).included
+    # A metric measurably better keeps the data, whatever the certainty.
+    better = probably_lower.model_copy(update={"delta": 0.06, "low": 0.01, "high": 0.11})
+    kept = select_iteration([better], certainty=[doubt])
+    assert kept.included and kept.improved
+    # Doubt that is not measurable keeps the data.
     sure = doubt.model_copy(update={"high": 0.01})
     assert select_iteration([probably_lower], certainty=[sure]).included
+    # min_delta: "measurably better" means above it.
+    assert not select_iteration([better], certainty=[doubt], min_delta=0.02).included
 
 
 def test_p_worse_is_the_share_of_resamples_where_the_candidate_is_worse() -> None:
