@@ -296,11 +296,13 @@ class RetrievalTeacher:
         return {"examples": examples}
 
     def _label_for(self, prompt: Prompt, messages: Sequence[Mapping[str, Any]]) -> str:
-        """No label asked for: the commonest label among the rows shown, else a seeded pick."""
+        """No label asked for (or one the pool has no row of): the commonest label among the
+        rows shown, the first in sorted order on a tie (not set order, which changes with each
+        process's string hashing and made runs of the same job differ), else a seeded pick."""
         shown = [label for item in prompt.items for label in _item_labels(item)]
         shown = [label for label in shown if label in self.pool.by_label]
         if shown:
-            return max(set(shown), key=shown.count)
+            return max(sorted(set(shown)), key=shown.count)
         return self._rng(messages).choice(sorted(self.pool.by_label))
 
     def _rng(self, messages: Sequence[Mapping[str, Any]]) -> random.Random:
