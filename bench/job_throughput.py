@@ -15,6 +15,9 @@ last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical l
 targets of issue 14, the teacher's max in flight and 429s, answers paid twice, the worker
 processes' CPU per teacher call (the student trains on a worker of its own), and where each
 window went: the teacher's occupancy over time from its own timeline (head, tail, idle gaps).
+Beside each ratio, the *floor*: the ratio a client with no cost of its own would get against
+the same teacher (`perfect_client_window`; whole requests, so 2,000 calls at 64 wide are 32
+waves: 1.024 clean, about 1.11 with 6% failures that each cost a full latency).
 """
 
 from __future__ import annotations
@@ -270,6 +273,60 @@ SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_a
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
 
 
+def perfect_client_window(
+    n: int,
+    cap: int,
+    latency_s: float,
+    *,
+    jitter_s: float = 0.0,
+    error_rate: float = 0.0,
+    runs: int = 200,
+    seed: int = 0,
+) -> float:
+    """The mean window of a client with no cost of its own against the fake teacher's model: `cap`
+    requests always in flight while any is left, each answered after `latency_s` (+- `jitter_s`,
+    uniform), failing with `error_rate` after its whole latency and sent again at once.
+
+    N x L / C assumes the work is fluid; requests are whole, so even this client pays for the
+    last wave (2,000 calls at 64 wide are 32 waves, not 31.25: 1.024 clean) and, with faults,
+    for every failed attempt's full latency and the retries left at the end. Its window over
+    N x L / C is the floor a target can be held against. A discrete-event simulation, averaged
+    over `runs` seeded runs.
+    """
+    import heapq
+    import random as random_module
+
+    rng = random_module.Random(seed)
+    total = 0.0
+    for _ in range(runs):
+        pending = n
+        running: list[float] = []
+        now = 0.0
+        while pending or running:
+            while pending and len(running) < cap:
+                pending -= 1
+                heapq.heappush(running, now + latency_s + rng.uniform(-jitter_s, jitter_s))
+            now = heapq.heappop(running)
+            if rng.random() < error_rate:
+                pending += 1
+        total += now
+    return total / runs
+
+
+def _floor(n: int, cap: int, latency_ms: float, scenario: Scenario) -> float:
+    """A perfect client's window over N x L / C for this scenario's teacher (over the cap and
+    with two workers the teacher is the clean one: a perfect client never exceeds its cap)."""
+    server = {**SERVER_DEFAULTS, **scenario.server}
+    window = perfect_client_window(
+        n,
+        cap,
+        latency_ms / 1000,
+        jitter_s=float(server["jitter_ms"]) / 1000,
+        error_rate=float(server["error_rate"]),
+    )
+    return window / (n * latency_ms / 1000 / cap)
+
+
 def _machine_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -295,6 +352,7 @@ class Row:
     busy: float | None = None  # share of the machine's CPUs busy during the scenario
     status: str = "-"
     ideal: float | None = None  # N x L / (C x replicas), when not the run's own
+    floor: float | None = None  # a perfect client's ratio in the same model (perfect_client_window)
     occupancy: Occupancy | None = None
     batches: str = ""
 
@@ -550,6 +608,7 @@ def main() -> None:
                         ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
                         occupancy=occupancy,
                         batches=_batch_spans(sessions, job_id, started),
+                        floor=_floor(n, args.cap * scenario.replicas, args.latency_ms, scenario),
                     )
                 )
                 print(
@@ -583,8 +642,8 @@ def main() -> None:
     )
     print(
         f"{'path':<44} {'status':>9} {'calls':>6} {'429s':>6} {'max in':>7} {'dup':>4} "
-        f"{'wall s':>8} {'ratio':>7} {'target':>7} {'vs gateway':>11} {'CPU ms/call':>12} "
-        f"{'busy':>5} {'load':>5}"
+        f"{'wall s':>8} {'ratio':>7} {'target':>7} {'floor':>6} {'vs gateway':>11} "
+        f"{'CPU ms/call':>12} {'busy':>5} {'load':>5}"
     )
     for row in rows:
         kind = row.label.split(": ")[-1].split(" (")[0]
@@ -594,6 +653,7 @@ def main() -> None:
             f"{row.max_in_flight:>7} {row.duplicates:>4} {row.wall:>8.2f} "
             f"{row.wall / (row.ideal or ideal):>7.3f} "
             f"{'-' if target is None else f'{target:.2f}':>7} "
+            f"{'-' if row.floor is None else f'{row.floor:.3f}':>6} "
             f"{row.wall / rows[0].wall:>10.3f}x "
             f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12} "
             f"{'-' if row.busy is None else f'{row.busy:.0%}':>5} "
@@ -604,6 +664,12 @@ def main() -> None:
         "and its pool children) over the scenario, per stored call; busy: the whole machine's "
         "CPU use meanwhile (the fake teacher and Postgres run on it too); load: the 1-minute "
         "load average at the scenario's end."
+    )
+    print(
+        "floor: the ratio of a client with no cost of its own against the same teacher model "
+        "(whole requests: the last wave is paid in full; a failed attempt costs its whole "
+        "latency and is sent again at once), from a discrete-event simulation; the ratio "
+        "above it is what the product costs."
     )
     print(
         "two workers: the teacher's max in flight must not exceed the cap "
