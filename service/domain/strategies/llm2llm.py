@@ -318,7 +318,7 @@ class LLM2LLM(Strategy):
         }
         seeds_of = {label: [s for s in ctx.train_rows if s.output == label] for label in labels}
         wrong_of = {
-            label: [(row, v) for row, v in slots if row.output == label] for label in labels
+            label: [(row, v) for row, v in wrong if row.output == label] for label in labels
         }
         shares = shares_by_weakness(
             total,
@@ -340,7 +340,7 @@ class LLM2LLM(Strategy):
             if not wrong_here and not covered:
                 covered = list(seeds_of[label])
                 rng.shuffle(covered)
-            weighted = [
+            weighted: list[tuple[LabelledRow, EvaluatedRow | None, float]] = [
                 (row, v, WRONG_SEED_ROW_WEIGHT if v.split == "train" else WRONG_ROW_WEIGHT)
                 for row, v in wrong_here
             ]
