@@ -122,13 +122,12 @@ class Comparison(BaseModel):
 # Measurably lower certainty excludes unless the metric is measurably *better*. It used to need
 # the metric probably lower too (in 80% of the resamples or more), on the view that a truthful
 # teacher's examples can make a student a little less sure without making it any less right.
-# Measured with bench.efficacy, that view cost more than it saved: against a truthful teacher
+# Measured with bench.efficacy, that view cost more than it saved. Against a truthful teacher
 # the wider rule excluded one iteration in 24 jobs (TREC, SST-2, HWU64 and TREC's 50 fine
 # labels; LLM2LLM and PGKD; 3 seeds), and that one had lowered the judge's test accuracy
-# (70.6% without it, 68.8% with);
-# against a teacher that mislabels half its rows (--mislabel 0.5) it caught iterations whose
-# accuracy read flat or up (+0.0, +1.4, +1.5 points) while the gold label's mean
-# log-probability fell by 0.07-0.10. Gap closed with that teacher (2 seeds, LLM2LLM / PGKD):
+# (70.6% without it, 68.8% with). Against a teacher that mislabels half its rows
+# (--mislabel 0.5) it caught iterations whose accuracy read flat or up (+0.0, +1.4, +1.5
+# points) while the gold label's mean log-probability fell by 0.07-0.10. Gap closed with that teacher (2 seeds, LLM2LLM / PGKD):
 # TREC -1.1 / -4.2% -> +0.5 / +2.4%, SST-2 11.2 / -20.1% -> 11.2 / -9.8%, HWU64 0.0 / -18.9%
 # -> 0.0 / 0.0% (the seed set exported, as it should be).
 
