@@ -111,13 +111,18 @@ def take_per_class(
 VARIANTS = {"trec-fine": ("trec", "label_fine")}
 
 
+def _source(name: str) -> tuple[Path, str]:
+    """(the folder a set's files lie in, the column its labels are read from)."""
+    folder, column = VARIANTS.get(name, (name, "label"))
+    return DATA / folder, column
+
+
 def data_folder(name: str) -> Path:
-    return DATA / VARIANTS.get(name, (name, "label"))[0]
+    return _source(name)[0]
 
 
 def split_data(name: str, k: int, seed: int) -> Split:
-    folder = data_folder(name)
-    column = VARIANTS.get(name, (name, "label"))[1]
+    folder, column = _source(name)
 
     def rows_of(file: str) -> list[dict[str, Any]]:
         return [{"text": r["text"], "label": str(r[column])} for r in read_jsonl(folder / file)]
