@@ -177,6 +177,30 @@ def test_prompt_carries_hard_negatives_paired_with_the_confused_class() -> None:
     assert "shipping" not in {row["label"] for row in correct}
 
 
+def test_a_class_prompt_shows_its_own_held_out_rows_first_but_no_seed_row() -> None:
+    # A seed row the fold students got right: the student trained on it, so it is not shown.
+    seed = EvaluatedRow(
+        row_id="train:1",
+        split="train",
+        input="a shipping seed the fold students got right",
+        gold="shipping",
+        predicted="shipping",
+        confidence=0.9,
+        correct=True,
+    )
+    targets = _by_id(PGKD().plan(_ctx(evaluated=[seed, *_evaluated(VALIDATION)])))
+    correct = _blocks(targets["weak:shipping"])["Classified correctly"]
+    # v06 is shipping's one held-out row the student gets right; then the class it confuses
+    # shipping with (billing) and the one it confuses with shipping (refund).
+    assert correct[0] == {"text": "text of v06", "label": "shipping"}
+    assert len(correct) == 4
+    assert {row["label"] for row in correct[1:]} <= {"billing", "refund"}
+    assert "a shipping seed the fold students got right" not in {row["text"] for row in correct}
+    # The pair's prompt still shows none of the target's own right rows.
+    pair = _blocks(targets["pair:shipping->billing"])["Classified correctly"]
+    assert "shipping" not in {row["label"] for row in pair}
+
+
 def test_the_prompts_of_one_large_share_show_different_rows() -> None:
     params = {"examples_per_target": 1, "n_hard_negatives": 1}
     targets = _by_id(PGKD().plan(_ctx(params, max_examples=40)))
