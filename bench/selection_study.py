@@ -3,6 +3,7 @@ teacher and no job: selections of real pool rows, scored by the efficacy benchma
 
     python -m bench.selection_study                       # TREC, SST-2, HWU64; 3 seeds
     python -m bench.selection_study --data hwu64 --policies uniform,covered-half
+    python -m bench.selection_study --policies uniform,contrast-rotate --budget-per-class 40
 
 The efficacy benchmark's retrieval teacher (bench/retrieval_teacher.py) answers a prompt with
 the unused pool rows of the asked label nearest to the texts the prompt shows, and so does the
@@ -99,6 +100,7 @@ class Setting:
     name: str
     seed: int
     embed: EmbeddingTable
+    budget_per_class: int = 10
 
     def __post_init__(self) -> None:
         split = split_data(self.name, 5, self.seed)
@@ -111,7 +113,7 @@ class Setting:
         self.py = np.array([r["label"] for r in split.pool])
         self.tx = self.embed([r["text"] for r in split.test])
         self.ty = np.array([r["label"] for r in split.test])
-        self.budget = 10 * len(self.labels)
+        self.budget = self.budget_per_class * len(self.labels)
         self.by_label = {label: np.where(self.py == label)[0] for label in self.labels}
         rng = np.random.RandomState(self.seed)
         self.part: dict[int, NDArray[np.int64]] = {}
@@ -217,6 +219,13 @@ def main() -> None:
     parser.add_argument("--data", default="trec,sst2,hwu64")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--budget-per-class",
+        type=int,
+        default=10,
+        help="rows added per class (10: the efficacy benchmark's budget); larger budgets show "
+        "what the 70%% target would take",
+    )
     args = parser.parse_args()
     policies = [p for p in args.policies.split(",") if p]
     unknown = sorted(set(policies) - set(POLICIES))
@@ -228,14 +237,15 @@ def main() -> None:
         parser.error(f"missing data: {', '.join(missing)} (the study reads ../shared/data)")
     embed = EmbeddingTable(minilm_encoder(), CACHE / "embeddings.npz")
     print(
-        f"Selection study: K=5, budget 10 x classes, {ROUNDS} rounds, {args.seeds} seed(s); "
+        f"Selection study: K=5, budget {args.budget_per_class} x classes, {ROUNDS} rounds, "
+        f"{args.seeds} seed(s); "
         "gap closed, mean [per seed]"
     )
     for name in names:
         full: float | None = None
         gaps: dict[str, list[float]] = {p: [] for p in policies}
         for seed in range(args.seeds):
-            setting = Setting(name, seed, embed)
+            setting = Setting(name, seed, embed, args.budget_per_class)
             full = setting.full() if full is None else full
             base = setting.score([])
             for policy in policies:
