@@ -20,7 +20,7 @@ from service.tasks import BATCH_GENERATE, SENDER, RecordingTaskSender
 from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 from workers import runtime
-from workers.steps.generate import generate_batch
+from workers.steps.generate import _Pipeline, generate_batch
 
 CALLS = 16
 BATCH = 4
@@ -144,3 +144,187 @@ def test_one_pipeline_runs_every_batch_of_the_phase(inline_stack: InlineStack) -
     assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
     stats = st.teacher.stats()
     assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
+
+
+# A first batch larger than the teacher's window is loaded in two parts: the window's worth of
+# targets, sent at once, then the rest while those are answered.
+WINDOW = 2
+FIRST_PART_BATCH = 8
+
+
+def _windowed_job(st: InlineStack) -> str:
+    train, val = question_slice(per_class=5, val_per_class=5)
+    spec = st.job_spec(
+        train=train,
+        validation=val,
+        name="first-wave",
+        strategy="random",
+        params={"rows_per_iteration": CALLS, "examples_per_row": 1},
+        budget={"max_iterations": 1, "max_examples_per_iteration": CALLS},
+        batch_size=FIRST_PART_BATCH,
+        teacher={
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": WINDOW},
+        },
+    )
+    job_id = st.create_job(spec)
+    st.sender.run_until_idle(should_stop=lambda: len(_batches(st, job_id)) > 0)
+    return job_id
+
+
+class _Recording:
+    """The real teacher, noting when the pipeline hands it each request."""
+
+    def __init__(self, inner: Any, events: list[str]) -> None:
+        self._inner = inner
+        self._events = events
+
+    async def stream(
+        self, requests: AsyncIterator[TeacherRequest], **kwargs: Any
+    ) -> AsyncIterator[TeacherResult]:
+        async def noted() -> AsyncIterator[TeacherRequest]:
+            async for request in requests:
+                self._events.append("request")
+                yield request
+
+        async for result in self._inner.stream(noted(), **kwargs):
+            yield result
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def test_the_first_wave_goes_out_before_the_rest_of_the_first_batch_is_loaded(
+    inline_stack: InlineStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = inline_stack
+    job_id = _windowed_job(st)
+    batches = _batches(st, job_id)
+    assert len(batches) == CALLS // FIRST_PART_BATCH
+    events: list[str] = []
+    load_rest = _Pipeline._load_rest
+
+    def noted_load_rest(self: _Pipeline, work: Any) -> list[TeacherRequest]:
+        events.append(f"load_rest:{len(work.unloaded)}")
+        return load_rest(self, work)
+
+    monkeypatch.setattr(_Pipeline, "_load_rest", noted_load_rest)
+    real = runtime.process_ports()
+    ports = dataclasses.replace(
+        real, make_teacher=lambda row: _Recording(real.make_teacher(row), events)
+    )
+    st.teacher.reset()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        generate_batch(session, batches[0].id, ports)
+
+    # The window's worth of requests went out first, then the first batch's other six targets
+    # were loaded; the second batch was loaded whole (claimed ahead).
+    assert events[: WINDOW + 1] == ["request"] * WINDOW + [f"load_rest:{FIRST_PART_BATCH - WINDOW}"]
+    assert events.count("request") == CALLS
+    assert [e for e in events if e.startswith("load_rest")] == ["load_rest:6"]
+    after = _batches(st, job_id)
+    assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
+    with st.sessions() as session:
+        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
+    assert examples == CALLS
+    stats = st.teacher.stats()
+    assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
+
+
+class _StopsAfterTheFirstWave:
+    """The real teacher for the first wave of requests only: once those are answered it fails,
+    in its stream (the pipeline is interrupted) or when closed (the step crashes), before the
+    pipeline loaded the rest of its first batch."""
+
+    def __init__(self, inner: Any, *, crash: bool) -> None:
+        self._inner = inner
+        self._crash = crash
+
+    async def stream(
+        self, requests: AsyncIterator[TeacherRequest], **kwargs: Any
+    ) -> AsyncIterator[TeacherResult]:
+        first = [await anext(requests) for _ in range(WINDOW)]
+
+        async def first_wave() -> AsyncIterator[TeacherRequest]:
+            for request in first:
+                yield request
+
+        async for result in self._inner.stream(first_wave(), **kwargs):
+            yield result
+        raise RuntimeError("the limiter lost Redis")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+        if self._crash:
+            raise RuntimeError("the step crashed")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["interrupted", "crashed"])
+def test_a_first_batch_stopped_before_its_rest_was_loaded_loses_none_of_it(
+    inline_stack: InlineStack, crash: bool
+) -> None:
+    st = inline_stack
+    job_id = _windowed_job(st)
+    batches = _batches(st, job_id)
+    real = runtime.process_ports()
+    ports = dataclasses.replace(
+        real, make_teacher=lambda row: _StopsAfterTheFirstWave(real.make_teacher(row), crash=crash)
+    )
+    recorded = RecordingTaskSender()
+    with st.sessions() as session:
+        session.info[SENDER] = recorded
+        if crash:
+            with pytest.raises(RuntimeError, match="the step crashed"):
+                generate_batch(session, batches[0].id, ports)
+        else:
+            generate_batch(session, batches[0].id, ports)
+
+    # The first wave was answered and stored; the first batch is put back whole, not closed
+    # with the part that was loaded, and its answers are not paid for again.
+    with st.sessions() as session:
+        stored = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
+    assert stored == WINDOW
+    first = _batches(st, job_id)[0]
+    assert first.status is BatchStatus.pending
+    assert first.crashes == (1 if crash else 0)
+
+    for message in recorded.sent:
+        st.sender.send(message)
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
+    with st.sessions() as session:
+        calls = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
+        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
+    assert calls == CALLS and examples == CALLS
+    assert st.teacher.stats()["duplicate_successes"] == 0
+
+
+def test_a_first_batch_whose_rest_cannot_be_loaded_is_put_back_as_a_crash(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    job_id = _windowed_job(st)
+    batches = _batches(st, job_id)
+    with st.sessions() as session:
+        batch = session.get(GenerationBatch, batches[0].id)
+        assert batch is not None
+        targets = list(batch.targets)
+        targets[-1] = {"not": "a target"}  # past the first wave
+        batch.targets = targets
+        session.commit()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        with pytest.raises(ValueError, match="validation error"):
+            generate_batch(session, batches[0].id, runtime.process_ports())
+
+    # Not closed with the part that loaded: put back, its crash counted (a poison batch is
+    # failed for good after max_crashes), and the answers of its first wave kept.
+    first = _batches(st, job_id)[0]
+    assert first.status is BatchStatus.pending and first.crashes == 1
+    with st.sessions() as session:
+        stored = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
+        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
+    assert stored == WINDOW and examples == 0

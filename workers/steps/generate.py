@@ -401,6 +401,9 @@ class _Work:
     waiting: set[str] = field(default_factory=set)
     fed: bool = False
     closed: bool = False
+    # The first batch of a pipeline is loaded in two parts (`_Pipeline._load`): the targets of
+    # its second part wait here, as stored, until the first wave went out.
+    unloaded: list[Any] = field(default_factory=list)
     # Whether any of its requests went to the teacher's window (set on the event loop; read
     # on the DB thread only once the loop is done). A batch claimed ahead that never started
     # is given back as it was, not closed or counted as a crash.
@@ -534,18 +537,20 @@ class _Pipeline:
         goes out, so the window never waits for a claim, a load, or a store queued before them.
         A batch claimed ahead that never starts (the pipeline stopped first) is given back
         by `_close_all`."""
-        work, send = await self._db(self._load, batch_id, token)
+        work, send = await self._db(self._load, batch_id, token, self._first_wave())
         while True:
             ahead: asyncio.Future[tuple[_Work, list[TeacherRequest]] | None] | None = None
             work.started = True
             # The next batch is claimed once half of this one went out: not while the window
             # fills (loading a batch holds the GIL for tens of milliseconds, which slowed the
             # first 64 sends from 0.3 to 1.8 ms each), and long before this one runs out.
-            half = len(send) // 2
-            for sent, request in enumerate(send):
+            half = (len(send) + len(work.unloaded)) // 2
+            sent = 0
+            async for request in self._requests_of(work, send):
                 if sent == half:
                     ahead = self._claim_ahead()
                 yield request
+                sent += 1
             if ahead is None:
                 ahead = self._claim_ahead()
             # Marked on the DB thread, where answers are matched to batches, but not awaited:
@@ -556,6 +561,24 @@ class _Pipeline:
                 return
             work, send = following
 
+    async def _requests_of(
+        self, work: _Work, send: list[TeacherRequest]
+    ) -> AsyncIterator[TeacherRequest]:
+        """A batch's requests; for a first batch loaded in two parts, the second part is loaded
+        once the first wave went out, when the feed would wait on the teacher's window anyway
+        (loading it beside the first sends would slow them: see `_feed`)."""
+        for request in send:
+            yield request
+        if work.unloaded:
+            for request in await self._db(self._load_rest, work):
+                yield request
+
+    def _first_wave(self) -> int:
+        """How many of the first batch's targets are loaded before the first request goes out:
+        the teacher's whole window (its concurrency cap on every server)."""
+        servers = 1 + len(self.teacher_row.replica_urls or ())
+        return TeacherLimits.model_validate(self.teacher_row.limits or {}).max_concurrency * servers
+
     def _claim_ahead(self) -> asyncio.Future[tuple[_Work, list[TeacherRequest]] | None]:
         ahead = asyncio.ensure_future(self._db(self._claim_and_load_following))
         # Never left unretrieved when the gateway closes the feed early; what it claimed is
@@ -565,26 +588,54 @@ class _Pipeline:
 
     # ------------------------------------------------------------------ the DB thread
 
-    def _load(self, batch_id: uuid.UUID, token: int) -> tuple[_Work, list[TeacherRequest]]:
+    def _load(
+        self, batch_id: uuid.UUID, token: int, first: int | None = None
+    ) -> tuple[_Work, list[TeacherRequest]]:
+        """A claimed batch's work and the requests to send. With `first`, only that many
+        targets are made into requests now and the rest wait in `unloaded` for `_load_rest`:
+        the first batch of a pipeline is in the window's head, where validating, building and
+        fingerprinting 512 targets delayed the first request by 0.1-0.2 s."""
         batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
         assert batch is not None
-        targets = [GenerationTarget.model_validate(t) for t in batch.targets]
+        stored = list(batch.targets)
+        cut = len(stored) if first is None else max(1, first)
+        work = _Work(batch_id, token, [], [], unloaded=stored[cut:])
+        send = self._add_targets(work, stored[:cut])
+        # Held only once loaded: a batch whose targets cannot be loaded is put back as a crash
+        # (`_close_all`), so a poison batch is failed for good after `max_crashes`.
+        self.works[batch_id] = work
+        return work, send
+
+    def _load_rest(self, work: _Work) -> list[TeacherRequest]:
+        # Cleared only once loaded: a second part that cannot be loaded stops the pipeline, and
+        # `_close_all` meets it again and crashes, rather than close the batch without it.
+        send = self._add_targets(work, work.unloaded)
+        work.unloaded = []
+        return send
+
+    def _add_targets(self, work: _Work, stored: list[Any]) -> list[TeacherRequest]:
+        """Make stored targets into requests, add them to `work`, and return those to send:
+        not answered before (the fingerprint cache) and not sent for another held batch."""
+        targets = [GenerationTarget.model_validate(t) for t in stored]
         requests = _requests(targets, self.teacher_row, self.ctx, self.schemas)
         fingerprints = [r.fingerprint(self.teacher_row.model) for r in requests]
         to_call, previous = _uncached(self.session, self.teacher_row, requests, fingerprints)
         self.session.commit()
-        work = _Work(batch_id, token, targets, fingerprints)
-        self.works[batch_id] = work
+        registered = set(work.fingerprints)  # a second part's duplicate of the first's: once
+        work.targets += targets
+        work.fingerprints += fingerprints
         self.previous.update(previous)
         send: list[TeacherRequest] = []
         for request, fp in to_call:
+            if fp in registered:
+                continue
             self.requests[fp] = request
             work.waiting.add(fp)
             others = self.by_fp.setdefault(fp, [])
             if not any(fp in other.waiting for other in others if other is not work):
                 send.append(request)  # a fingerprint another held batch waits for goes once
             others.append(work)
-        return work, send
+        return send
 
     def _fed(self, batch_id: uuid.UUID) -> None:
         work = self.works[batch_id]
@@ -640,6 +691,10 @@ class _Pipeline:
         for work in list(self.works.values()):
             if work.closed:
                 continue
+            if work.unloaded and not self._unstarted(work):
+                # A first batch stopped before its second part was loaded: that part's
+                # targets are the batch's too (unsent, so retried or closed as unsent ones are).
+                self._load_rest(work)
             if self._unstarted(work):
                 self._while_database_returns(self._giving_back(work))
             else:
