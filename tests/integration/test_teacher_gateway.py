@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -334,6 +335,41 @@ def test_a_live_holder_renews_its_lease_past_the_ttl(prefix: str) -> None:
             await holder.release(lease)
             await asyncio.wait_for(other.acquire(quota, input_tokens=0, output_tokens=0), 1.0)
             return blocked
+        finally:
+            await holder.aclose()
+            await other.aclose()
+
+    assert run_sync(scenario()) is True
+
+
+def test_a_cancel_the_redis_client_drops_still_ends_a_waiting_acquire(prefix: str) -> None:
+    """redis-py (8.1) was seen to finish a call and drop a cancel that landed during it; an
+    acquire under `asyncio.wait_for` then polled for ever. The limiter honours the cancel."""
+    quota = TeacherQuota("dropped-cancel", max_concurrency=1)
+
+    async def scenario() -> bool:
+        holder = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=5)
+        other = RedisLimiter(REDIS_URL, prefix, lease_ttl_s=5, poll_s=0.05)
+        real = other._while_reachable
+
+        async def dropping_cancels(call: Callable[[], Awaitable[Any]]) -> Any:
+            # What the client did with a cancel that landed mid-call: finish, as if none came.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.2)
+            return await real(call)
+
+        other._while_reachable = dropping_cancels  # type: ignore[method-assign]
+        lease = await holder.acquire(quota, input_tokens=0, output_tokens=0)
+        waiting = asyncio.ensure_future(
+            asyncio.wait_for(other.acquire(quota, input_tokens=0, output_tokens=0), 0.1)
+        )
+        try:
+            await asyncio.wait({waiting}, timeout=3.0)
+            ended = waiting.done()
+            if not ended:  # let it end, so the test fails instead of hanging
+                await holder.release(lease)
+                await asyncio.wait({waiting}, timeout=3.0)
+            return ended and isinstance(waiting.exception(), TimeoutError)
         finally:
             await holder.aclose()
             await other.aclose()
