@@ -26,17 +26,22 @@ CALLS = 16
 BATCH = 4
 
 
-def _job(st: InlineStack) -> str:
+def _job(st: InlineStack, *, batch: int = BATCH, window: int | None = None) -> str:
+    """A job of exactly CALLS teacher calls, in CALLS / `batch` batches; `window` sets the
+    teacher's concurrency cap."""
     train, val = question_slice(per_class=5, val_per_class=5)
+    teacher: dict[str, Any] = {"base_url": st.teacher.base_url, "model": "fake-teacher"}
+    if window is not None:
+        teacher["limits"] = {"max_concurrency": window}
     spec = st.job_spec(
         train=train,
         validation=val,
         name="lookahead",
         strategy="random",
-        # Exactly CALLS teacher calls, in CALLS / BATCH batches.
         params={"rows_per_iteration": CALLS, "examples_per_row": 1},
         budget={"max_iterations": 1, "max_examples_per_iteration": CALLS},
-        batch_size=BATCH,
+        batch_size=batch,
+        teacher=teacher,
     )
     job_id = st.create_job(spec)
     st.sender.run_until_idle(should_stop=lambda: len(_batches(st, job_id)) > 0)
@@ -153,24 +158,7 @@ FIRST_PART_BATCH = 8
 
 
 def _windowed_job(st: InlineStack) -> str:
-    train, val = question_slice(per_class=5, val_per_class=5)
-    spec = st.job_spec(
-        train=train,
-        validation=val,
-        name="first-wave",
-        strategy="random",
-        params={"rows_per_iteration": CALLS, "examples_per_row": 1},
-        budget={"max_iterations": 1, "max_examples_per_iteration": CALLS},
-        batch_size=FIRST_PART_BATCH,
-        teacher={
-            "base_url": st.teacher.base_url,
-            "model": "fake-teacher",
-            "limits": {"max_concurrency": WINDOW},
-        },
-    )
-    job_id = st.create_job(spec)
-    st.sender.run_until_idle(should_stop=lambda: len(_batches(st, job_id)) > 0)
-    return job_id
+    return _job(st, batch=FIRST_PART_BATCH, window=WINDOW)
 
 
 class _Recording:
