@@ -59,6 +59,27 @@ def _batches(st: InlineStack, job_id: str) -> list[GenerationBatch]:
         )
 
 
+def _counts(st: InlineStack, job_id: str) -> tuple[int, int]:
+    """(teacher calls stored, examples stored) of the job."""
+    job = uuid.UUID(job_id)
+    with st.sessions() as session:
+        calls = session.scalar(select(func.count()).where(TeacherCall.job_id == job))
+        examples = session.scalar(select(func.count()).where(Example.job_id == job))
+    return calls or 0, examples or 0
+
+
+def _finish_with_nothing_lost(st: InlineStack, job_id: str, recorded: RecordingTaskSender) -> None:
+    """Deliver what the interrupted step sent; any worker then finishes the job with every
+    call made once and nothing paid twice."""
+    for message in recorded.sent:
+        st.sender.send(message)
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
+    assert _counts(st, job_id) == (CALLS, CALLS)
+    assert st.teacher.stats()["duplicate_successes"] == 0
+
+
 class _StopsAfterOneBatch:
     """A teacher that takes the first batch's requests, waits until the pipeline holds the
     next batch too (claimed ahead), then fails: in its stream (the limiter lost Redis: the
@@ -125,16 +146,7 @@ def test_a_batch_claimed_ahead_and_never_started_is_given_back_whole(
     assert all(b.status is BatchStatus.pending and b.attempts == 0 for b in rest)
 
     # Any worker then finishes the job with nothing lost and nothing paid twice.
-    for message in recorded.sent:
-        st.sender.send(message)
-    st.sender.run_until_idle()
-    assert st.job(job_id)["status"] == "succeeded"
-    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
-    with st.sessions() as session:
-        calls = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
-        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
-    assert calls == CALLS and examples == CALLS
-    assert st.teacher.stats()["duplicate_successes"] == 0
+    _finish_with_nothing_lost(st, job_id, recorded)
 
 
 def test_one_pipeline_runs_every_batch_of_the_phase(inline_stack: InlineStack) -> None:
@@ -214,9 +226,7 @@ def test_the_first_wave_goes_out_before_the_rest_of_the_first_batch_is_loaded(
     assert [e for e in events if e.startswith("load_rest")] == ["load_rest:6"]
     after = _batches(st, job_id)
     assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
-    with st.sessions() as session:
-        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
-    assert examples == CALLS
+    assert _counts(st, job_id)[1] == CALLS
     stats = st.teacher.stats()
     assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
 
@@ -271,23 +281,12 @@ def test_a_first_batch_stopped_before_its_rest_was_loaded_loses_none_of_it(
 
     # The first wave was answered and stored; the first batch is put back whole, not closed
     # with the part that was loaded, and its answers are not paid for again.
-    with st.sessions() as session:
-        stored = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
-    assert stored == WINDOW
+    assert _counts(st, job_id)[0] == WINDOW
     first = _batches(st, job_id)[0]
     assert first.status is BatchStatus.pending
     assert first.crashes == (1 if crash else 0)
 
-    for message in recorded.sent:
-        st.sender.send(message)
-    st.sender.run_until_idle()
-    assert st.job(job_id)["status"] == "succeeded"
-    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
-    with st.sessions() as session:
-        calls = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
-        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
-    assert calls == CALLS and examples == CALLS
-    assert st.teacher.stats()["duplicate_successes"] == 0
+    _finish_with_nothing_lost(st, job_id, recorded)
 
 
 def test_a_first_batch_whose_rest_cannot_be_loaded_is_put_back_as_a_crash(
@@ -312,7 +311,4 @@ def test_a_first_batch_whose_rest_cannot_be_loaded_is_put_back_as_a_crash(
     # failed for good after max_crashes), and the answers of its first wave kept.
     first = _batches(st, job_id)[0]
     assert first.status is BatchStatus.pending and first.crashes == 1
-    with st.sessions() as session:
-        stored = session.scalar(select(func.count()).where(TeacherCall.job_id == uuid.UUID(job_id)))
-        examples = session.scalar(select(func.count()).where(Example.job_id == uuid.UUID(job_id)))
-    assert stored == WINDOW and examples == 0
+    assert _counts(st, job_id) == (WINDOW, 0)
