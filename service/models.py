@@ -270,7 +270,10 @@ class GenerationBatch(IdMixin, TimestampMixin, Base):
     phase: Mapped[str] = mapped_column(String(32))
     index: Mapped[int] = mapped_column(Integer)
     status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus, "batch_status"), index=True)
-    targets: Mapped[list[Any]]
+    # Deferred: read only where a batch is loaded to be run (`workers.steps.generate`) or a
+    # target looked up. Every other load of a batch (its status, its lease, a close) left the
+    # whole JSON, 512 targets with their prompts, to be parsed again after each commit.
+    targets: Mapped[list[Any]] = mapped_column(deferred=True)
     # Incremented by every claim: the claim's token. A worker whose lease lapsed (and whose batch
     # another worker took over) can no longer move the batch, since its token is stale.
     attempts: Mapped[int] = mapped_column(Integer, default=0)

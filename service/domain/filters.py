@@ -47,9 +47,14 @@ class Candidate(BaseModel):
     def fingerprinted(self) -> Fingerprinted:
         """The input's `Fingerprinted` form, made once however many checks consult it (a copy
         with another input makes its own)."""
-        known = self._fingerprinted
+        # Read from pydantic's dict of private attributes directly: `self._fingerprinted` goes
+        # through `BaseModel.__getattr__`, which cost more than the rest of this property
+        # (every check of every candidate asks).
+        private = self.__pydantic_private__
+        assert private is not None
+        known: Fingerprinted | None = private.get("_fingerprinted")
         if known is None or known.text is not self.input:
-            known = self._fingerprinted = Fingerprinted(self.input)
+            known = private["_fingerprinted"] = Fingerprinted(self.input)
         return known
 
     def __eq__(self, other: object) -> bool:
@@ -406,11 +411,17 @@ class _Bands:
                 bucket.append(ordinal)
 
     def query(self, hashvalues: Any) -> set[int]:
+        # `_keys` inlined: every candidate queries two indexes, and the generator's overhead
+        # per band was most of the query's cost.
         found: set[int] = set()
-        for table, key in self._keys(hashvalues):
-            bucket = table.get(key)
+        raw = hashvalues.tobytes()
+        width = self._rows * hashvalues.itemsize
+        start = 0
+        for table in self._tables:
+            bucket = table.get(raw[start : start + width])
             if bucket is not None:
                 found.update(bucket)
+            start += width
         return found
 
 
@@ -479,6 +490,11 @@ class _TextIndex(ABC):
 
     def __len__(self) -> int:
         return len(self._exact)
+
+    def sketch_all(self, texts: Iterable[Fingerprinted]) -> None:
+        """Sketch texts about to be checked against this index in one pass (each keeps its
+        sketch for every index with the same settings: `_Sketcher.sketch_all`)."""
+        self._sketcher.sketch_all(texts)
 
     def add_all(self, texts: Iterable[tuple[str | None, str | Fingerprinted]]) -> None:
         """Index each (key, text) (a None key: the text's hash), sketched together (see
@@ -754,9 +770,13 @@ def filter_candidates(
     if guard is not None:
         _require_index_settings(config, guard.config, "contamination guard")
     ctx = FilterContext(config=config, dedup=dedup, guard=guard)
+    candidates = list(candidates)
+    # Each candidate is sketched for the contamination and near-duplicate checks; one numpy
+    # pass over the whole batch costs a fraction of one pass per text (`_Sketcher.sketch_all`),
+    # and the fingerprints are made here, before any copy below, which shares them.
+    dedup.sketch_all(candidate.fingerprinted for candidate in candidates)
     verdicts: list[Verdict] = []
     for candidate in candidates:
-        candidate.fingerprinted  # noqa: B018 - made before any copy below, which shares it
         if config.labels is not None and candidate.output is not None:
             label = canonical_label(candidate.output, config.labels)
             if label is not None and label != candidate.output:

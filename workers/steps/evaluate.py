@@ -681,12 +681,12 @@ def store_preference_pairs(
     if not pairs:
         return
     prompts: dict[str, list[dict[str, Any]]] = {}
-    for batch in session.scalars(
-        select(GenerationBatch).where(
+    for targets in session.scalars(
+        select(GenerationBatch.targets).where(
             GenerationBatch.iteration_id == iteration.id, GenerationBatch.phase == "draft"
         )
     ):
-        for target in batch.targets:
+        for target in targets:
             prompts[target["target_id"]] = target["request"]["messages"]
 
     def item(d: ScoredDraft) -> dict[str, Any]:

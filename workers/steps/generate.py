@@ -18,7 +18,7 @@ from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, defer, undefer
 
 from service import tasks
 from service.db import insert_ignore
@@ -595,7 +595,12 @@ class _Pipeline:
         targets are made into requests now and the rest wait in `unloaded` for `_load_rest`:
         the first batch of a pipeline is in the window's head, where validating, building and
         fingerprinting 512 targets delayed the first request by 0.1-0.2 s."""
-        batch = self.session.get(GenerationBatch, batch_id, populate_existing=True)
+        batch = self.session.get(
+            GenerationBatch,
+            batch_id,
+            populate_existing=True,
+            options=[undefer(GenerationBatch.targets)],
+        )
         assert batch is not None
         stored = list(batch.targets)
         cut = len(stored) if first is None else max(1, first)
@@ -647,8 +652,7 @@ class _Pipeline:
     def _claim_and_load_following(self) -> tuple[_Work, list[TeacherRequest]] | None:
         if not self.go:
             return None
-        self.session.expire(self.job, ["status"])
-        if self.job.status is not JobStatus.running:
+        if self._job_status() is not JobStatus.running:
             return None
         following = _claim_next(self.session, self.iteration_id, self.phase)
         if following is None:
@@ -753,11 +757,21 @@ class _Pipeline:
 
         return finish
 
+    def _job_status(self) -> JobStatus | None:
+        """The job's status as committed, None when the job is gone. One column: after a
+        commit, reading `self.job.status` reloaded the whole row (its spec and metrics as
+        JSON), and the pipeline asks after every store."""
+        status: JobStatus | None = self.session.scalar(
+            select(Job.status).where(Job.id == self.job_id)
+        )
+        return status
+
     def _check(self) -> None:
-        self.session.expire(self.job, ["status"])
-        if self.job.status is not JobStatus.running:
+        status = self._job_status()
+        if status is not JobStatus.running:
             self.go = False
-            self.outcome.stopped, self.outcome.stop_reason = True, f"job {self.job.status.value}"
+            gone = "deleted" if status is None else status.value
+            self.outcome.stopped, self.outcome.stop_reason = True, f"job {gone}"
         else:
             self._check_budget()
 

@@ -550,24 +550,27 @@ def test_each_candidate_is_normalized_hashed_and_sketched_once_per_filter_pass(
         Candidate(key="k2", input="What is the capital city of Spain ?", output="B"),
         Candidate(key="k3", input="Name a river in Egypt.", output="A"),
     ]
-    counts = {"normalize": 0, "sketch": 0}
-    normalize, sketch = filters.normalize_text, filters._Sketcher.sketch
+    counts = {"normalize": 0, "passes": 0, "sketched": 0}
+    normalize, compute = filters.normalize_text, filters._Sketcher._compute
 
     def counting_normalize(text: str) -> str:
         counts["normalize"] += 1
         return normalize(text)
 
-    def counting_sketch(self: Any, normalized: str) -> Any:
-        counts["sketch"] += 1
-        return sketch(self, normalized)
+    def counting_compute(self: Any, shingle_sets: list[set[bytes]]) -> Any:
+        counts["passes"] += 1
+        counts["sketched"] += len(shingle_sets)
+        return compute(self, shingle_sets)
 
     monkeypatch.setattr(filters, "normalize_text", counting_normalize)
-    monkeypatch.setattr(filters._Sketcher, "sketch", counting_sketch)
+    monkeypatch.setattr(filters._Sketcher, "_compute", counting_compute)
+    monkeypatch.setattr(filters._Sketcher, "_cache", {})  # no sketch left by another test
     verdicts = filter_candidates(candidates, config=config, dedup=dedup, guard=guard)
     assert [v.accepted for v in verdicts] == [True, False, True]
     assert verdicts[1].reason == "duplicate"
-    # Once each, though each is checked against the guard and the index and then indexed.
-    assert counts == {"normalize": 3, "sketch": 3}
+    # Normalized once each, though each is checked against the guard and the index and then
+    # indexed; sketched in one pass, once per distinct normalized text (k1 and k2 share one).
+    assert counts == {"normalize": 3, "passes": 1, "sketched": 2}
     # The digest is the stored input hash, carried to the insert.
     assert [c.fingerprinted.digest for c in candidates] == [text_hash(c.input) for c in candidates]
     assert counts["normalize"] == 3 + 3  # text_hash above, not the candidates

@@ -159,6 +159,52 @@ def test_only_the_shape_is_checked_and_keys_are_aligned() -> None:
     assert not check_output('{"examples": [{"Text": "a", "TEXT": "b"}]}', "stop", nested).ok
 
 
+class _NoPythonValidation:
+    """A Python validator that must not be asked whether an answer is valid."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.asked = 0
+
+    def is_valid(self, value: Any) -> bool:
+        self.asked += 1
+        return bool(self.real.is_valid(value))
+
+    def iter_errors(self, value: Any) -> Any:
+        self.asked += 1
+        return self.real.iter_errors(value)
+
+
+def test_a_valid_answer_is_told_by_the_compiled_schema_and_an_invalid_one_worded_by_jsonschema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from workers.teacher import structured
+
+    info = schema_info(SCHEMA)
+    assert info.fast is not None
+    spy = _NoPythonValidation(info.validator)
+    patched = dataclasses.replace(info, validator=spy)  # type: ignore[arg-type]
+    monkeypatch.setattr(structured, "schema_info", lambda schema: patched)
+    assert check_output('{"label": "neg", "score": 0.2}', "stop", SCHEMA).ok
+    assert spy.asked == 0
+    verdict = check_output('{"label": 3, "score": 1}', "stop", SCHEMA)
+    assert verdict.error_code == "schema_invalid"
+    assert verdict.error is not None and verdict.error.startswith("at label:")
+    assert spy.asked == 1
+
+
+def test_the_compiled_schema_keeps_formats_as_annotations_and_fetches_nothing() -> None:
+    # As the Python validator does by default: a format is not checked...
+    email = {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}}
+    assert check_output('{"to": "not an address"}', "stop", email).ok
+    # ...and a schema whose $ref lies on another server is not fetched: jsonschema-rs declines
+    # it, and the Python validator alone judges.
+    remote = {"type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/x.json"}}}
+    assert schema_info(remote).fast is None
+
+
 def test_free_text_needs_no_json() -> None:
     assert check_output("just prose", "stop", None).ok
     assert check_output("cut mid-senten", "length", None).error_code == "truncated"
