@@ -171,6 +171,9 @@ class JobResult:
     teacher_calls: int
     validation: list[str] = field(default_factory=list)
     selection: list[str] = field(default_factory=list)
+    # Per iteration from 1, how often a student without its examples agreed with the teacher's
+    # labels, over its held-out accuracy, with the 90% interval ("-" where not measured).
+    label_agreement: list[str] = field(default_factory=list)
     score: float = 0.0
     seconds: float = 0.0
 
@@ -246,9 +249,17 @@ class Runner:
                     if it.metric is not None
                 ],
                 selection=[f"{it.number}: {it.selection_reason}" for it in iterations],
+                label_agreement=[_label_agreement(it.comparisons) for it in iterations[1:]],
                 score=0.0,
                 seconds=time.monotonic() - started,
             ), [(r.input, r.output) for r in rows]
+
+
+def _label_agreement(comparisons: list[Any] | None) -> str:
+    for c in comparisons or []:
+        if c.get("measure") == "teacher_label_agreement":
+            return f"{c['delta']:.2f}[{c['low']:.2f}-{c['high']:.2f}]"
+    return "-"
 
 
 def main() -> None:
@@ -376,7 +387,9 @@ def main() -> None:
                     print(
                         f"  {name} seed {seed} {strategy:<8} judge {result.score:.3f} "
                         f"(seed {seed_only:.3f}, full {full:.3f}) export +{result.exported_generated} "
-                        f"val {' '.join(result.validation)} best {result.best_iteration} "
+                        f"val {' '.join(result.validation)} "
+                        f"labels {' '.join(result.label_agreement) or '-'} "
+                        f"best {result.best_iteration} "
                         f"calls {result.teacher_calls} {result.seconds:.0f}s — {result.reason}",
                         flush=True,
                     )

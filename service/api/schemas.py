@@ -194,8 +194,12 @@ class IterationRead(_Read):
     )
     comparisons: list[dict[str, Any]] | None = Field(
         None,
-        description="The validation comparisons behind that decision: reference iteration, "
-        "metric difference and its 90% paired-bootstrap interval, rows.",
+        description="The comparisons behind that decision, each with its reference "
+        "iteration, `measure`, `delta`, 90% bootstrap interval (`low`, `high`) and `n`: "
+        "`metric` (the validation metric's difference), `gold_log_probability` (the mean "
+        "log-probability of the gold label's difference) and `teacher_label_agreement` (how "
+        "often a student without the iteration's examples predicts their labels, over its "
+        "held-out accuracy; 10 labels or more).",
     )
     timings: dict[str, Any]
     started_at: UtcDateTime | None

@@ -200,7 +200,8 @@ class Stopping(_Spec):
         2,
         ge=1,
         description="Stop after this many iterations in a row whose examples were excluded "
-        "because they made the student measurably worse on validation.",
+        "because they made the student measurably worse on validation or their labels looked "
+        "wrong.",
     )
     min_delta: float = Field(
         0.0,

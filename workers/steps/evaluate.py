@@ -21,9 +21,11 @@ from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.filters import text_hash
 from service.domain.metrics import classification_report, qa_report
 from service.domain.selection import (
+    LABEL_CHECK_MIN_CLASSES,
     Comparison,
     Selection,
     ValidationRoles,
+    label_agreement,
     paired_bootstrap,
     paired_bootstrap_correct,
     paired_bootstrap_scores,
@@ -302,9 +304,11 @@ def _fit_and_score(
         )
         reports[split] = _split_report(ctx, split, rows, preds, roles)
     clean = None
+    labels = None
     if ctx.spec.student.type is StudentType.builtin and fit is not None:
         clean = _step_without_nearby_examples(session, job, iteration, ctx, make_student, generated)
-    record_metrics(session, job, iteration, ctx, reports, clean=clean)
+        labels = _teacher_label_check(job, iteration, ctx, make_student, generated, roles)
+    record_metrics(session, job, iteration, ctx, reports, clean=clean, labels=labels)
     iteration.timings = {
         **(iteration.timings or {}),
         "fit_s": round(fitted - started, 3),
@@ -390,6 +394,51 @@ def _step_without_nearby_examples(
     return CleanStep(without=near, reference=scored[0], candidate=scored[1])
 
 
+def _teacher_label_check(
+    job: Job,
+    iteration: Iteration,
+    ctx: JobContext,
+    make_student: Callable[[], Any],
+    generated: list[tuple[int, str, str]],
+    roles: ValidationRoles,
+) -> Comparison | None:
+    """How often a student trained without this iteration's examples predicts the teacher's
+    labels for them, against how often it predicts held-out rows' gold labels
+    (`selection.label_agreement`; why, and why only on many classes, is told there). None
+    where it is not measured: QA, fewer than `LABEL_CHECK_MIN_CLASSES` labels, iteration 0
+    or no new examples."""
+    if (
+        iteration.number < 1
+        or ctx.spec.task.kind is not TaskKind.classification
+        or len(ctx.labels or ()) < LABEL_CHECK_MIN_CLASSES
+    ):
+        return None
+    new = [(i, o) for n, i, o in generated if n == iteration.number]
+    held = [r for r in ctx.validation if r.row_id in roles.held_out]
+    if not new or not held:
+        return None
+    reference = [TrainRow(input=r.input, output=r.output) for r in ctx.train] + [
+        TrainRow(input=i, output=o) for n, i, o in generated if n != iteration.number
+    ]
+    student = make_student()
+    try:
+        student.fit(reference)
+        on_new = student.predict(
+            [EvalRow(row_id=f"new:{k}", input=i, gold=o) for k, (i, o) in enumerate(new)]
+        )
+        on_held = student.predict(_eval_rows(held))
+    finally:
+        close = getattr(student, "close", None)
+        if close is not None:
+            close()
+    return label_agreement(
+        [p.predicted == o for p, (_, o) in zip(on_new, new, strict=True)],
+        [p.predicted == r.output for p, r in zip(on_held, held, strict=True)],
+        reference_iteration=job.best_iteration or 0,
+        seed=ctx.spec.seed * 1000 + iteration.number,
+    )
+
+
 def _posted_reports(
     session: Session, iteration: Iteration, ctx: JobContext
 ) -> dict[str, dict[str, Any]] | None:
@@ -437,11 +486,13 @@ def record_metrics(
     reports: dict[str, dict[str, Any]],
     *,
     clean: CleanStep | None = None,
+    labels: Comparison | None = None,
 ) -> None:
     """Store the metrics and decide whether the iteration's examples stay in the dataset: they
     are excluded only when they made the student measurably worse on validation than the
-    previous kept iteration or the seed-only student (`service.domain.selection`); with
-    `clean`, the comparisons are made by its two students."""
+    previous kept iteration or the seed-only student, or when `labels` shows the teacher's labels
+    wrong (`service.domain.selection`); with `clean`, the comparisons are made by its two
+    students."""
     report = reports["validation"]
     metric = _metric(ctx, report)
     iteration.metrics = report
@@ -449,7 +500,7 @@ def record_metrics(
     iteration.metric = metric
     if iteration.number > 0:
         refresh_iteration_counters(session, iteration)
-        selection = _select(session, job, iteration, ctx, clean)
+        selection = _select(session, job, iteration, ctx, clean, labels)
         iteration.included = selection.included
         iteration.regressed = not selection.included
         iteration.selection_reason = selection.reason
@@ -487,7 +538,12 @@ def _validation_predictions(
 
 
 def _select(
-    session: Session, job: Job, iteration: Iteration, ctx: JobContext, clean: CleanStep | None
+    session: Session,
+    job: Job,
+    iteration: Iteration,
+    ctx: JobContext,
+    clean: CleanStep | None,
+    labels: Comparison | None = None,
 ) -> Selection:
     """Compare this iteration's student with the previous kept one and the seed-only one; with
     `clean`, its students stand for this iteration's and the previous kept one's."""
@@ -553,6 +609,7 @@ def _select(
         min_delta=ctx.spec.stopping.min_delta,
         new_examples=iteration.examples_accepted,
         certainty=certainty,
+        labels=labels,
     )
     if clean is None:
         return selection

@@ -142,7 +142,8 @@ def finish_job(session: Session, job: Job, reason: str) -> None:
         # measurably worse: that is a failure of the loop to report, not a dataset to celebrate.
         reason = (
             f"{reason}; every iteration's examples were excluded (each made the student "
-            "measurably worse on validation): the export holds the seed set only (iteration 0)"
+            "measurably worse on validation, or its labels looked wrong: see each iteration's "
+            "reason): the export holds the seed set only (iteration 0)"
         )
     if transition_job(session, job, JobStatus.succeeded, reason=reason):
         log.info("job.succeeded", job_id=str(job.id), reason=reason, best=job.best_iteration)

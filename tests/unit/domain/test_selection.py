@@ -9,7 +9,9 @@ import pytest
 
 from service.domain.metrics import classification_report
 from service.domain.selection import (
+    LABEL_AGREEMENT_FLOOR,
     Comparison,
+    label_agreement,
     paired_bootstrap,
     paired_bootstrap_correct,
     select_iteration,
@@ -77,6 +79,53 @@ def test_any_comparison_measurably_worse_excludes() -> None:
     selection = select_iteration([fine, drifted])
     assert not selection.included
     assert "iteration 0" in selection.reason
+
+
+def test_label_agreement_is_the_share_agreed_over_the_held_out_accuracy() -> None:
+    # 40 of 100 labels agreed with, 80 of 100 held-out rows right: half as often.
+    agrees = [True] * 40 + [False] * 60
+    right = [True] * 80 + [False] * 20
+    check = label_agreement(agrees, right, reference_iteration=1, seed=3)
+    assert check.measure == "teacher_label_agreement"
+    assert check.delta == pytest.approx(0.5)
+    assert check.low < 0.5 < check.high < LABEL_AGREEMENT_FLOOR
+    assert check.n == 100 and check.reference == 1
+    # As often as held-out rows: well within the floor.
+    truthful = label_agreement([True] * 78 + [False] * 22, right, reference_iteration=1, seed=3)
+    assert truthful.low < 1.0 < truthful.high and truthful.low > LABEL_AGREEMENT_FLOOR
+    # Nothing to tell: no new examples, no held-out rows, or none of them right.
+    for nothing in (
+        label_agreement([], right, reference_iteration=1),
+        label_agreement(agrees, [], reference_iteration=1),
+        label_agreement(agrees, [False] * 10, reference_iteration=1),
+    ):
+        assert (nothing.delta, nothing.low, nothing.high) == (1.0, 1.0, 1.0)
+    # Few examples: the interval is wide, and a low ratio is not *measurably* low.
+    few = label_agreement([True, False, False], [True] * 4 + [False], reference_iteration=1)
+    assert few.delta < LABEL_AGREEMENT_FLOOR <= few.high
+
+
+def test_labels_agreed_with_measurably_less_exclude_unless_the_metric_is_measurably_better() -> (
+    None
+):
+    wrong = Comparison(
+        reference=1, measure="teacher_label_agreement", delta=0.5, low=0.4, high=0.6, n=128
+    )
+    flat = Comparison(reference=1, delta=-0.005, low=-0.042, high=0.038, n=420)
+    excluded = select_iteration([flat], labels=wrong)
+    assert not excluded.included
+    assert excluded.reason.startswith("excluded: the teacher's labels look wrong")
+    assert "0.50 times as often" in excluded.reason and "128 examples" in excluded.reason
+    assert wrong in excluded.comparisons
+    # Not measurably below the floor: kept (the interval reaches it).
+    unsure = wrong.model_copy(update={"high": LABEL_AGREEMENT_FLOOR + 0.01})
+    assert select_iteration([flat], labels=unsure).included
+    # The metric measurably better: kept, whatever the labels look like.
+    better = flat.model_copy(update={"delta": 0.05, "low": 0.01, "high": 0.09})
+    assert select_iteration([better], labels=wrong).included
+    # The metric measurably worse: excluded for that, first.
+    worse = flat.model_copy(update={"delta": -0.06, "low": -0.1, "high": -0.02})
+    assert "measurably worse" in select_iteration([worse], labels=wrong).reason
 
 
 def test_doubt_about_the_right_labels_excludes_unless_the_metric_is_measurably_better() -> None:

@@ -1,0 +1,117 @@
+"""The teacher's labels checked against a student trained without them
+(`evaluate._teacher_label_check`, `selection.label_agreement`): on many classes a right label
+is agreed with about as often as a held-out row's gold label, a wrong one almost never."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service.domain.evaluation import EvalRow, Prediction, TrainRow
+from service.domain.selection import LABEL_AGREEMENT_FLOOR, LABEL_CHECK_MIN_CLASSES
+from service.models import Iteration, Job
+from tests.data_factory import to_jsonl
+from tests.integration.conftest import InlineStack
+from workers.steps.context import generated_training_rows, load_job_context
+from workers.steps.evaluate import _teacher_label_check
+
+LABELS = [f"topic{i}" for i in range(12)]
+
+
+def _rows(per_label: int, seed: str) -> list[dict[str, str]]:
+    """Texts of a label mostly made of that label's own words."""
+    rng = random.Random(seed)
+    rows = []
+    for n, label in enumerate(LABELS):
+        own = [f"{label}word{j}" for j in range(6)]
+        for i in range(per_label):
+            words = [*rng.sample(own, 3), rng.choice(["about", "which", "where"]), f"{seed}{i}"]
+            rng.shuffle(words)
+            rows.append({"text": " ".join(words) + f" {n}", "label": label})
+    return rows
+
+
+class Student:
+    """Predicts a held-out row's gold label; on the new examples (`new:` rows) their label when
+    `agree`, else another one. Remembers what it was fitted on."""
+
+    agree = True
+    fits: list[list[tuple[str, str]]] = []
+
+    def fit(self, rows: list[TrainRow]) -> None:
+        self.fits.append([(r.input, r.output) for r in rows])
+
+    def predict(self, rows: list[EvalRow]) -> list[Prediction]:
+        def label(r: EvalRow) -> str | None:
+            if r.row_id.startswith("new:") and not self.agree:
+                return next(x for x in LABELS if x != r.gold)
+            return r.gold
+
+        return [Prediction(row_id=r.row_id, predicted=label(r)) for r in rows]
+
+
+@pytest.fixture
+def job_id(inline_stack: InlineStack) -> str:
+    st = inline_stack
+    train, validation = to_jsonl(_rows(5, "t")), to_jsonl(_rows(5, "v"))
+    spec = st.job_spec(
+        train=train,
+        validation=validation,
+        strategy="random",
+        budget={"max_iterations": 1, "max_examples": 48},
+    )
+    job_id = st.create_job(spec)
+    st.sender.run_until_idle()
+    return job_id
+
+
+def test_many_classes_the_teachers_labels_are_checked_by_a_student_trained_without_them(
+    inline_stack: InlineStack, job_id: str
+) -> None:
+    assert len(LABELS) >= LABEL_CHECK_MIN_CLASSES
+    with inline_stack.sessions() as s:
+        job = s.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        first = s.scalars(
+            select(Iteration).where(Iteration.job_id == job.id, Iteration.number == 1)
+        ).one()
+        assert first.examples_accepted > 0, first.selection_reason
+        # The job's own built-in student measured it, beside the step's comparisons.
+        measured = [c for c in first.comparisons or [] if c["measure"] == "teacher_label_agreement"]
+        assert len(measured) == 1 and measured[0]["n"] == first.examples_accepted
+
+        # As while it is evaluated: its examples count among the included ones (the fake
+        # teacher's labels may have had it excluded since).
+        first.included = True
+        s.flush()
+        ctx = load_job_context(s, job)
+        generated = generated_training_rows(s, job)
+        new = [(i, o) for n, i, o in generated if n == 1]
+        seeds = [(r.input, r.output) for r in ctx.train]
+        roles = ctx.validation_roles(1)
+
+        def make_student() -> Any:
+            return Student()
+
+        Student.agree, Student.fits = True, []
+        agreed = _teacher_label_check(job, first, ctx, make_student, generated, roles)
+        assert agreed is not None and agreed.delta == pytest.approx(1.0)
+        assert agreed.n == len(new)
+        # Fitted once, on the seed rows without this iteration's examples.
+        assert Student.fits == [seeds]
+
+        Student.agree = False
+        wrong = _teacher_label_check(job, first, ctx, make_student, generated, roles)
+        assert wrong is not None and wrong.delta == 0.0 and wrong.high < LABEL_AGREEMENT_FLOOR
+
+        # Fewer classes: nothing is measured (a wrong label is too often the student's guess).
+        few = dataclasses.replace(ctx, labels=LABELS[: LABEL_CHECK_MIN_CLASSES - 1])
+        Student.fits = []
+        assert _teacher_label_check(job, first, few, make_student, generated, roles) is None
+        assert Student.fits == []
+        s.rollback()
