@@ -138,17 +138,21 @@ class Comparison(BaseModel):
 # half the jobs an iteration of lies was kept, its step within the noise (-0.5 points, 90%
 # interval -4.2 to +3.8) while the judge lost 5-7 points of test accuracy. What does tell a
 # liar is how often the student, trained without the iteration's examples, predicts the
-# teacher's labels for them, against how often it predicts the gold label of held-out rows:
-# on many classes a right label is agreed with about as often (truthful: 0.91-1.03 of the
-# held-out accuracy on HWU64 and TREC's 50 fine labels), while a wrong label is almost never
-# the student's guess (half the labels wrong: 0.49-0.51).
+# teacher's labels for them, against how often it predicts the gold label of held-out rows
+# no example it trains on was written near: on many classes a right label is agreed with
+# about as often, a wrong one is almost never the student's guess. Measured in the product's
+# own jobs (`bench.efficacy`, HWU64 and TREC's 50 fine labels): truthful, LLM2LLM and PGKD
+# 0.81-1.27 (3 seeds, every upper bound 0.97 or more), ARTE 0.68-1.09 (upper bounds down to
+# 0.84); half the labels wrong 0.28-0.64 (4 seeds, every upper bound 0.81 or less, and every
+# lying job exported the seed set). The floor lies between, with room on both sides.
 # On few classes there is no such signal: a wrong label among two is the other class, which is
-# what the student predicts near its own mistakes, where the loops ask for examples (SST-2:
-# truthful labels read 0.34 and 0.76 of the held-out accuracy, half of them wrong 0.76 and
-# 1.0; TREC's 6 classes 0.76-0.94 against 0.55-0.76). So the check runs from this many
-# classes on, and excludes only when the whole interval lies below the floor.
+# what the student predicts near its own mistakes, where the loops ask for examples (a
+# throwaway measurement, seed-only student: SST-2 truthful labels read 0.34 and 0.76 of the
+# held-out accuracy, half of them wrong 0.76 and 1.0; TREC's 6 classes 0.76-0.94 against
+# 0.55-0.76). So the check runs from this many classes on, and excludes only when the whole
+# interval lies below the floor.
 LABEL_CHECK_MIN_CLASSES = 10
-LABEL_AGREEMENT_FLOOR = 0.7
+LABEL_AGREEMENT_FLOOR = 0.75
 
 
 def label_agreement(
@@ -184,16 +188,12 @@ def label_agreement(
     ) / n_held
     # A resample with no right held-out row says nothing: it counts as agreeing fully.
     ratio = np.divide(agreement, accuracy, out=np.ones_like(agreement), where=accuracy > 0)
-    tail = (1.0 - confidence) / 2
-    low, high = np.quantile(ratio[1:], [tail, 1.0 - tail])
-    return Comparison(
-        reference=reference_iteration,
-        measure="teacher_label_agreement",
-        delta=float(ratio[0]),
-        low=float(low),
-        high=float(high),
-        n=n_new,
-        p_worse=float(np.mean(ratio[1:] < LABEL_AGREEMENT_FLOOR)),
+    # p_worse: the share of resamples below the floor.
+    return _comparison(ratio, reference_iteration, n_new, confidence).model_copy(
+        update={
+            "measure": "teacher_label_agreement",
+            "p_worse": float(np.mean(ratio[1:] < LABEL_AGREEMENT_FLOOR)),
+        }
     )
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.selection import LABEL_AGREEMENT_FLOOR, LABEL_CHECK_MIN_CLASSES
+from service.domain.strategies import get_strategy
 from service.models import Iteration, Job
 from tests.data_factory import to_jsonl
 from tests.integration.conftest import InlineStack
@@ -42,11 +43,14 @@ class Student:
 
     agree = True
     fits: list[list[tuple[str, str]]] = []
+    held: list[str] = []  # the held-out rows it was asked about
 
     def fit(self, rows: list[TrainRow]) -> None:
         self.fits.append([(r.input, r.output) for r in rows])
 
     def predict(self, rows: list[EvalRow]) -> list[Prediction]:
+        self.held.extend(r.row_id for r in rows if not r.row_id.startswith("new:"))
+
         def label(r: EvalRow) -> str | None:
             if r.row_id.startswith("new:") and not self.agree:
                 return next(x for x in LABELS if x != r.gold)
@@ -98,12 +102,30 @@ def test_many_classes_the_teachers_labels_are_checked_by_a_student_trained_witho
         def make_student() -> Any:
             return Student()
 
-        Student.agree, Student.fits = True, []
+        Student.agree, Student.fits, Student.held = True, [], []
         agreed = _teacher_label_check(job, first, ctx, make_student, generated, roles)
         assert agreed is not None and agreed.delta == pytest.approx(1.0)
         assert agreed.n == len(new)
-        # Fitted once, on the seed rows without this iteration's examples.
+        # Fitted once, on the seed rows without this iteration's examples; asked about every
+        # validation row (no kept iteration's examples were written near any).
         assert Student.fits == [seeds]
+        assert sorted(Student.held) == sorted(r.row_id for r in ctx.validation)
+
+        # A strategy that steers with validation rows, in its second iteration after a kept
+        # first: the held-out accuracy is read on the rows the first did not steer.
+        steering = dataclasses.replace(ctx, strategy=get_strategy("pgkd"))
+        half = len(new) // 2
+        two = [(1, i, o) for i, o in new[:half]] + [(2, i, o) for i, o in new[half:]]
+        Student.fits, Student.held = [], []
+        second = _teacher_label_check(
+            job, Iteration(number=2), steering, make_student, two, steering.validation_roles(2)
+        )
+        assert second is not None and second.n == len(new) - half
+        assert Student.fits == [seeds + new[:half]]
+        shown = steering.validation_roles(1).steering
+        assert shown and sorted(Student.held) == sorted(
+            r.row_id for r in ctx.validation if r.row_id not in shown
+        )
 
         Student.agree = False
         wrong = _teacher_label_check(job, first, ctx, make_student, generated, roles)

@@ -414,7 +414,16 @@ def _teacher_label_check(
     ):
         return None
     new = [(i, o) for n, i, o in generated if n == iteration.number]
-    held = [r for r in ctx.validation if r.row_id in roles.held_out]
+    # The held-out accuracy is read where no example this student trains on was written:
+    # rows that steered a kept iteration flatter it (measured: the truthful ratio fell from
+    # 0.89-1.32 in iterations 1-2 to 0.73-0.99 in iteration 3, judged on such rows). From
+    # iteration 4 every row has steered one; then the rows that judge the iteration.
+    steered: set[str] = set()
+    for number in {n for n, _, _ in generated if n != iteration.number}:
+        steered |= ctx.validation_roles(number).steering
+    held = [r for r in ctx.validation if r.row_id not in steered] or [
+        r for r in ctx.validation if r.row_id in roles.held_out
+    ]
     if not new or not held:
         return None
     reference = [TrainRow(input=r.input, output=r.output) for r in ctx.train] + [
