@@ -143,8 +143,8 @@ class Comparison(BaseModel):
 # about as often, a wrong one is almost never the student's guess. Measured in the product's
 # own jobs (`bench.efficacy`, HWU64 and TREC's 50 fine labels): truthful, LLM2LLM and PGKD
 # 0.81-1.27 (3 seeds, every upper bound 0.97 or more), ARTE 0.68-1.09 (upper bounds down to
-# 0.84); half the labels wrong 0.28-0.64 (4 seeds, every upper bound 0.81 or less, and every
-# lying job exported the seed set). The floor lies between, with room on both sides.
+# 0.84); half the labels wrong 0.28-0.64 (4 seeds, upper bounds up to 0.81; with this floor
+# every lying job exported the seed set, with 0.7 five LLM2LLM iterations of lies were kept).
 # On few classes there is no such signal: a wrong label among two is the other class, which is
 # what the student predicts near its own mistakes, where the loops ask for examples (a
 # throwaway measurement, seed-only student: SST-2 truthful labels read 0.34 and 0.76 of the
