@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -197,9 +198,34 @@ def _train_and_evaluate(
             lambda: ports.make_student(ctx.spec.task, ctx.spec.student),
         )
     finally:
-        close = getattr(student, "close", None)  # an endpoint student holds HTTP connections
-        if close is not None:
-            close()
+        _close(student)
+
+
+def _close(student: Any) -> None:
+    close = getattr(student, "close", None)  # an endpoint student holds HTTP connections
+    if close is not None:
+        close()
+
+
+@contextmanager
+def _fitted(make_student: Callable[[], Any], rows: list[TrainRow]) -> Iterator[Any]:
+    """A new student fitted on `rows`, closed when the block ends."""
+    student = make_student()
+    try:
+        student.fit(rows)
+        yield student
+    finally:
+        _close(student)
+
+
+def _training_rows(
+    ctx: JobContext, generated: list[tuple[int, str, str]], without: Collection[int]
+) -> list[TrainRow]:
+    """The seed rows and the generated examples (`generated_training_rows`) of every
+    iteration but those in `without`."""
+    return [TrainRow(input=r.input, output=r.output) for r in ctx.train] + [
+        TrainRow(input=i, output=o) for n, i, o in generated if n not in without
+    ]
 
 
 OUT_OF_FOLD_K = 5
@@ -359,24 +385,14 @@ def _step_without_nearby_examples(
     rows = [r for r in ctx.validation if r.row_id in judging]
     if not near or not rows:
         return None
-    reference = [TrainRow(input=r.input, output=r.output) for r in ctx.train] + [
-        TrainRow(input=i, output=o)
-        for n, i, o in generated
-        if n not in near and n != iteration.number
-    ]
+    reference = _training_rows(ctx, generated, {*near, iteration.number})
     candidate = reference + [
         TrainRow(input=i, output=o) for n, i, o in generated if n == iteration.number
     ]
     scored: list[dict[uuid.UUID, PredictionRow]] = []
     for train in (reference, candidate):
-        student = make_student()
-        try:
-            student.fit(train)
+        with _fitted(make_student, train) as student:
             preds = student.predict(_eval_rows(rows))
-        finally:
-            close = getattr(student, "close", None)
-            if close is not None:
-                close()
         if ctx.spec.task.kind is TaskKind.qa:
             preds = [_check_qa(ctx, p, r) for p, r in zip(preds, rows, strict=True)]
         scored.append(
@@ -426,20 +442,11 @@ def _teacher_label_check(
     ]
     if not new or not held:
         return None
-    reference = [TrainRow(input=r.input, output=r.output) for r in ctx.train] + [
-        TrainRow(input=i, output=o) for n, i, o in generated if n != iteration.number
-    ]
-    student = make_student()
-    try:
-        student.fit(reference)
+    with _fitted(make_student, _training_rows(ctx, generated, {iteration.number})) as student:
         on_new = student.predict(
             [EvalRow(row_id=f"new:{k}", input=i, gold=o) for k, (i, o) in enumerate(new)]
         )
         on_held = student.predict(_eval_rows(held))
-    finally:
-        close = getattr(student, "close", None)
-        if close is not None:
-            close()
     return label_agreement(
         [p.predicted == o for p, (_, o) in zip(on_new, new, strict=True)],
         [p.predicted == r.output for p, r in zip(on_held, held, strict=True)],
