@@ -18,7 +18,7 @@ from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, defer, undefer
+from sqlalchemy.orm import Session, undefer
 
 from service import tasks
 from service.db import insert_ignore
@@ -353,9 +353,9 @@ def generate_batch(session: Session, batch_id: uuid.UUID, ports: Ports) -> None:
     closed beside the requests that are still running. A batch size is thus the unit of
     durability and fan-out, not of concurrency.
     """
-    # Its targets (hundreds of rendered prompts) are read only when the pipeline feeds them;
-    # a redelivered message for a finished batch then costs one small row.
-    batch = session.get(GenerationBatch, batch_id, options=[defer(GenerationBatch.targets)])
+    # Its targets (hundreds of rendered prompts, a deferred column) are read only when the
+    # pipeline feeds them; a redelivered message for a finished batch then costs one small row.
+    batch = session.get(GenerationBatch, batch_id)
     if batch is None or batch.status in (
         BatchStatus.succeeded,
         BatchStatus.failed,
@@ -423,7 +423,6 @@ class _Pipeline:
     ) -> None:
         self.session = session
         self.ports = ports
-        self.job = job
         self.job_id = job.id
         self.teacher_row = teacher_row
         self.ctx = ctx
@@ -759,8 +758,8 @@ class _Pipeline:
 
     def _job_status(self) -> JobStatus | None:
         """The job's status as committed, None when the job is gone. One column: after a
-        commit, reading `self.job.status` reloaded the whole row (its spec and metrics as
-        JSON), and the pipeline asks after every store."""
+        commit, reading the status off the job's object reloaded the whole row (its spec and
+        metrics as JSON), and the pipeline asks after every store."""
         status: JobStatus | None = self.session.scalar(
             select(Job.status).where(Job.id == self.job_id)
         )
@@ -794,7 +793,6 @@ class _Pipeline:
         job = session.get(Job, self.job_id)
         batch = session.get(GenerationBatch, work.batch_id)
         assert job is not None and batch is not None
-        self.job = job
         if batch.status is not BatchStatus.running or batch.attempts != work.token:
             return  # our lease lapsed and another worker took the batch over
         outcome = self.outcome
