@@ -11,6 +11,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# pytest-xdist's worker processes are started with COLUMNS=80 and LINES=24. The CLI's rich
+# consoles (service/cli.py) read COLUMNS once, when imported, and would cut the tables the CLI
+# tests read to 80 columns whatever width a test asks for; without it they read the width of
+# the moment.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
