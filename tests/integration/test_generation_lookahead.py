@@ -231,6 +231,43 @@ def test_the_first_wave_goes_out_before_the_rest_of_the_first_batch_is_loaded(
     assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
 
 
+def test_each_batch_after_the_second_is_claimed_when_the_one_before_starts(
+    inline_stack: InlineStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second batch is claimed once half of the first went out (not while the window
+    fills); each later one as soon as the batch before it starts sending, while the database
+    thread is free, not from its half on, when it is closing the batch before."""
+    st = inline_stack
+    job_id = _job(st)
+    batches = _batches(st, job_id)
+    assert len(batches) == CALLS // BATCH == 4
+    events: list[str] = []
+    claim_ahead = _Pipeline._claim_ahead
+
+    def noted_claim_ahead(self: _Pipeline) -> Any:
+        events.append("claim")
+        return claim_ahead(self)
+
+    monkeypatch.setattr(_Pipeline, "_claim_ahead", noted_claim_ahead)
+    real = runtime.process_ports()
+    ports = dataclasses.replace(
+        real, make_teacher=lambda row: _Recording(real.make_teacher(row), events)
+    )
+    st.teacher.reset()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        generate_batch(session, batches[0].id, ports)
+
+    sent_before_each_claim = [
+        events[:i].count("request") for i, e in enumerate(events) if e == "claim"
+    ]
+    assert sent_before_each_claim == [BATCH // 2, BATCH, 2 * BATCH, 3 * BATCH]
+    after = _batches(st, job_id)
+    assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
+    stats = st.teacher.stats()
+    assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
+
+
 class _StopsAfterTheFirstWave:
     """The real teacher for the first wave of requests only: once those are answered it fails,
     in its stream (the pipeline is interrupted) or when closed (the step crashes), before the
