@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from service.tasks import BATCH_GENERATE, SENDER, RecordingTaskSender
 from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 from workers import runtime
-from workers.steps.generate import _Pipeline, generate_batch
+from workers.steps.generate import PIPELINE_SWITCH_INTERVAL_S, _Pipeline, generate_batch
 
 CALLS = 16
 BATCH = 4
@@ -238,14 +239,17 @@ def test_each_batch_after_the_second_is_claimed_when_the_one_before_starts(
     fills); each later one as soon as the batch before it starts sending, while the database
     thread is free, not from its half on, when it is closing the batch before."""
     st = inline_stack
+    usual = sys.getswitchinterval()
     job_id = _job(st)
     batches = _batches(st, job_id)
     assert len(batches) == CALLS // BATCH == 4
     events: list[str] = []
+    intervals: list[float] = []
     claim_ahead = _Pipeline._claim_ahead
 
     def noted_claim_ahead(self: _Pipeline) -> Any:
         events.append("claim")
+        intervals.append(sys.getswitchinterval())
         return claim_ahead(self)
 
     monkeypatch.setattr(_Pipeline, "_claim_ahead", noted_claim_ahead)
@@ -262,6 +266,9 @@ def test_each_batch_after_the_second_is_claimed_when_the_one_before_starts(
         events[:i].count("request") for i, e in enumerate(events) if e == "claim"
     ]
     assert sent_before_each_claim == [BATCH // 2, BATCH, 2 * BATCH, 3 * BATCH]
+    # Threads switch quickly while the pipeline runs (`_quick_thread_switches`), not after.
+    assert set(intervals) == {min(usual, PIPELINE_SWITCH_INTERVAL_S)}
+    assert sys.getswitchinterval() == usual
     after = _batches(st, job_id)
     assert all(b.status is BatchStatus.succeeded and b.attempts == 1 for b in after)
     stats = st.teacher.stats()
