@@ -196,6 +196,19 @@ class _Recording:
         await self._inner.aclose()
 
 
+def _generate_noting_requests(st: InlineStack, batch_id: uuid.UUID, events: list[str]) -> None:
+    """Run the pipeline from `batch_id` on the real teacher, noting each request it sends in
+    `events`."""
+    real = runtime.process_ports()
+    ports = dataclasses.replace(
+        real, make_teacher=lambda row: _Recording(real.make_teacher(row), events)
+    )
+    st.teacher.reset()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        generate_batch(session, batch_id, ports)
+
+
 def test_the_first_wave_goes_out_before_the_rest_of_the_first_batch_is_loaded(
     inline_stack: InlineStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,14 +224,7 @@ def test_the_first_wave_goes_out_before_the_rest_of_the_first_batch_is_loaded(
         return load_rest(self, work)
 
     monkeypatch.setattr(_Pipeline, "_load_rest", noted_load_rest)
-    real = runtime.process_ports()
-    ports = dataclasses.replace(
-        real, make_teacher=lambda row: _Recording(real.make_teacher(row), events)
-    )
-    st.teacher.reset()
-    with st.sessions() as session:
-        session.info[SENDER] = RecordingTaskSender()
-        generate_batch(session, batches[0].id, ports)
+    _generate_noting_requests(st, batches[0].id, events)
 
     # The window's worth of requests went out first, then the first batch's other six targets
     # were loaded; the second batch was loaded whole (claimed ahead).
@@ -253,14 +259,7 @@ def test_each_batch_after_the_second_is_claimed_when_the_one_before_starts(
         return claim_ahead(self)
 
     monkeypatch.setattr(_Pipeline, "_claim_ahead", noted_claim_ahead)
-    real = runtime.process_ports()
-    ports = dataclasses.replace(
-        real, make_teacher=lambda row: _Recording(real.make_teacher(row), events)
-    )
-    st.teacher.reset()
-    with st.sessions() as session:
-        session.info[SENDER] = RecordingTaskSender()
-        generate_batch(session, batches[0].id, ports)
+    _generate_noting_requests(st, batches[0].id, events)
 
     sent_before_each_claim = [
         events[:i].count("request") for i, e in enumerate(events) if e == "claim"
