@@ -205,8 +205,12 @@ def test_teacher_local_over_rest_is_the_operators_local_teacher(
         assert stored["base_url"] == teacher.base_url and stored["model"] == "gemma-3-270m"
         assert stored["limits"]["max_concurrency"] == 1
         # Stopped so the server's executor is free for the next test; on a slow machine the
-        # job may have ended already (the fake teacher serves no gemma-3-270m): 409 then.
-        cancel = http.post(f"/v1/jobs/{job.json()['id']}/cancel")
+        # job may have ended already (the fake teacher serves no gemma-3-270m): 409 then; a
+        # cancel that met the job starting is asked again, as the 409 says.
+        for _ in range(10):  # "the job changed concurrently; retry" is a 409 that says retry
+            cancel = http.post(f"/v1/jobs/{job.json()['id']}/cancel")
+            if "changed concurrently" not in cancel.text:
+                break
         ended = http.get(f"/v1/jobs/{job.json()['id']}").json()["status"]
         assert cancel.status_code == 202 or (
             cancel.status_code == 409 and ended in ("succeeded", "failed", "cancelled")
