@@ -204,10 +204,11 @@ def test_teacher_local_over_rest_is_the_operators_local_teacher(
         stored = http.get(f"/v1/teachers/{job.json()['teacher_id']}").json()
         assert stored["base_url"] == teacher.base_url and stored["model"] == "gemma-3-270m"
         assert stored["limits"]["max_concurrency"] == 1
-        # Stopped so the server's executor is free for the next test; on a slow machine the
-        # job may have ended already (the fake teacher serves no gemma-3-270m): 409 then; a
-        # cancel that met the job starting is asked again, as the 409 says.
-        for _ in range(10):  # "the job changed concurrently; retry" is a 409 that says retry
+        # Stopped so the server's executor is free for the next test. On a slow machine the
+        # job may have ended already (the fake teacher serves no gemma-3-270m): 409 then. A
+        # cancel that met the job starting gets "the job changed concurrently; retry": asked
+        # again, as it says.
+        for _ in range(10):
             cancel = http.post(f"/v1/jobs/{job.json()['id']}/cancel")
             if "changed concurrently" not in cancel.text:
                 break
