@@ -401,8 +401,9 @@ def select_iteration(
             included=False,
             improved=False,
             reason=(
-                "excluded: the teacher's labels look wrong — the student without these "
-                f"{labels.n} examples agrees with their labels {labels.delta:.2f} times as "
+                "excluded: the teacher's labels look wrong — a built-in student trained "
+                f"without these {labels.n} examples agrees with their labels "
+                f"{labels.delta:.2f} times as "
                 f"often as with held-out rows' gold labels (90% interval {labels.low:.2f} to "
                 f"{labels.high:.2f}; right labels are agreed with about as often), and "
                 f"validation {name} is not measurably better than iteration {first.reference} "

@@ -137,3 +137,57 @@ def test_many_classes_the_teachers_labels_are_checked_by_a_student_trained_witho
         assert _teacher_label_check(job, first, few, make_student, generated, roles) is None
         assert Student.fits == []
         s.rollback()
+
+
+def _label_agreement(st: InlineStack, job_id: str, number: int) -> list[dict[str, Any]]:
+    it = st.client.get(f"/v1/jobs/{job_id}/iterations/{number}", headers=st.auth).json()
+    assert it["examples_accepted"] > 0, it
+    measured = [c for c in it["comparisons"] or [] if c["measure"] == "teacher_label_agreement"]
+    assert len(measured) == 1, it["comparisons"]
+    assert measured[0]["n"] == it["examples_accepted"]
+    return measured
+
+
+def test_an_endpoint_students_job_has_the_teachers_labels_checked_by_a_built_in_one(
+    inline_stack: InlineStack,
+) -> None:
+    """An endpoint student cannot be fitted for the check (each fit is a training run), but the
+    teacher's labels are the teacher's fault whoever learns from them: a built-in student checks
+    them."""
+    st = inline_stack
+    spec = st.job_spec(
+        train=to_jsonl(_rows(5, "t")),
+        validation=to_jsonl(_rows(5, "v")),
+        strategy="random",
+        student={"type": "endpoint", "base_url": st.teacher.base_url, "model": "fake-teacher"},
+        budget={"max_iterations": 1, "max_examples": 48},
+    )
+    job_id = st.create_job(spec)
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded", st.job(job_id)
+    _label_agreement(st, job_id, 1)
+
+
+def test_an_external_students_job_has_the_teachers_labels_checked_by_a_built_in_one(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    spec = st.job_spec(
+        train=to_jsonl(_rows(5, "t")),
+        validation=to_jsonl(_rows(5, "v")),
+        strategy="random",
+        student={"type": "external"},
+        budget={"max_iterations": 1, "max_examples": 48},
+    )
+    job_id = st.create_job(spec)
+    for number in (0, 1):
+        st.sender.run_until_idle()
+        rows = st.client.get(f"/v1/jobs/{job_id}/evaluation-rows", headers=st.auth).json()
+        body = {"predictions": [{"row_id": r["row_id"], "predicted": LABELS[0]} for r in rows]}
+        resp = st.client.post(
+            f"/v1/jobs/{job_id}/iterations/{number}/feedback", json=body, headers=st.auth
+        )
+        assert resp.status_code == 202, resp.text
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded", st.job(job_id)
+    _label_agreement(st, job_id, 1)

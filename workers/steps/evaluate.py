@@ -32,7 +32,7 @@ from service.domain.selection import (
     paired_bootstrap_scores,
     select_iteration,
 )
-from service.domain.spec import Metric, StudentType, TaskKind
+from service.domain.spec import Metric, StudentSpec, StudentType, TaskKind
 from service.domain.statuses import BatchStatus, IterationStatus, JobStatus
 from service.domain.strategies.base import LabelledRow, PhaseResult, ScoredDraft
 from service.jobs import lock_job, transition_job
@@ -111,7 +111,20 @@ def evaluate_iteration(session: Session, iteration_id: uuid.UUID, ports: Ports) 
             log.info("iteration.awaiting_feedback", job_id=str(job.id), iteration=iteration.number)
             return
         job.status_reason = None
-        record_metrics(session, job, iteration, ctx, posted)
+        checker = _label_checker(ctx, ports)
+        labels = (
+            None
+            if checker is None
+            else _teacher_label_check(
+                job,
+                iteration,
+                ctx,
+                checker,
+                generated_training_rows(session, job),
+                judging_roles(session, ctx, job.id, iteration.number),
+            )
+        )
+        record_metrics(session, job, iteration, ctx, posted, labels=labels)
         session.commit()
         decide_and_continue(session, job)
         session.commit()
@@ -196,9 +209,23 @@ def _train_and_evaluate(
             ctx,
             student,
             lambda: ports.make_student(ctx.spec.task, ctx.spec.student),
+            _label_checker(ctx, ports),
         )
     finally:
         _close(student)
+
+
+def _label_checker(ctx: JobContext, ports: Ports) -> Callable[[], Any] | None:
+    """What makes the students that check the teacher's labels (`_teacher_label_check`): the
+    job's own student when it is built-in; for an endpoint or external student, whose every fit
+    is a training run or a trainer's round trip, the default built-in student, fitted only for
+    the check. The teacher's labels are the teacher's fault whatever student learns from them,
+    and a built-in student is what the check's floor was measured with. None for a task that
+    has no labels to check."""
+    if ctx.spec.task.kind is not TaskKind.classification:
+        return None
+    spec = ctx.spec.student if ctx.spec.student.type is StudentType.builtin else StudentSpec()
+    return lambda: ports.make_student(ctx.spec.task, spec)
 
 
 def _close(student: Any) -> None:
@@ -277,6 +304,7 @@ def _fit_and_score(
     ctx: JobContext,
     student: Any,
     make_student: Callable[[], Any],
+    make_checker: Callable[[], Any] | None = None,
 ) -> None:
     started = time.monotonic()
     fit = getattr(student, "fit", None)
@@ -333,7 +361,8 @@ def _fit_and_score(
     labels = None
     if ctx.spec.student.type is StudentType.builtin and fit is not None:
         clean = _step_without_nearby_examples(session, job, iteration, ctx, make_student, generated)
-        labels = _teacher_label_check(job, iteration, ctx, make_student, generated, roles)
+    if make_checker is not None:
+        labels = _teacher_label_check(job, iteration, ctx, make_checker, generated, roles)
     record_metrics(session, job, iteration, ctx, reports, clean=clean, labels=labels)
     iteration.timings = {
         **(iteration.timings or {}),
