@@ -5,6 +5,7 @@
     python -m bench.efficacy --data trec-fine         # TREC's 50 fine labels: a set not tuned on
     python -m bench.efficacy --teacher-mode random    # an on-label teacher that ignores the prompt
     python -m bench.efficacy --mislabel 0.5           # a teacher that lies half the time
+    python -m bench.efficacy --mislabel 0.5 --lie text  # ... with texts of other labels
     python -m bench.efficacy --teacher-url http://vllm:8000/v1 --teacher-model Qwen/Qwen2.5-7B-Instruct
 
 For each data set (read where it lies, ../shared/data) and seed: K rows per class are the seed
@@ -52,6 +53,7 @@ CACHE = Path(os.environ.get("DISTILL_BENCH_CACHE", Path.home() / ".cache" / "dis
 sys.path.insert(0, str(REPO))
 
 from bench.retrieval_teacher import (  # noqa: E402
+    LIES,
     EmbeddingTable,
     Pool,
     RetrievalTeacher,
@@ -276,8 +278,15 @@ def main() -> None:
         "--mislabel",
         type=float,
         default=0.0,
-        help="share of the teacher's rows given a wrong label (a lying teacher: the keep/exclude "
-        "rule should then exclude iterations)",
+        help="share of the teacher's rows that are wrong (a lying teacher: the filters, the label "
+        "check and the keep/exclude rule should keep them out)",
+    )
+    parser.add_argument(
+        "--lie",
+        choices=LIES,
+        default="label",
+        help="label: the row asked for under another label (the filter rejects it); text: a row "
+        "of another label under the label asked for (only a student can tell)",
     )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
     parser.add_argument(
@@ -354,6 +363,7 @@ def main() -> None:
                         known=known,
                         seed=seed,
                         mislabel=args.mislabel,
+                        lie=args.lie,
                     )
                     with TeacherThread(teacher) as server:
                         endpoint = {
@@ -418,7 +428,7 @@ def print_table(results: dict[str, Any], strategies: list[str], args: argparse.N
             f"teacher {args.teacher_model} at {args.teacher_url}"
             if args.teacher_url
             else f"retrieval teacher ({args.teacher_mode}"
-            + (f", {100 * args.mislabel:.0f}% mislabelled" if args.mislabel else "")
+            + (f", {100 * args.mislabel:.0f}% wrong ({args.lie}s)" if args.mislabel else "")
             + ")"
         )
         + ", judge = MiniLM + "

@@ -13,8 +13,14 @@ instruction asks for — and answers with pool rows of that label:
 - mode ``random``: unused pool rows of that label drawn at random (an on-label teacher that does
   not follow the prompt's examples).
 
-With `mislabel` > 0 the teacher lies: that share of the rows it gives out carry a wrong label
-(drawn at random from the others), which is what the keep/exclude rule must catch.
+With `mislabel` > 0 the teacher lies: that share of the rows it gives out are wrong, in one of
+two ways (`lie`):
+
+- ``label``: the row asked for, under another label (drawn at random from the others): the label
+  is not the one the prompt asked for, which the product's filter rejects (`label_not_asked`);
+- ``text``: a row of another label (drawn at random), nearest to what the prompt shows, under the
+  label asked for: only the student can tell, which is what the keep/exclude rule and the label
+  check must catch.
 
 A pool row is given out once per server (a teacher writes new text); once a label's pool is used
 up the nearest used rows come back, and the product's dedup filter rejects them, visibly.
@@ -237,6 +243,9 @@ class Pool:
             self.by_label.setdefault(label, []).append(i)
 
 
+LIES = ("label", "text")
+
+
 class RetrievalTeacher:
     """The server's state: the pool, which rows were given out, and how to answer."""
 
@@ -249,11 +258,14 @@ class RetrievalTeacher:
         known: Mapping[str, str] | None = None,
         seed: int = 0,
         mislabel: float = 0.0,
+        lie: str = "label",
     ) -> None:
         if mode not in ("nearest", "random"):
             raise ValueError(f"mode must be nearest or random, not {mode!r}")
+        if lie not in LIES:
+            raise ValueError(f"lie must be one of {LIES}, not {lie!r}")
         self.pool, self.embed, self.mode, self.seed = pool, embed, mode, seed
-        self.mislabel = mislabel
+        self.mislabel, self.lie = mislabel, lie
         self._lies = random.Random(f"{seed}:lies")
         self.known = dict(known or {})
         self.used: set[int] = set()
@@ -288,7 +300,11 @@ class RetrievalTeacher:
         for index in picked:
             told = label
             if others and self._lies.random() < self.mislabel:
-                told = self._lies.choice(others)
+                other = self._lies.choice(others)
+                if self.lie == "label":
+                    told = other
+                else:
+                    index = self._pick(prompt, other, 1, messages)[0]
             item: dict[str, Any] = {text_key: self.pool.texts[index], label_key: told}
             if "rationale" in required or "rationale" in keys:
                 item["rationale"] = f"This text is an example of {label}, so its label is {label}."
@@ -455,11 +471,12 @@ def main() -> None:
     parser.add_argument("--pool", type=Path, required=True, help="JSONL rows with text, label")
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--mode", choices=["nearest", "random"], default="nearest")
-    parser.add_argument("--mislabel", type=float, default=0.0, help="share of wrong labels")
+    parser.add_argument("--mislabel", type=float, default=0.0, help="share of wrong rows")
+    parser.add_argument("--lie", choices=LIES, default="label", help="how a wrong row is wrong")
     args = parser.parse_args()
     embed = EmbeddingTable(minilm_encoder())
     teacher = RetrievalTeacher(
-        load_pool(args.pool, embed), embed, mode=args.mode, mislabel=args.mislabel
+        load_pool(args.pool, embed), embed, mode=args.mode, mislabel=args.mislabel, lie=args.lie
     )
     web.run_app(create_app(teacher), host="127.0.0.1", port=args.port)
 

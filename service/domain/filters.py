@@ -24,6 +24,8 @@ class Reason(StrEnum):
 
     SCHEMA_INVALID = "schema_invalid"
     LABEL_INVALID = "label_invalid"
+    # One of the labels, but not the one the prompt asked for (`expected_label_check`).
+    LABEL_NOT_ASKED = "label_not_asked"
     EMPTY = "empty"
     TOO_SHORT = "too_short"
     TOO_LONG = "too_long"
@@ -686,6 +688,30 @@ def check_label(candidate: Candidate, ctx: FilterContext) -> Verdict | None:
     else:
         detail = f"{_shorten(candidate.output)!r} is not one of the {len(labels)} labels"
     return reject(candidate, Reason.LABEL_INVALID, detail)
+
+
+def expected_label_check(expected: Mapping[str, str]) -> Check:
+    """Reject a candidate whose (canonical) label is not the one its prompt asked for;
+    `expected` maps candidate keys to that label, and a key it lacks is not checked.
+
+    Every classification prompt asks for examples "each labelled X". An example labelled Y
+    comes from a teacher that strayed or lies: either its text is X's and its label is wrong,
+    or its text is Y's and it is not what the target paid for. Which of the two cannot be told
+    here, and a wrong label is the worst thing a training set can hold, so it is rejected, both
+    labels in the detail. It catches a mislabelling teacher on any number of labels, where the
+    student-based label check (`selection.label_agreement`) needs ten or more."""
+
+    def check_expected_label(candidate: Candidate, _: FilterContext) -> Verdict | None:
+        asked = expected.get(candidate.key)
+        if asked is None or candidate.output is None or candidate.output == asked:
+            return None
+        return reject(
+            candidate,
+            Reason.LABEL_NOT_ASKED,
+            f"asked for {_shorten(asked)!r}, labelled {_shorten(candidate.output)!r}",
+        )
+
+    return check_expected_label
 
 
 def check_length(candidate: Candidate, ctx: FilterContext) -> Verdict | None:

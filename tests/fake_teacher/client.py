@@ -54,6 +54,7 @@ class FakeTeacherProcess:
         truncate_rate: float = 0.0,
         hang_rate: float = 0.0,
         hang_s: float = 3600.0,
+        mislabel_rate: float = 0.0,
         faults_first_attempt_only: bool = False,
         api_key: str | None = None,
         no_json_schema: bool = False,
@@ -91,6 +92,8 @@ class FakeTeacherProcess:
             repr(float(hang_rate)),
             "--hang-s",
             repr(float(hang_s)),
+            "--mislabel-rate",
+            repr(float(mislabel_rate)),
         ]
         if faults_first_attempt_only:
             args.append("--faults-first-attempt-only")

@@ -91,6 +91,9 @@ class Config:
     truncate_rate: float = 0.0
     hang_rate: float = 0.0
     hang_s: float = 3600.0
+    # A teacher that lies: this share of the enum values it writes (a classification example's
+    # label) are another option than the one the prompt asks for.
+    mislabel_rate: float = 0.0
     faults_first_attempt_only: bool = False
     api_key: str | None = None
     no_json_schema: bool = False
@@ -113,7 +116,9 @@ class Config:
             setattr(self, key, value)
 
 
-_RATE_KEYS: Final = frozenset({"error_rate", "malformed_rate", "truncate_rate", "hang_rate"})
+_RATE_KEYS: Final = frozenset(
+    {"error_rate", "malformed_rate", "truncate_rate", "hang_rate", "mislabel_rate"}
+)
 _NONNEG_FLOAT_KEYS: Final = frozenset({"latency_ms", "jitter_ms", "retry_after_s", "hang_s"})
 _BOOL_KEYS: Final = frozenset({"faults_first_attempt_only", "no_json_schema", "down"})
 
@@ -328,10 +333,13 @@ class PromptContext:
 class Generator:
     """Builds plausible, schema-valid values from a seeded RNG and the prompt's own words."""
 
-    def __init__(self, rng: random.Random, ctx: PromptContext, root: Any = None) -> None:
+    def __init__(
+        self, rng: random.Random, ctx: PromptContext, root: Any = None, mislabel: float = 0.0
+    ) -> None:
         self.rng = rng
         self.ctx = ctx
         self.root = root
+        self.mislabel = mislabel
         self.vocab_override: list[str] | None = None
         # Enum values already emitted (labels) are kept out of free text so texts do not leak them.
         self.banned: set[str] = set()
@@ -384,6 +392,11 @@ class Generator:
         if self.diversify:
             return self.rng.choice(list(options))
         winners = self.ctx.enum_winners(options)
+        # Rolled only when lying: a truthful fake's answers stay what they always were.
+        if self.mislabel > 0 and self.rng.random() < self.mislabel:
+            others = [i for i in range(len(options)) if i not in winners]
+            if others:
+                return options[self.rng.choice(others)]
         return options[self.rng.choice(winners)]
 
     # -- schema walk
@@ -1107,7 +1120,10 @@ class TeacherState:
         completion_tokens = 0
         for index in range(n):
             generator = Generator(
-                random.Random(content_key + index.to_bytes(4, "big")), ctx, mode.schema
+                random.Random(content_key + index.to_bytes(4, "big")),
+                ctx,
+                mode.schema,
+                mislabel=self.config.mislabel_rate,
             )
             if mode.kind == "json":
                 content = json.dumps(generator.value(mode.schema), ensure_ascii=False)
@@ -1248,6 +1264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-rate", type=float, default=0.0)
     p.add_argument("--hang-rate", type=float, default=0.0)
     p.add_argument("--hang-s", type=float, default=3600.0)
+    p.add_argument(
+        "--mislabel-rate", type=float, default=0.0, help="share of labels not the one asked for"
+    )
     p.add_argument("--faults-first-attempt-only", action="store_true")
     p.add_argument("--api-key", default=None)
     p.add_argument("--no-json-schema", action="store_true")

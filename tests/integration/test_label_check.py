@@ -15,7 +15,7 @@ from sqlalchemy import select
 from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.selection import LABEL_AGREEMENT_FLOOR, LABEL_CHECK_MIN_CLASSES
 from service.domain.strategies import get_strategy
-from service.models import Iteration, Job
+from service.models import Example, Iteration, Job
 from tests.data_factory import to_jsonl
 from tests.integration.conftest import InlineStack
 from workers.steps.context import generated_training_rows, load_job_context
@@ -191,3 +191,33 @@ def test_an_external_students_job_has_the_teachers_labels_checked_by_a_built_in_
     st.sender.run_until_idle()
     assert st.job(job_id)["status"] == "succeeded", st.job(job_id)
     _label_agreement(st, job_id, 1)
+
+
+@pytest.mark.parametrize("strategy", ["llm2llm", "pgkd", "random"])
+def test_examples_labelled_otherwise_than_asked_are_rejected_on_few_classes(
+    inline_stack: InlineStack, strategy: str
+) -> None:
+    """A teacher that gives half its examples another label than the one the prompt asked for,
+    on 6 classes, where the student-based check measures nothing: those examples are rejected
+    (`label_not_asked`, both labels in the detail) and none reaches the dataset."""
+    st = inline_stack
+    st.teacher.configure(mislabel_rate=0.5)
+    job_id = st.create_job(
+        st.job_spec(strategy=strategy, budget={"max_iterations": 1, "max_examples": 60})
+    )
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded", st.job(job_id)
+    with st.sessions() as s:
+        examples = s.scalars(select(Example).where(Example.job_id == uuid.UUID(job_id))).all()
+    generated = [e for e in examples if e.meta.get("expected_label") is not None]
+    assert len(generated) >= 30
+    strayed = [e for e in generated if e.output != e.meta["expected_label"]]
+    # Half the labels are another than the one asked for.
+    assert len(strayed) >= len(generated) // 4
+    for e in strayed:
+        assert e.status.value == "rejected" and e.rejection_reason == "label_not_asked", e.meta
+        assert e.rejection_detail == (
+            f"asked for {e.meta['expected_label']!r}, labelled {e.output!r}"
+        )
+    accepted = [e for e in generated if e.status.value == "accepted"]
+    assert accepted and all(e.output == e.meta["expected_label"] for e in accepted)

@@ -353,6 +353,22 @@ def test_examples_follow_requested_count_and_label(client: openai.OpenAI) -> Non
     assert response.choices[0].message.content != response.choices[1].message.content
 
 
+def test_a_lying_teacher_gives_other_labels_than_asked(
+    teacher: FakeTeacherProcess, client: openai.OpenAI
+) -> None:
+    truthful = json.loads(_ask(client, NUM_PROMPT, EXAMPLES_SCHEMA).choices[0].message.content)
+    teacher.configure(mislabel_rate=1.0)
+    try:
+        lies = json.loads(_ask(client, NUM_PROMPT, EXAMPLES_SCHEMA).choices[0].message.content)
+    finally:
+        teacher.configure(mislabel_rate=0.0)
+    assert {e["label"] for e in truthful["examples"]} == {"NUM"}
+    assert len(lies["examples"]) == 4 and "NUM" not in {e["label"] for e in lies["examples"]}
+    assert _ask(client, NUM_PROMPT, EXAMPLES_SCHEMA).choices[0].message.content == json.dumps(
+        truthful, ensure_ascii=False
+    )
+
+
 def test_enum_without_mention_varies_across_items(client: openai.OpenAI) -> None:
     prompt = "Write 10 new examples of questions about anything at all."
     examples = json.loads(_ask(client, prompt, EXAMPLES_SCHEMA).choices[0].message.content)

@@ -117,6 +117,16 @@ def test_a_lying_teacher_gives_wrong_labels(teacher: RetrievalTeacher) -> None:
     assert all(e["label"] != "refund" for e in examples)
 
 
+def test_a_teacher_that_lies_with_texts_labels_other_labels_rows_as_asked(
+    teacher: RetrievalTeacher,
+) -> None:
+    teacher.mislabel, teacher.lie = 1.0, "text"
+    examples = teacher.answer(_llm2llm_messages("refund my money", "refund"))["examples"]
+    pool = teacher.pool
+    assert examples and all(e["label"] == "refund" for e in examples)
+    assert all(pool.labels[pool.texts.index(e["text"])] != "refund" for e in examples)
+
+
 def test_the_prompt_reader_finds_schema_data_and_the_label_asked_for() -> None:
     prompt = Prompt.read(_llm2llm_messages("refund my money", "refund"))
     assert prompt.expected_label == "refund"

@@ -36,6 +36,7 @@ from service.domain.filters import (
     Verdict,
     check_contamination,
     check_length,
+    expected_label_check,
     filter_candidates,
     reject,
     text_hash,
@@ -1124,8 +1125,14 @@ def _candidate_rows(
                 )
             )
     golds = {row["dedup_key"]: row["meta"]["gold"] for row, _ in pending if "gold" in row["meta"]}
+    # A rationale's answer is checked against its row's gold instead (`_answer_check`).
+    expected = {
+        row["dedup_key"]: row["meta"]["expected_label"]
+        for row, _ in pending
+        if row["meta"].get("expected_label") is not None and row["kind"] != "rationale"
+    }
     kinds = [row["kind"] for row, _ in pending]
-    verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds)
+    verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds, expected)
     for (row, candidate), verdict in zip(pending, verdicts, strict=True):
         row["input_hash"] = candidate.fingerprinted.digest  # hashed once, by the filters
         if verdict.output is not None:
@@ -1255,6 +1262,7 @@ def _filter(
     candidates: list[Candidate],
     golds: dict[str, str],
     kinds: list[str],
+    expected: dict[str, str] | None = None,
 ) -> list[Verdict]:
     if not candidates:
         return []
@@ -1266,7 +1274,9 @@ def _filter(
         # the length and contamination checks, which are about generated inputs, do not apply.
         verdicts: dict[str, Verdict] = {}
         plain = [c for c, k in zip(candidates, kinds, strict=True) if k != "rationale"]
-        for verdict in _filter_kind(session, job, ctx, plain, golds, rationale=False):
+        for verdict in _filter_kind(
+            session, job, ctx, plain, golds, rationale=False, expected=expected
+        ):
             verdicts[verdict.key] = verdict
         combined = [
             c.model_copy(update={"input": _rationale_text(c.input, c.rationale)})
@@ -1276,7 +1286,7 @@ def _filter(
         for verdict in _filter_kind(session, job, ctx, combined, golds, rationale=True):
             verdicts[verdict.key] = verdict
         return [verdicts[c.key] for c in candidates]
-    return _filter_kind(session, job, ctx, candidates, golds, rationale=False)
+    return _filter_kind(session, job, ctx, candidates, golds, rationale=False, expected=expected)
 
 
 def _filter_kind(
@@ -1287,6 +1297,7 @@ def _filter_kind(
     golds: dict[str, str],
     *,
     rationale: bool,
+    expected: dict[str, str] | None = None,
 ) -> list[Verdict]:
     if not candidates:
         return []
@@ -1304,6 +1315,8 @@ def _filter_kind(
         checks = [c for c in checks if c not in (check_length, check_contamination)]
     if golds:
         checks.insert(2, _answer_check(ctx, golds))  # after schema and label validity
+    if expected and config.labels is not None:
+        checks.insert(2, expected_label_check(expected))
     dedup = indexes.rationales if rationale else indexes.dedup
     verdicts = filter_candidates(
         candidates,

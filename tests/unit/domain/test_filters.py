@@ -22,6 +22,7 @@ from service.domain.filters import (
     _normalize_unicode,
     _Sketcher,
     canonical_label,
+    expected_label_check,
     filter_candidates,
     normalize_text,
     reject,
@@ -419,6 +420,36 @@ def test_callers_can_add_checks() -> None:
     )
     assert _reasons(verdicts) == [None, Reason.ANSWER_MISMATCH]
     assert verdicts[1].detail == "rationale answers '600'"
+
+
+def test_a_label_other_than_the_one_asked_for_is_rejected() -> None:
+    """Checked after canonicalisation ("hum" asked as "HUM" passes) and after label validity;
+    a candidate the map does not name (no label was asked for) is not checked."""
+    config = FilterConfig(labels=TREC_LABELS)
+    expected = {"asked-hum": "HUM", "asked-loc": "LOC", "cased": "HUM"}
+    checks = [*DEFAULT_CHECKS[:2], expected_label_check(expected), *DEFAULT_CHECKS[2:]]
+    verdicts = filter_candidates(
+        [
+            _candidate("asked-hum", "Who wrote Moby Dick?", "HUM"),
+            _candidate("asked-loc", "Who painted the Mona Lisa?", "HUM"),
+            _candidate("cased", "Who discovered penicillin?", "hum"),
+            _candidate("free", "What is the capital of Peru?", "LOC"),
+            _candidate("asked-loc", "Where is Lima?", "PLACE"),
+        ],
+        config=config,
+        dedup=DedupIndex(config),
+        guard=None,
+        checks=checks,
+    )
+    assert _reasons(verdicts) == [
+        None,
+        Reason.LABEL_NOT_ASKED,
+        None,
+        None,
+        Reason.LABEL_INVALID,
+    ]
+    assert verdicts[1].detail == "asked for 'LOC', labelled 'HUM'"
+    assert verdicts[2].output == "HUM"
 
 
 def test_a_check_that_accepts_is_a_programming_error() -> None:
