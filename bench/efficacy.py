@@ -288,6 +288,11 @@ def main() -> None:
         help="label: the row asked for under another label (the filter rejects it); text: a row "
         "of another label under the label asked for (only a student can tell)",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="the spec's filters.teacher_verification: the teacher labels each example again",
+    )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print why each iteration was kept"
@@ -391,6 +396,8 @@ def main() -> None:
                             "budget": {"max_examples": budget},
                             "seed": seed,
                         }
+                        if args.verify:
+                            spec["filters"] = {"teacher_verification": True}
                         result, exported = runner.run(spec)
                     result.score = judge.score(exported)
                     row["jobs"][strategy] = asdict(result)
@@ -429,6 +436,7 @@ def print_table(results: dict[str, Any], strategies: list[str], args: argparse.N
             if args.teacher_url
             else f"retrieval teacher ({args.teacher_mode}"
             + (f", {100 * args.mislabel:.0f}% wrong ({args.lie}s)" if args.mislabel else "")
+            + (", teacher verification" if args.verify else "")
             + ")"
         )
         + ", judge = MiniLM + "
