@@ -52,6 +52,7 @@ from service.domain.strategies.base import (
     ExampleKind,
     GenerationTarget,
     PlanContext,
+    strategy_phase,
 )
 from service.domain.teacher import (
     GenerationParams,
@@ -1070,7 +1071,7 @@ def _candidate_rows(
     With `final` (the batch gives up), transient failures leave rejected rows too."""
     iteration = session.get(Iteration, batch.iteration_id)
     assert iteration is not None
-    plan_ctx = _plan_ctx(ctx, iteration, batch.phase)
+    plan_ctx = _plan_ctx(ctx, iteration, strategy_phase(batch.phase, ctx.strategy.phases))
     gold_by_row = {r.row_id: r.output for r in ctx.train}
     rows: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Candidate]] = []

@@ -25,6 +25,14 @@ P = TypeVar("P", bound=BaseModel)
 # bounds its per-iteration target count well below it.
 SAMPLES_PER_ITERATION = 10_000
 
+# The last iteration of a budget asks the teacher again for what its rejections left of its
+# share (workers/steps/evaluate.py::_plan_top_up), under phases "top-up-1", "top-up-2", planned
+# as the strategy's only phase. Their sample indices start past every iteration's
+# (1,000 iterations x SAMPLES_PER_ITERATION), so a prompt asked again is a new sample.
+TOP_UP_PHASE = "top-up"
+TOP_UP_ROUNDS = 2
+TOP_UP_SAMPLES = 1_000_000_000
+
 
 class ExampleKind(StrEnum):
     seed = "seed"
@@ -383,6 +391,37 @@ def contrast_target(
         kind=ExampleKind.hard_negative,
         meta={"contrast_of": true_label},
     )
+
+
+def top_up_round(phase: str | None) -> int:
+    """Which top-up a stored phase is (1, 2, ...), or 0 for a strategy's own phase."""
+    prefix = f"{TOP_UP_PHASE}-"
+    if phase and phase.startswith(prefix) and phase[len(prefix) :].isdigit():
+        return int(phase[len(prefix) :])
+    return 0
+
+
+def strategy_phase(phase: str, phases: Sequence[str]) -> str:
+    """The strategy's phase a stored phase was planned as and is parsed as."""
+    return phases[0] if top_up_round(phase) else phase
+
+
+def as_top_up(targets: Sequence[GenerationTarget], round_: int) -> list[GenerationTarget]:
+    """Targets planned again for top-up `round_`: their ids name it, and their sample indices
+    are its own, so that a prompt the iteration already asked is a new sample (its fingerprint
+    and the seed sent with it differ) and not the cached answer."""
+    phase = f"{TOP_UP_PHASE}-{round_}"
+    return [
+        target.model_copy(
+            update={
+                "target_id": f"{phase}:{target.target_id}",
+                "request": target.request.model_copy(
+                    update={"sample_index": target.request.sample_index + round_ * TOP_UP_SAMPLES}
+                ),
+            }
+        )
+        for target in targets
+    ]
 
 
 def with_sample_indices(targets: list[GenerationTarget], iteration: int) -> list[GenerationTarget]:

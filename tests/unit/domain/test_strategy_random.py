@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.domain.spec import TaskKind, TaskSpec
 from service.domain.strategies import LabelledRow, PlanContext, get_strategy, validate_params
+from service.domain.strategies.base import as_top_up, strategy_phase, top_up_round
 
 LABELS = ["a", "b", "c"]
 TASK = TaskSpec(kind=TaskKind.classification, instructions="Sort it.", labels=LABELS)
@@ -48,3 +49,28 @@ def test_budget_caps_the_examples_asked_for() -> None:
     ctx = _ctx(1, rows_per_iteration=10).model_copy(update={"max_examples": 5})
     targets = get_strategy("random").plan(ctx)
     assert sum(t.n_examples for t in targets) == 5
+
+
+def test_a_top_up_plan_is_a_new_sample_of_each_prompt_under_its_own_phase() -> None:
+    targets = get_strategy("random").plan(_ctx(3))
+    again = as_top_up(targets, 2)
+    assert [t.target_id for t in again] == [f"top-up-2:{t.target_id}" for t in targets]
+    assert [t.request.messages for t in again] == [t.request.messages for t in targets]
+    fingerprints = {t.request.fingerprint("m") for t in targets}
+    assert not fingerprints & {t.request.fingerprint("m") for t in again}
+    assert not {t.request.fingerprint("m") for t in as_top_up(targets, 1)} & {
+        t.request.fingerprint("m") for t in again
+    }
+    # Past any iteration's sample indices (1,000 iterations at most).
+    later = get_strategy("random").plan(_ctx(1000))
+    assert max(t.request.sample_index for t in later) < min(
+        t.request.sample_index for t in as_top_up(targets, 1)
+    )
+    assert [top_up_round(p) for p in ("generate", "top-up-1", "top-up-12", "top-up-x")] == [
+        0,
+        1,
+        12,
+        0,
+    ]
+    assert strategy_phase("top-up-1", ("generate",)) == "generate"
+    assert strategy_phase("draft", ("draft", "final")) == "draft"
