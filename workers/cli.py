@@ -22,6 +22,7 @@ from service import cli as service_cli
 from service.auth import get_or_create_tenant
 from service.cli_style import TenantOpt
 from service.datasets import create_dataset, parse_jsonl
+from service.domain.selection import exclusion_note
 from service.domain.spec import TeacherSpec
 from service.domain.statuses import ExportStatus, JobStatus
 from service.errors import BadRequest, DistillError, NotFound
@@ -502,7 +503,7 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(it.rejected_by_reason.items()))
             note = "exported" if job.best_iteration == it.number else ""
             if it.number and not it.included:
-                note = "excluded: measurably worse"
+                note = exclusion_note(it.selection_reason)
             elif (
                 it.number and it.selection_reason and it.selection_reason.startswith("kept: better")
             ):

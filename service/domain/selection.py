@@ -336,6 +336,17 @@ def _comparison(
     )
 
 
+def exclusion_note(reason: str | None) -> str:
+    """A few words for an excluded iteration's reason (`select_iteration`), for a table cell:
+    which of the rules excluded it."""
+    reason = reason or ""
+    if reason.startswith("excluded: the teacher's labels look wrong"):
+        return "excluded: the teacher's labels look wrong"
+    if "less sure of the right labels" in reason:
+        return "excluded: less sure of the right labels"
+    return "excluded: measurably worse"
+
+
 def select_iteration(
     comparisons: Sequence[Comparison],
     *,

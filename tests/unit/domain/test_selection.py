@@ -11,6 +11,7 @@ from service.domain.metrics import classification_report
 from service.domain.selection import (
     LABEL_AGREEMENT_FLOOR,
     Comparison,
+    exclusion_note,
     label_agreement,
     paired_bootstrap,
     paired_bootstrap_correct,
@@ -115,6 +116,7 @@ def test_labels_agreed_with_measurably_less_exclude_unless_the_metric_is_measura
     excluded = select_iteration([flat], labels=wrong)
     assert not excluded.included
     assert excluded.reason.startswith("excluded: the teacher's labels look wrong")
+    assert exclusion_note(excluded.reason) == "excluded: the teacher's labels look wrong"
     assert "0.50 times as often" in excluded.reason and "128 examples" in excluded.reason
     assert wrong in excluded.comparisons
     # Not measurably below the floor: kept (the interval reaches it).
@@ -126,6 +128,7 @@ def test_labels_agreed_with_measurably_less_exclude_unless_the_metric_is_measura
     # The metric measurably worse: excluded for that, first.
     worse = flat.model_copy(update={"delta": -0.06, "low": -0.1, "high": -0.02})
     assert "measurably worse" in select_iteration([worse], labels=wrong).reason
+    assert exclusion_note(select_iteration([worse]).reason) == "excluded: measurably worse"
 
 
 def test_doubt_about_the_right_labels_excludes_unless_the_metric_is_measurably_better() -> None:
@@ -137,6 +140,8 @@ def test_doubt_about_the_right_labels_excludes_unless_the_metric_is_measurably_b
     assert not excluded.included
     assert "less sure of the right labels" in excluded.reason
     assert "not measurably better" in excluded.reason
+    # The run's table says which rule, not "measurably worse" beside a metric that rose.
+    assert exclusion_note(excluded.reason) == "excluded: less sure of the right labels"
     assert doubt in excluded.comparisons
     # A mislabelling teacher's data can leave accuracy flat or a little up while the student
     # grows unsure of the right labels: that is excluded too.
