@@ -35,13 +35,13 @@ from service.domain.selection import (
 from service.domain.spec import Metric, StudentSpec, StudentType, TaskKind
 from service.domain.statuses import BatchStatus, ExampleStatus, IterationStatus, JobStatus
 from service.domain.strategies.base import (
-    TOP_UP_PHASE,
     TOP_UP_ROUNDS,
     LabelledRow,
     PhaseResult,
     ScoredDraft,
     as_top_up,
     examples_for_iteration,
+    top_up_phase,
     top_up_round,
 )
 from service.jobs import lock_job, transition_job
@@ -817,9 +817,7 @@ def _plan_top_up(
         shortfall=shortfall,
         targets=len(targets),
     )
-    store_batches(
-        session, job, iteration, f"{TOP_UP_PHASE}-{done + 1}", targets, ctx.spec.batch_size
-    )
+    store_batches(session, job, iteration, top_up_phase(done + 1), targets, ctx.spec.batch_size)
     return True
 
 

@@ -393,6 +393,11 @@ def contrast_target(
     )
 
 
+def top_up_phase(round_: int) -> str:
+    """The stored phase of top-up `round_` (1, 2, ...)."""
+    return f"{TOP_UP_PHASE}-{round_}"
+
+
 def top_up_round(phase: str | None) -> int:
     """Which top-up a stored phase is (1, 2, ...), or 0 for a strategy's own phase."""
     prefix = f"{TOP_UP_PHASE}-"
@@ -410,7 +415,7 @@ def as_top_up(targets: Sequence[GenerationTarget], round_: int) -> list[Generati
     """Targets planned again for top-up `round_`: their ids name it, and their sample indices
     are its own, so that a prompt the iteration already asked is a new sample (its fingerprint
     and the seed sent with it differ) and not the cached answer."""
-    phase = f"{TOP_UP_PHASE}-{round_}"
+    phase = top_up_phase(round_)
     return [
         target.model_copy(
             update={
