@@ -87,3 +87,23 @@ def test_only_the_last_iteration_is_topped_up(inline_stack: InlineStack) -> None
     phases = _phases(st, job_id)
     assert set(phases[1]) == {"generate"}
     assert any(p.startswith("top-up-") for p in phases[2]), phases
+
+
+def test_no_top_up_once_the_teacher_budget_is_spent(inline_stack: InlineStack) -> None:
+    st = inline_stack
+    st.teacher.configure(mislabel_rate=0.5)
+    job_id = st.create_job(
+        st.job_spec(
+            strategy="random",
+            budget={"max_iterations": 1, "max_examples": 60, "max_tokens": 1},
+        )
+    )
+    st.sender.run_until_idle()
+    assert _phases(st, job_id)[1]["generate"] > 0
+    with st.sessions() as s:
+        planned = set(
+            s.scalars(
+                select(GenerationBatch.phase).where(GenerationBatch.job_id == uuid.UUID(job_id))
+            )
+        )
+    assert planned == {"generate"}

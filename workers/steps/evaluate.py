@@ -780,6 +780,10 @@ def _plan_top_up(
     ):
         return False
     refresh_job_counters(session, job)
+    if (budget.max_tokens is not None and job.tokens_in + job.tokens_out >= budget.max_tokens) or (
+        budget.max_cost_usd is not None and job.cost_usd >= budget.max_cost_usd
+    ):
+        return False  # the teacher budget (tokens, cost) is spent: nothing more is asked
     accepted = iteration.examples_accepted or 0
     share = examples_for_iteration(
         budget,
