@@ -1147,11 +1147,10 @@ def _candidate_rows(
                 )
             )
     golds = {row["dedup_key"]: row["meta"]["gold"] for row, _ in pending if "gold" in row["meta"]}
-    # A rationale's answer is checked against its row's gold instead (`_answer_check`).
     expected = {
         row["dedup_key"]: row["meta"]["expected_label"]
         for row, _ in pending
-        if row["meta"].get("expected_label") is not None and row["kind"] != "rationale"
+        if row["meta"].get("expected_label") is not None
     }
     kinds = [row["kind"] for row, _ in pending]
     verdicts = _filter(session, job, ctx, [c for _, c in pending], golds, kinds, expected)
@@ -1305,6 +1304,8 @@ def _filter(
             for c, k in zip(candidates, kinds, strict=True)
             if k == "rationale"
         ]
+        # A rationale's answer is checked against its row's gold (`_answer_check`), not
+        # against the label its prompt asked for.
         for verdict in _filter_kind(session, job, ctx, combined, golds, rationale=True):
             verdicts[verdict.key] = verdict
         return [verdicts[c.key] for c in candidates]
