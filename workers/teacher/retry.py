@@ -182,9 +182,10 @@ class BackoffPolicy:
     The wait between attempts holds no slot (the next request takes it), so a longer one buys
     the teacher nothing and only delays the answer; at a job's end it is the job's tail
     (bench/job_throughput.py, 6% HTTP 500: the tail after the teacher was last full went from
-    0.5-0.6 s with 0.25 s to under 0.4 s). A teacher that keeps failing is left to the batch's
-    retries (2 s, 4 s, ... with the slots given back) once `max_attempts` run out, and to
-    replica cool-downs; a 429 waits its Retry-After, and the window narrows.
+    0.5-0.6 s with 0.25 s to under 0.4 s); a first retry when no request waits for a slot
+    skips it (`OpenAITeacher._draining_retry`). A teacher that keeps failing is left to the
+    batch's retries (2 s, 4 s, ... with the slots given back) once `max_attempts` run out, and
+    to replica cool-downs; a 429 waits its Retry-After, and the window narrows.
     """
 
     base_s: float = 0.1

@@ -128,6 +128,7 @@ def make_teacher(
     prices: TeacherPrices | None = None,
     capabilities: CapabilityCache | None = None,
     limiter: LocalLimiter | None = None,
+    backoff: BackoffPolicy | None = None,
 ) -> OpenAITeacher:
     endpoint = TeacherEndpoint(
         base_url="http://teacher.test/v1",
@@ -146,7 +147,7 @@ def make_teacher(
         limiter=limiter or LocalLimiter(),
         capabilities_cache=capabilities or CapabilityCache(),
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(server)),
-        backoff=BackoffPolicy(base_s=0.001, cap_s=0.005),
+        backoff=backoff or BackoffPolicy(base_s=0.001, cap_s=0.005),
     )
 
 
@@ -250,6 +251,48 @@ def test_attempts_are_bounded() -> None:
     assert (result.error_code, result.error, result.permanent) == ("http_503", "overloaded", False)
     assert len(server.bodies) == result.attempts == 3
     assert result.retry_causes == {"http_503": 2}
+
+
+class SteadyBackoff(BackoffPolicy):
+    """Waits 0.4 s before every retry (and a Retry-After, when one is given)."""
+
+    def delay(self, retry_number: int, retry_after_s: float | None, rng: Any) -> float:
+        return max(0.4, retry_after_s or 0.0)
+
+
+def test_a_lone_failure_at_the_drain_is_retried_at_once_and_a_second_waits() -> None:
+    # No request waits for a slot (the job's last one is out): a backoff would only lengthen
+    # the job's tail. A second failure of the same request waits as before.
+    server = ScriptedServer(
+        lambda b, n: error(500, "boom", kind="server_error") if n <= 2 else completion()
+    )
+    result = one(make_teacher(server, backoff=SteadyBackoff()))
+    assert result.status is TeacherCallStatus.succeeded
+    assert result.retry_causes == {"http_500": 2}
+    assert server.times[1] - server.times[0] < 0.2
+    assert server.times[2] - server.times[1] >= 0.4
+
+
+def test_a_failure_waits_its_backoff_while_requests_wait_for_a_slot() -> None:
+    server = ScriptedServer(
+        lambda b, n: error(500, "boom", kind="server_error") if n == 1 else completion()
+    )
+    teacher = make_teacher(server, max_concurrency=1, backoff=SteadyBackoff())
+    results = generate(teacher, [make_request(0), make_request(1)])
+    assert [r.status for r in results] == [TeacherCallStatus.succeeded] * 2
+    assert server.prompts() == ["item 0", "item 1", "item 0"]
+    # Request 1 took the freed slot at once; request 0's retry waited its backoff.
+    assert server.times[1] - server.times[0] < 0.2
+    assert server.times[2] - server.times[0] >= 0.4
+
+
+def test_a_429_at_the_drain_waits() -> None:
+    server = ScriptedServer(
+        lambda b, n: error(429, "slow down", kind="requests") if n == 1 else completion()
+    )
+    result = one(make_teacher(server, backoff=SteadyBackoff()))
+    assert result.retry_causes == {"http_429": 1}
+    assert server.times[1] - server.times[0] >= 0.4
 
 
 def test_retry_after_is_waited_without_holding_the_slot() -> None:
