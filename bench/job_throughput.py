@@ -377,8 +377,14 @@ def main() -> None:
         "--profile",
         metavar="FILE",
         help="record the generation worker (parent and pool children) with py-spy during the "
-        "clean scenario: a flame graph into FILE.svg, else collapsed stacks (needs "
+        "--profile-scenario: a flame graph into FILE.svg, else collapsed stacks (needs "
         "`pip install py-spy` and ptrace rights)",
+    )
+    parser.add_argument(
+        "--profile-scenario",
+        default="clean",
+        metavar="NAME",
+        help="the scenario --profile records (its first worker process): default clean",
     )
     args = parser.parse_args()
 
@@ -562,7 +568,7 @@ def main() -> None:
                 machine_before = _machine_ticks()
                 profiler = (
                     _start_profiler(args.profile, workers[0].pid)
-                    if args.profile and scenario.name == "clean"
+                    if args.profile and scenario.name == args.profile_scenario
                     else None
                 )
                 job_id = job(
