@@ -129,7 +129,11 @@ class Comparison(BaseModel):
 # (--mislabel 0.5) it caught iterations whose accuracy read flat or up (+0.0, +1.4, +1.5
 # points) while the gold label's mean log-probability fell by 0.07-0.10. Gap closed with that teacher (2 seeds, LLM2LLM / PGKD):
 # TREC -1.1 / -4.2% -> +0.5 / +2.4%, SST-2 11.2 / -20.1% -> 11.2 / -9.8%, HWU64 0.0 / -18.9%
-# -> 0.0 / 0.0% (the seed set exported, as it should be).
+# -> 0.0 / 0.0% (the seed set exported, as it should be). Switched off once the filter rejected
+# labels other than asked (2026-12-04, 3 seeds, LLM2LLM / PGKD / random): a truthful teacher's
+# SST-2 fell from 36.7 / 34.1 / 22.1% to 33.7 / 32.2 / 16.2% (the other sets unchanged), and
+# against another label's text under the asked label TREC went -0.2 / -12.0% -> -0.2 / -7.8%,
+# SST-2 14.7 / -14.1% -> 10.4 / -14.1% (docs/loops.md, "Keep or exclude").
 
 
 # --- the teacher's labels -------------------------------------------------------------------
