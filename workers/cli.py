@@ -488,7 +488,7 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
             "iteration",
             "metric",
             "accepted",
-            "rejected (by reason)",
+            "rejected",
             "tokens",
             "cost",
             "note",
@@ -497,10 +497,15 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
                 + (f" ({job.status_reason})" if job.status_reason else "")
             ),
         )
+        # Why examples were rejected goes under the table, a line per iteration: in a table
+        # cell of an 80-column terminal "label_not_asked=4" was cut to "label_not_…".
+        rejections: list[str] = []
         for it in session.scalars(
             select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)
         ):
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(it.rejected_by_reason.items()))
+            if it.rejected_by_reason:
+                reasons = ", ".join(f"{k}={v}" for k, v in sorted(it.rejected_by_reason.items()))
+                rejections.append(f"  iteration {it.number}: {reasons}")
             note = "exported" if job.best_iteration == it.number else ""
             if it.number and not it.included:
                 note = exclusion_note(it.selection_reason)
@@ -512,12 +517,16 @@ def _final_table(job_id: uuid.UUID) -> tuple[JobStatus, str | None]:
                 str(it.number),
                 "-" if it.metric is None else f"{it.metric:.4f}",
                 str(it.examples_accepted),
-                escape(f"{it.examples_rejected} {reasons}".strip()),
+                str(it.examples_rejected),
                 str(it.tokens_in + it.tokens_out),
                 f"${it.cost_usd:.4f}",
                 note,
             )
         console.print(table)
+        if rejections:
+            console.print("rejected, by reason:")
+            for line in rejections:  # reasons are the filters' words, never markup
+                console.print(escape(line), soft_wrap=True)
         return job.status, job.status_reason
 
 

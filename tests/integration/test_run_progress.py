@@ -31,7 +31,9 @@ def teacher() -> Iterator[FakeTeacherProcess]:
         yield proc
 
 
-def _run(tmp_path: Path, teacher: FakeTeacherProcess) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, teacher: FakeTeacherProcess, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
     spec = {
         "name": "progress",
         "strategy": "pgkd",
@@ -66,7 +68,7 @@ def _run(tmp_path: Path, teacher: FakeTeacherProcess) -> subprocess.CompletedPro
         TTY_COMPATIBLE="1",
         TTY_INTERACTIVE="1",
         NO_COLOR="1",
-        COLUMNS="200",
+        COLUMNS=str(columns),
     )
     return subprocess.run(
         [DISTILL, "run", str(path)],
@@ -104,3 +106,23 @@ def test_the_bar_moves_per_teacher_call_and_logs_go_to_a_file(
     log = (tmp_path / "home" / "logs" / "run.log").read_text()
     assert "event='iteration.completed'" in log
     assert f"log: {tmp_path / 'home' / 'logs' / 'run.log'}" in result.stdout
+
+
+def test_the_summary_names_every_rejection_reason_whole_in_80_columns(
+    tmp_path: Path, teacher: FakeTeacherProcess
+) -> None:
+    # A teacher that gives half its examples another label than asked: `label_not_asked`.
+    teacher.reset()
+    teacher.configure(mislabel_rate=0.5)
+    try:
+        result = _run(tmp_path, teacher, columns=80)
+    finally:
+        teacher.configure(mislabel_rate=0.0)
+    assert result.returncode == 0, result.stdout + result.stderr
+    drawn = ANSI.sub("", result.stdout)
+    table = drawn[drawn.rindex("┏") : drawn.rindex("┘")]
+    assert "…" not in table, table  # no cell cut short
+    reasons = drawn[drawn.index("rejected, by reason:") :].splitlines()
+    assert re.fullmatch(
+        r"  iteration 1: (\w+=\d+, )*label_not_asked=\d+(, \w+=\d+)*", reasons[1]
+    ), reasons
