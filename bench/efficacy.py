@@ -290,8 +290,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--verify",
-        action="store_true",
-        help="the spec's filters.teacher_verification: the teacher labels each example again",
+        nargs="?",
+        const="all",
+        choices=["all", "sample"],
+        help="the spec's filters.teacher_verification: the teacher labels each example again "
+        "(all), or a fifth of each batch and the rest when that fifth disagrees (sample)",
     )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
     parser.add_argument(
@@ -397,7 +400,9 @@ def main() -> None:
                             "seed": seed,
                         }
                         if args.verify:
-                            spec["filters"] = {"teacher_verification": True}
+                            spec["filters"] = {
+                                "teacher_verification": args.verify == "all" or args.verify
+                            }
                         result, exported = runner.run(spec)
                     result.score = judge.score(exported)
                     row["jobs"][strategy] = asdict(result)
@@ -436,7 +441,7 @@ def print_table(results: dict[str, Any], strategies: list[str], args: argparse.N
             if args.teacher_url
             else f"retrieval teacher ({args.teacher_mode}"
             + (f", {100 * args.mislabel:.0f}% wrong ({args.lie}s)" if args.mislabel else "")
-            + (", teacher verification" if args.verify else "")
+            + (f", teacher verification ({args.verify})" if args.verify else "")
             + ")"
         )
         + ", judge = MiniLM + "

@@ -218,7 +218,15 @@ class FilterSpec(_Spec):
     max_chars: int = Field(2000, ge=1)
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
     contamination_threshold: float = Field(0.8, gt=0, le=1)
-    teacher_verification: bool = False
+    teacher_verification: bool | Literal["sample"] = Field(
+        False,
+        description="true: the teacher labels every accepted example again, on its own, and "
+        "an example it labels otherwise is rejected (a second call per example). 'sample': "
+        "the same for a seeded fifth of each batch's accepted examples (at least 10); when 2 "
+        "or more and at least a fifth of those disagree, the rest of the batch is verified "
+        "too, so a teacher that writes wrong labels pays for checking all of them and one "
+        "that does not pays for a fifth.",
+    )
 
     @field_validator("max_chars")
     @classmethod

@@ -55,3 +55,50 @@ def test_verification_keeps_only_candidates_the_teacher_agrees_with(
     st.sender.run_until_idle()
     assert st.job(again.json()["id"])["status"] == "succeeded"
     assert st.teacher.stats()["completions_ok"] == served
+
+
+def test_a_sample_that_disagrees_widens_verification_to_the_whole_batch(
+    inline_stack: InlineStack,
+) -> None:
+    """`teacher_verification: sample` verifies a fifth of a batch (at least 10) first. The fake
+    teacher labels a verified text blind to it, so it disagrees with most of its own labels:
+    the sample shows it, and every accepted candidate of the batch is verified too."""
+    st = inline_stack
+    train, val = question_slice(per_class=4, val_per_class=4)
+    teacher = st.client.post(
+        "/v1/teachers",
+        json={"name": "t", "base_url": st.teacher.base_url, "model": "fake-teacher"},
+        headers=st.auth,
+    ).json()["id"]
+    spec = {
+        "name": "verify-sample",
+        "strategy": "random",
+        "task": {"instructions": "Classify the question."},
+        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
+        "teacher": teacher,
+        "student": {"type": "builtin", "model": "tfidf"},
+        "filters": {"teacher_verification": "sample"},
+        "budget": {"max_iterations": 1, "max_examples": 40},
+    }
+    job_id = st.client.post("/v1/jobs", json=spec, headers=st.auth).json()["id"]
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    with st.sessions() as session:
+        examples = session.scalars(select(Example)).all()
+        verify_calls = session.scalars(
+            select(TeacherCall).where(TeacherCall.template_id == "verify")
+        ).all()
+    by_batch: dict[object, list[Example]] = {}
+    for ex in examples:
+        by_batch.setdefault(ex.batch_id, []).append(ex)
+    # A batch with more candidates than the sample: the widening is what verified them all.
+    widened = [
+        b for b in by_batch.values() if len([e for e in b if "verification_call" in e.meta]) > 10
+    ]
+    assert widened, {k: len(v) for k, v in by_batch.items()}
+    for batch in by_batch.values():
+        assert not [e for e in batch if e.meta.get("verification") == "not sampled"]
+    assert len(verify_calls) == len(
+        {e.meta["verification_call"] for e in examples if "verification_call" in e.meta}
+    )
+    assert {e.rejection_reason for e in examples} >= {"verification_disagreed"}

@@ -1227,12 +1227,55 @@ def _verify(
     ctx: JobContext,
     rows: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Optional teacher verification: the teacher answers each accepted candidate's input on
-    its own; a candidate is kept only when the two agree. Calls are cached like any other."""
+    """Teacher verification: the teacher answers each accepted candidate's input on its own;
+    a candidate is kept only when the two agree. Calls are cached like any other. With
+    `teacher_verification: sample`, a seeded share of the batch first, and the rest only when
+    that share disagrees often enough (`service.domain.verification`)."""
+    from service.domain.verification import sample_for_verification, verify_the_rest
+
+    accepted = [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
+    if ctx.spec.filters.teacher_verification != "sample":
+        _verify_rows(session, ports, teacher_row, job, batch, ctx, accepted)
+        return rows
+    picked = sample_for_verification(
+        [f"{r['input']}\x00{r['output']}" for r in accepted], seed=str(job.id)
+    )
+    first = [r for i, r in enumerate(accepted) if i in picked]
+    rest = [r for i, r in enumerate(accepted) if i not in picked]
+    disagreed = _verify_rows(session, ports, teacher_row, job, batch, ctx, first)
+    widened = bool(rest) and verify_the_rest(len(first), disagreed)
+    if widened:
+        _verify_rows(session, ports, teacher_row, job, batch, ctx, rest)
+    else:
+        for row in rest:
+            row["meta"] = {**row["meta"], "verification": "not sampled"}
+    log.info(
+        "generate.verification_sampled",
+        job_id=str(job.id),
+        batch=batch.index,
+        sampled=len(first),
+        disagreed=disagreed,
+        widened_to=len(rest) if widened else 0,
+    )
+    return rows
+
+
+def _verify_rows(
+    session: Session,
+    ports: Ports,
+    teacher_row: TeacherRow,
+    job: Job,
+    batch: GenerationBatch,
+    ctx: JobContext,
+    accepted: list[dict[str, Any]],
+) -> int:
+    """Verify `accepted` in place (rejecting what the teacher labels otherwise, or could not
+    label); the number the teacher labelled otherwise."""
     from service.domain.verification import verification_agrees, verification_request
 
+    if not accepted:
+        return 0
     params = generation_params(teacher_row, ctx)
-    accepted = [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
     requests = [
         verification_request(ctx.spec.task, ctx.labels, r["input"]).model_copy(
             update={"params": params}
@@ -1243,6 +1286,7 @@ def _verify(
     to_call, previous = _uncached(session, teacher_row, requests, fps)
     _call_teacher(session, ports, teacher_row, job, batch, to_call, previous)
     calls = _calls_by_fingerprint(session, teacher_row, fps)
+    disagreed = 0
     for row, fp in zip(accepted, fps, strict=True):
         call = calls.get(fp)
         row["meta"] = {**row["meta"], "verification_call": fp}
@@ -1255,7 +1299,8 @@ def _verify(
             row["status"] = ExampleStatus.rejected.value
             row["rejection_reason"] = "verification_disagreed"
             row["rejection_detail"] = f"the teacher answered {answer!r}"
-    return rows
+            disagreed += 1
+    return disagreed
 
 
 def _answer_check(ctx: JobContext, golds: dict[str, str]) -> Check:
