@@ -282,7 +282,8 @@ def run(
 
     Exit code 0: the job succeeded and its export is written. 1: the job failed,
     was cancelled or could not finish (nothing is exported). 2: a bad spec or
-    file. 130: interrupted (Ctrl-C)."""
+    file. 130: interrupted (Ctrl-C): the job is paused, what it stored kept; `distill jobs
+    resume` then `distill serve` continue it."""
     from workers.inline import InlineTaskSender
     from workers.runtime import set_sender
 
@@ -369,7 +370,10 @@ def _run_spec(
     except DistillError as exc:
         service_cli.fail(exc)
     console.print(f"job {job_id} ({spec.strategy}) created")
-    _drive(sender, job_id)
+    try:
+        _drive(sender, job_id)
+    except KeyboardInterrupt:
+        _interrupted(job_id, tenant)
     status, reason = _final_table(job_id)
     if status is not JobStatus.succeeded:
         _did_not_succeed(job_id, tenant, status, reason)
@@ -390,6 +394,30 @@ def _run_spec(
     holds = (export.manifest or {}).get("holds")
     if holds:
         console.print(escape(f"the export holds {holds}"), soft_wrap=True)
+
+
+def _interrupted(job_id: uuid.UUID, tenant: str) -> NoReturn:
+    """Ctrl-C: the job is paused, not left running, so that nothing continues it unasked (a
+    later `distill serve` restarts every running job); what it stored is kept."""
+    from service.jobs import request_transition
+
+    suffix = f" --tenant {shlex.quote(tenant)}" if tenant != "default" else ""
+    status = "unknown"
+    with contextlib.suppress(DistillError, DBAPIError), service_cli.open_session() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.status in (JobStatus.queued, JobStatus.running):
+            request_transition(session, job, JobStatus.paused)
+            session.commit()
+        status = job.status.value if job is not None else "deleted"
+    console.print(
+        escape(
+            f"interrupted: job {job_id} is {status}; what it stored is kept (an answer the "
+            f"teacher gave is not asked for again). Continue it: distill jobs resume "
+            f"{job_id}{suffix}, then distill serve; end it: distill jobs cancel {job_id}{suffix}"
+        ),
+        soft_wrap=True,
+    )
+    raise typer.Exit(130)
 
 
 def _did_not_succeed(

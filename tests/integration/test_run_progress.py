@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +129,100 @@ def test_the_summary_names_every_rejection_reason_whole_in_80_columns(
     assert re.fullmatch(
         r"  iteration 1: (\w+=\d+, )*label_not_asked=\d+(, \w+=\d+)*", reasons[1]
     ), reasons
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("DISTILL_")
+    }
+    env.update(DISTILL_HOME=str(tmp_path / "home"), NO_COLOR="1", COLUMNS="200")
+    return env
+
+
+def _status(tmp_path: Path, job_id: str) -> str:
+    shown = subprocess.run(
+        [DISTILL, "jobs", "show", job_id],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    match = re.match(r"\S+ \[\w+\] (\w+)", shown)  # "name [strategy] status — reason"
+    assert match, shown
+    return match.group(1)
+
+
+def test_ctrl_c_pauses_the_job_and_resume_then_serve_finishes_it(
+    tmp_path: Path, teacher: FakeTeacherProcess
+) -> None:
+    teacher.reset()
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "interrupted",
+                "strategy": "random",
+                "task": {"kind": "classification", "instructions": "Classify a bank message."},
+                "datasets": {
+                    "train": str(DATA / "banking-seed.jsonl"),
+                    "validation": str(DATA / "banking-validation.jsonl"),
+                },
+                "teacher": {
+                    "base_url": teacher.base_url,
+                    "model": "fake-teacher",
+                    "limits": {"max_concurrency": 1},
+                },
+                "student": {"type": "builtin", "model": "tfidf"},
+                "budget": {"max_iterations": 1, "max_examples": 24},
+                "batch_size": BATCH_SIZE,
+            }
+        )
+    )
+    run = subprocess.Popen(
+        [DISTILL, "run", str(spec)],
+        env={**_env(tmp_path), "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert run.stdout is not None
+    seen = ""
+    # Mid-generation: a call answered (one at a time, 250 ms each), more to come.
+    while not any(int(done) and status == "generating" for done, _, status in BAR.findall(seen)):
+        line = run.stdout.readline()
+        assert line, seen
+        seen += ANSI.sub("", line)
+    run.send_signal(signal.SIGINT)
+    rest, _ = run.communicate(timeout=60)
+    out = ANSI.sub("", seen + rest)
+    assert run.returncode == 130, out
+    job_id = re.search(r"job (\S+) \(random\) created", out).group(1)  # type: ignore[union-attr]
+    assert f"interrupted: job {job_id} is paused" in out, out
+    assert _status(tmp_path, job_id) == "paused"
+    served = teacher.stats()["by_status"]["200"]
+    assert served >= 1
+
+    # What the message says: resume, then serve (embedded: it runs the job's steps).
+    subprocess.run([DISTILL, "jobs", "resume", job_id], env=_env(tmp_path), check=True, timeout=60)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [DISTILL, "serve", "--port", str(port)],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while (status := _status(tmp_path, job_id)) != "succeeded":
+            assert status in ("running", "queued") and time.monotonic() < deadline, status
+            time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert teacher.stats()["by_status"]["200"] > served  # it went on where it stopped
