@@ -44,6 +44,9 @@ from service.teachers import (
 )
 from service.webhooks import record_job_event
 
+# The job spec key that says whether its endpoint student may reach a private address.
+STUDENT_PRIVATE_KEY = "_student_allow_private_network"
+
 
 def spec_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
     return [
@@ -338,12 +341,14 @@ def _check_student_endpoint(
     allow_private: bool,
     policy: TeacherUrlPolicy | None,
     key_envs: KeyEnvPolicy,
-) -> None:
+) -> bool | None:
     """A served student is a model server like a teacher: the workers send it every validation
     row and store what it answers, so a tenant may not point it inside the network (the
-    teacher's SSRF guard and operator policy), nor name a variable whose value it must not get."""
+    teacher's SSRF guard and operator policy), nor name a variable whose value it must not get.
+    Whether its URL may reach a private address (the workers check every connection when not:
+    a name can resolve elsewhere later), or None for another kind of student."""
     if student.type is not StudentType.endpoint or student.base_url is None:
-        return
+        return None
     allowed = allow_private or (policy is not None and policy.allows(student.base_url))
     check_base_url(
         student.base_url,
@@ -352,6 +357,7 @@ def _check_student_endpoint(
         private_hint=STUDENT_PRIVATE_HINT + ", or create the job through the CLI",
     )
     key_envs.check(student.api_key_env, [student.base_url], field="student.api_key_env")
+    return allowed
 
 
 def create_job(
@@ -383,7 +389,9 @@ def create_job(
             "(distill jobs create / distill run, or DISTILL_API__ALLOW_TRAINER_COMMANDS=true)",
             details=[{"field": "student.trainer_command", "message": "not allowed"}],
         )
-    _check_student_endpoint(spec.student, allow_private_teacher, teacher_policy, key_envs)
+    student_private = _check_student_endpoint(
+        spec.student, allow_private_teacher, teacher_policy, key_envs
+    )
     if not isinstance(spec.teacher, str):
         key_envs.check(
             spec.teacher.api_key_env,
@@ -446,6 +454,9 @@ def create_job(
     stored["teacher"] = str(teacher.id)
     stored["datasets"] = {role: str(ds.id) if ds else None for role, ds in datasets.items()}
     stored["_hash"] = spec_hash
+    if student_private is not None:
+        # Read by the workers (JobContext.student_public_only), never by a tenant.
+        stored[STUDENT_PRIVATE_KEY] = student_private
     job = Job(
         tenant_id=tenant_id,
         name=spec.name,

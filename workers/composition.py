@@ -36,9 +36,11 @@ def build_ports(settings: Settings) -> Ports:
 
         return OpenAITeacher(endpoint_for(row), limiter=limiter)
 
-    def make_student(task: TaskSpec, spec: StudentSpec) -> Student:
+    def make_student(task: TaskSpec, spec: StudentSpec, public_only: bool) -> Student:
         api_key = resolve_api_key(None, spec.api_key_env)
-        student = build_student(task, spec, cache_dir=settings.cache_dir, api_key=api_key)
+        student = build_student(
+            task, spec, cache_dir=settings.cache_dir, api_key=api_key, public_only=public_only
+        )
         if spec.trainer_command:
             from workers.students.trainer_hook import CommandTrainedStudent
 

@@ -19,4 +19,6 @@ if TYPE_CHECKING:
 class Ports:
     settings: Settings
     make_teacher: Callable[[TeacherRow], Teacher]
-    make_student: Callable[[TaskSpec, StudentSpec], Student]
+    # (task, spec, public_only): public_only, every connection to an endpoint student must go
+    # to a public address (JobContext.student_public_only).
+    make_student: Callable[[TaskSpec, StudentSpec, bool], Student]

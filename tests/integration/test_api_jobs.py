@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.domain.statuses import IterationStatus
-from service.models import Iteration
+from service.jobs import STUDENT_PRIVATE_KEY
+from service.models import Iteration, Job
 from service.settings import Settings
 from service.tasks import JOB_START, RecordingTaskSender
 
@@ -170,7 +171,11 @@ def test_openapi_documents_bearer_auth(client: TestClient) -> None:
 
 
 def test_a_jobs_teacher_and_endpoint_student_are_held_to_the_key_and_address_guards(
-    client: TestClient, auth: dict[str, str], spec: dict[str, Any], settings: Settings
+    client: TestClient,
+    auth: dict[str, str],
+    spec: dict[str, Any],
+    settings: Settings,
+    db_session: Session,
 ) -> None:
     settings.api.allow_private_teacher_urls = False
     public = {"base_url": "https://93.184.215.14/v1", "model": "m"}
@@ -204,3 +209,17 @@ def test_a_jobs_teacher_and_endpoint_student_are_held_to_the_key_and_address_gua
         headers=auth,
     )
     assert ok.status_code == 201, ok.text
+    # The workers check every connection to it (a name may resolve elsewhere later): the job
+    # records that its URL was not allowed a private address; an allowed one records so.
+    stored = db_session.get(Job, uuid.UUID(ok.json()["id"]))
+    assert stored is not None and stored.spec[STUDENT_PRIVATE_KEY] is False
+    assert STUDENT_PRIVATE_KEY not in ok.json()["spec"]  # the tenant never sees it
+    settings.api.teacher_host_allowlist = ["127.0.0.1"]
+    allowed = client.post(
+        "/v1/jobs",
+        json={**spec, "student": {**student, "base_url": "http://127.0.0.1:9/v1"}},
+        headers=auth,
+    )
+    assert allowed.status_code == 201, allowed.text
+    stored = db_session.get(Job, uuid.UUID(allowed.json()["id"]))
+    assert stored is not None and stored.spec[STUDENT_PRIVATE_KEY] is True

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from service.domain.evaluation import EvalRow, Prediction, TrainRow
 from service.domain.selection import LABEL_AGREEMENT_FLOOR, LABEL_CHECK_MIN_CLASSES
 from service.domain.strategies import get_strategy
+from service.jobs import STUDENT_PRIVATE_KEY
 from service.models import Example, Iteration, Job
 from tests.data_factory import to_jsonl
 from tests.integration.conftest import InlineStack
@@ -221,3 +222,35 @@ def test_examples_labelled_otherwise_than_asked_are_rejected_on_few_classes(
         )
     accepted = [e for e in generated if e.status.value == "accepted"]
     assert accepted and all(e.output == e.meta["expected_label"] for e in accepted)
+
+
+def test_an_endpoint_student_whose_name_now_resolves_inside_the_network_stops_the_job(
+    inline_stack: InlineStack,
+) -> None:
+    """Its URL was checked when the job was created, but a name can resolve elsewhere later
+    (DNS rebinding): a job whose student was not allowed a private address checks every
+    connection, and stops with the reason rather than send the validation rows inside."""
+    st = inline_stack
+    spec = st.job_spec(
+        train=to_jsonl(_rows(5, "t")),
+        validation=to_jsonl(_rows(5, "v")),
+        strategy="random",
+        student={
+            "type": "endpoint",
+            "base_url": st.teacher.base_url.replace("127.0.0.1", "localhost"),
+            "model": "fake-teacher",
+        },
+        budget={"max_iterations": 1, "max_examples": 48},
+    )
+    job_id = st.create_job(spec)
+    with st.sessions() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None and job.spec[STUDENT_PRIVATE_KEY] is True  # the stack allows it
+        # As for a tenant's public name that now resolves to loopback.
+        job.spec = {**job.spec, STUDENT_PRIVATE_KEY: False}
+        session.commit()
+    st.sender.run_until_idle()
+    done = st.job(job_id)
+    assert done["status"] == "failed", done
+    assert "localhost resolves to" in done["status_reason"], done
+    assert st.teacher.stats()["by_status"].get("200", 0) == 0  # nothing reached the server

@@ -43,6 +43,15 @@ class JobContext:
         return self._rows
 
     @property
+    def student_public_only(self) -> bool:
+        """Whether every connection to the endpoint student must go to a public address: its
+        URL was not allowed a private one when the job was created (`create_job`). A job
+        stored before that was recorded is not checked, as before."""
+        from service.jobs import STUDENT_PRIVATE_KEY
+
+        return self.job.spec.get(STUDENT_PRIVATE_KEY) is False
+
+    @property
     def protected_texts(self) -> list[str]:
         """The validation and test inputs, which generated examples must not copy."""
         return [r.input for r in self.rows.validation] + [r.input for r in self.rows.test]

@@ -207,7 +207,7 @@ def _train_and_evaluate(
     session: Session, job: Job, iteration: Iteration, ctx: JobContext, ports: Ports
 ) -> None:
     try:
-        student = ports.make_student(ctx.spec.task, ctx.spec.student)
+        student = ports.make_student(ctx.spec.task, ctx.spec.student, ctx.student_public_only)
     except ValueError as exc:  # e.g. an unknown built-in model name: no retry will fix it
         raise StudentConfigurationError(str(exc)) from exc
     try:
@@ -217,7 +217,7 @@ def _train_and_evaluate(
             iteration,
             ctx,
             student,
-            lambda: ports.make_student(ctx.spec.task, ctx.spec.student),
+            lambda: ports.make_student(ctx.spec.task, ctx.spec.student, ctx.student_public_only),
             _label_checker(ctx, ports),
         )
     finally:
@@ -234,7 +234,7 @@ def _label_checker(ctx: JobContext, ports: Ports) -> Callable[[], Any] | None:
     if ctx.spec.task.kind is not TaskKind.classification:
         return None
     spec = ctx.spec.student if ctx.spec.student.type is StudentType.builtin else StudentSpec()
-    return lambda: ports.make_student(ctx.spec.task, spec)
+    return lambda: ports.make_student(ctx.spec.task, spec, False)
 
 
 def _close(student: Any) -> None:
@@ -926,7 +926,7 @@ def score_drafts(
     )
     if not drafts:
         return []
-    student = ports.make_student(ctx.spec.task, ctx.spec.student)
+    student = ports.make_student(ctx.spec.task, ctx.spec.student, ctx.student_public_only)
     # Drafts are scored on rows that steer this iteration, never on those that judge it.
     steering = ctx.validation_roles(iteration.number).steering
     probe_rows = [r for r in ctx.validation if r.row_id in steering]

@@ -24,6 +24,11 @@ from service.domain.evaluation import EvalRow, Prediction
 from service.domain.spec import TaskKind, TaskSpec
 from service.domain.teacher import StructuredMode
 from workers.students.base import StudentConfigurationError, StudentUnavailableError
+from workers.teacher.network import (
+    PrivateAddressError,
+    private_address_error,
+    public_only_http_client,
+)
 from workers.teacher.structured import is_format_refusal
 
 log = structlog.get_logger(__name__)
@@ -175,8 +180,12 @@ class EndpointStudent:
         timeout_s: float = 120.0,
         max_retries: int = 2,
         client: OpenAI | None = None,
+        public_only: bool = False,
     ) -> None:
-        """`client` replaces the one built from `base_url`/`api_key` (tests inject transports)."""
+        """`client` replaces the one built from `base_url`/`api_key` (tests inject transports).
+        `public_only`: a tenant's server, every connection checked to reach a public address
+        (`PublicOnlyBackend`), so that a name resolving elsewhere later cannot point the
+        workers inside the network."""
         if task.kind not in _DEFAULT_MAX_TOKENS:
             raise ValueError(
                 f"an endpoint student answers classification or qa tasks, not {task.kind.value!r}:"
@@ -209,6 +218,7 @@ class EndpointStudent:
             api_key=api_key or "no-key",
             timeout=timeout_s,
             max_retries=max_retries,
+            http_client=public_only_http_client(timeout_s) if public_only else None,
         )
 
     @property
@@ -355,7 +365,12 @@ class EndpointStudent:
             raise StudentConfigurationError(
                 f"the student endpoint refused the request: {exc}"
             ) from exc
-        except openai.APIError as exc:
+        except (openai.APIError, PrivateAddressError) as exc:
+            # A private address is not a fault that passes: the job says why it stopped. The
+            # SDK lets it through as it is, or wraps it in a connection error.
+            refused = private_address_error(exc)
+            if refused is not None:
+                raise StudentConfigurationError(f"the student endpoint refused: {refused}") from exc
             # Connection errors, timeouts, 429 and 5xx the SDK already retried.
             raise StudentUnavailableError(f"the student endpoint failed: {exc}") from exc
         if self.task.kind is TaskKind.classification:

@@ -34,14 +34,20 @@ def _embedding_backend_error(model: str) -> str | None:
 
 
 def build_student(
-    task: TaskSpec, spec: StudentSpec, *, cache_dir: Path, api_key: str | None
+    task: TaskSpec,
+    spec: StudentSpec,
+    *,
+    cache_dir: Path,
+    api_key: str | None,
+    public_only: bool = False,
 ) -> Student:
     """The student `spec` describes, for `task`.
 
     builtin: `EmbeddingStudent` ("minilm" or a local sentence-transformers directory; embeddings
     cached under `cache_dir`), or `TfidfStudent` for "tfidf" and whenever the embedding stack
     cannot be imported. Both are `TrainableStudent`s. endpoint: `EndpointStudent`, which is also
-    an `InContextScorer`. external: no object to build (ValueError).
+    an `InContextScorer`, whose connections go to public addresses only with `public_only`.
+    external: no object to build (ValueError).
     """
     if spec.type is StudentType.external:
         raise ValueError(
@@ -51,7 +57,13 @@ def build_student(
     if spec.type is StudentType.endpoint:
         if not spec.base_url:
             raise ValueError("an endpoint student needs a base_url")
-        return EndpointStudent(task, base_url=spec.base_url, model=spec.model, api_key=api_key)
+        return EndpointStudent(
+            task,
+            base_url=spec.base_url,
+            model=spec.model,
+            api_key=api_key,
+            public_only=public_only,
+        )
     if task.kind is not TaskKind.classification:
         raise ValueError(
             f"the built-in students classify; a {task.kind.value!r} task needs an endpoint or "

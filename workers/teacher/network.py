@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpcore2
+import httpx2
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from service.teachers import is_metadata_host, is_private_address
@@ -51,6 +54,62 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+class PublicOnlyBackend(httpcore2.SyncBackend):
+    """The same guard for the synchronous SDK client (httpx2 over httpcore2) that an endpoint
+    student a tenant configured is reached with: every connection, redirects included, goes
+    to a public address its name resolved to, or fails with `PrivateAddressError`. TLS still
+    names the URL's host (httpcore2 takes the SNI name from the request, not from here)."""
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.NetworkStream:
+        if is_metadata_host(host):
+            raise PrivateAddressError(
+                f"{host} is a cloud metadata service: refused for a server a tenant configured"
+            )
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore2.ConnectError(str(exc)) from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        public = [a for a in addresses if not is_private_address(a)]
+        if not public:
+            raise PrivateAddressError(
+                f"{host} resolves to {', '.join(sorted(addresses))}: private, loopback or "
+                "link-local addresses are refused for a server a tenant configured (an operator "
+                "can allow them)"
+            )
+        failure: httpcore2.ConnectError | httpcore2.ConnectTimeout | None = None
+        for address in public:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+
+def public_only_http_client(timeout_s: float) -> httpx2.Client:
+    """An httpx2 client for the `openai` SDK whose connections `PublicOnlyBackend` checks.
+    httpx2's transport takes no network backend, so its connection pool is replaced by one
+    built the same way with ours (`_pool` is the attribute its requests go through). No proxy
+    from the environment: a proxy would resolve the name itself, past the check."""
+    transport = httpx2.HTTPTransport(trust_env=False)
+    transport._pool = httpcore2.ConnectionPool(
+        ssl_context=httpx2.create_ssl_context(trust_env=False),
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=PublicOnlyBackend(),
+    )
+    return httpx2.Client(transport=transport, timeout=timeout_s, trust_env=False)
 
 
 E = TypeVar("E", bound=BaseException)
