@@ -34,7 +34,7 @@ from service import tasks
 from service.domain.spec import StudentType, Text
 from service.domain.statuses import IterationStatus, JobStatus, RefreshStatus
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.jobs import request_transition, transition_job
+from service.jobs import STUDENT_PRIVATE_KEY, request_transition, transition_job
 from service.models import Iteration, Job, JobRefresh, utcnow
 from service.secrets import KeyEnvPolicy
 from service.splits import job_spec
@@ -224,13 +224,17 @@ def request_refresh(
     latest = _check_state(session, job)
     _check_student(job, body, allow_private=allow_private, key_envs=key_envs)
     _check_budget(job, body, latest)
+    student = body.student.model_dump(exclude_none=True) if body.student else {}
+    if student.get("base_url"):
+        # What the workers check its connections by once it is applied (`STUDENT_PRIVATE_KEY`).
+        student[STUDENT_PRIVATE_KEY] = allow_private
     refresh = JobRefresh(
         job_id=job.id,
         status=RefreshStatus.pending,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         note=body.note,
-        student=body.student.model_dump(exclude_none=True) if body.student else {},
+        student=student,
         extra_budget=body.extra_budget.model_dump(exclude_none=True),
         reopened=job.status is JobStatus.succeeded,
         api_key_id=api_key_id,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.models import GenerationBatch, Iteration, JobRefresh
+from service.jobs import STUDENT_PRIVATE_KEY
+from service.models import GenerationBatch, Iteration, Job, JobRefresh
 from tests.data_factory import question_slice
 from tests.fake_teacher.client import FakeTeacherProcess
 from tests.integration.conftest import InlineStack
@@ -348,3 +349,30 @@ def test_a_refresh_cannot_carry_the_students_key_to_a_host_it_is_not_for(
     assert error["details"][0]["field"] == "student.api_key_env"
     same_host = _refresh(st, job_id, {"student": {"model": "student-v2"}})
     assert same_host.status_code == 202, same_host.text
+
+
+def test_a_refresh_to_a_new_student_url_records_whether_it_may_be_private(
+    inline_stack: InlineStack, student_server: FakeTeacherProcess
+) -> None:
+    """The workers check a tenant's student connections by what the job records (see
+    JobContext.student_public_only): a new URL brings its own allowance with it."""
+    st = inline_stack
+    job_id = _finished_job(
+        st, student={"type": "endpoint", "base_url": student_server.base_url, "model": "student-v1"}
+    )
+    with st.sessions() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.spec = {**job.spec, STUDENT_PRIVATE_KEY: False}  # as if it had been a public URL
+        session.commit()
+    moved = student_server.base_url.replace("127.0.0.1", "localhost")
+    resp = _refresh(st, job_id, {"student": {"model": "student-v2", "base_url": moved}})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["student"] == {"model": "student-v2", "base_url": moved}  # nothing of ours
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded", st.job(job_id)
+    with st.sessions() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        assert job.spec["student"]["base_url"] == moved
+        assert job.spec[STUDENT_PRIVATE_KEY] is True  # the stack's operator allows it

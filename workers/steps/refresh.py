@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from service import tasks
 from service.domain.spec import StudentType
 from service.domain.statuses import IterationStatus, RefreshStatus
+from service.jobs import STUDENT_PRIVATE_KEY
 from service.models import Iteration, Job, JobRefresh, utcnow
 from service.refreshes import MAX_ITERATIONS, evaluates_first
 from service.splits import job_spec
@@ -65,6 +66,8 @@ def _apply_student(job: Job, refresh: JobRefresh) -> None:
     changes = {k: v for k, v in refresh.student.items() if k in ("model", "base_url") and v}
     if changes:
         job.spec = {**job.spec, "student": {**job.spec["student"], **changes}}
+    if "base_url" in changes and STUDENT_PRIVATE_KEY in refresh.student:
+        job.spec = {**job.spec, STUDENT_PRIVATE_KEY: refresh.student[STUDENT_PRIVATE_KEY]}
 
 
 def _apply_budget(job: Job, refresh: JobRefresh, first: int) -> None:

@@ -33,7 +33,7 @@ def refresh_read(session: SessionDep, refresh: JobRefresh) -> RefreshRead:
         status=refresh.status.value,
         outcome=state.outcome,
         note=refresh.note,
-        student=refresh.student,
+        student={k: v for k, v in refresh.student.items() if not k.startswith("_")},
         extra_budget=refresh.extra_budget,
         student_iteration=state.student_iteration,
         iteration=refresh.iteration,
