@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,9 +35,9 @@ def teacher() -> Iterator[FakeTeacherProcess]:
         yield proc
 
 
-def _run(
-    tmp_path: Path, teacher: FakeTeacherProcess, columns: int = 200
-) -> subprocess.CompletedProcess[str]:
+def _spec_file(tmp_path: Path, teacher: FakeTeacherProcess, **changes: Any) -> Path:
+    """A job on the banking seed set against `teacher`, one call at a time as with the local
+    teacher."""
     spec = {
         "name": "progress",
         "strategy": "pgkd",
@@ -45,7 +46,6 @@ def _run(
             "train": str(DATA / "banking-seed.jsonl"),
             "validation": str(DATA / "banking-validation.jsonl"),
         },
-        # One call at a time, as with the local teacher.
         "teacher": {
             "base_url": teacher.base_url,
             "model": "fake-teacher",
@@ -56,23 +56,34 @@ def _run(
         "params": {"examples_per_target": 2},
         "batch_size": BATCH_SIZE,
         "seed": 0,
+        **changes,
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _env(tmp_path: Path, columns: int = 200) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("DISTILL_")
     }
+    env.update(DISTILL_HOME=str(tmp_path / "home"), NO_COLOR="1", COLUMNS=str(columns))
+    return env
+
+
+def _run(
+    tmp_path: Path, teacher: FakeTeacherProcess, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
+    path = _spec_file(tmp_path, teacher)
     # A terminal as rich sees one: live bars redrawn in place, as a user watches them.
-    env.update(
-        DISTILL_HOME=str(tmp_path / "home"),
-        DISTILL_LOG_LEVEL="INFO",
-        TTY_COMPATIBLE="1",
-        TTY_INTERACTIVE="1",
-        NO_COLOR="1",
-        COLUMNS=str(columns),
-    )
+    env = {
+        **_env(tmp_path, columns),
+        "DISTILL_LOG_LEVEL": "INFO",
+        "TTY_COMPATIBLE": "1",
+        "TTY_INTERACTIVE": "1",
+    }
     return subprocess.run(
         [DISTILL, "run", str(path)],
         env=env,
@@ -131,16 +142,6 @@ def test_the_summary_names_every_rejection_reason_whole_in_80_columns(
     ), reasons
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("DISTILL_")
-    }
-    env.update(DISTILL_HOME=str(tmp_path / "home"), NO_COLOR="1", COLUMNS="200")
-    return env
-
-
 def _status(tmp_path: Path, job_id: str) -> str:
     shown = subprocess.run(
         [DISTILL, "jobs", "show", job_id],
@@ -159,27 +160,12 @@ def test_ctrl_c_pauses_the_job_and_resume_then_serve_finishes_it(
     tmp_path: Path, teacher: FakeTeacherProcess
 ) -> None:
     teacher.reset()
-    spec = tmp_path / "job.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "name": "interrupted",
-                "strategy": "random",
-                "task": {"kind": "classification", "instructions": "Classify a bank message."},
-                "datasets": {
-                    "train": str(DATA / "banking-seed.jsonl"),
-                    "validation": str(DATA / "banking-validation.jsonl"),
-                },
-                "teacher": {
-                    "base_url": teacher.base_url,
-                    "model": "fake-teacher",
-                    "limits": {"max_concurrency": 1},
-                },
-                "student": {"type": "builtin", "model": "tfidf"},
-                "budget": {"max_iterations": 1, "max_examples": 24},
-                "batch_size": BATCH_SIZE,
-            }
-        )
+    spec = _spec_file(
+        tmp_path,
+        teacher,
+        name="interrupted",
+        strategy="random",
+        params={},
     )
     run = subprocess.Popen(
         [DISTILL, "run", str(spec)],

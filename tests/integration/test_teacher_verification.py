@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 
 from service.models import Example, TeacherCall
@@ -9,26 +11,29 @@ from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 
 
-def test_verification_keeps_only_candidates_the_teacher_agrees_with(
-    inline_stack: InlineStack,
-) -> None:
-    st = inline_stack
+def _spec(st: InlineStack, **changes: Any) -> dict[str, Any]:
+    """A one-iteration job on questions against the fake teacher, saved as a teacher."""
     train, val = question_slice(per_class=4, val_per_class=4)
     teacher = st.client.post(
         "/v1/teachers",
         json={"name": "t", "base_url": st.teacher.base_url, "model": "fake-teacher"},
         headers=st.auth,
     ).json()["id"]
-    spec = {
-        "name": "verify",
-        "strategy": "pgkd",
+    return {
         "task": {"instructions": "Classify the question."},
         "datasets": {"train": st.upload(train), "validation": st.upload(val)},
         "teacher": teacher,
         "student": {"type": "builtin", "model": "tfidf"},
-        "filters": {"teacher_verification": True},
         "budget": {"max_iterations": 1},
+        **changes,
     }
+
+
+def test_verification_keeps_only_candidates_the_teacher_agrees_with(
+    inline_stack: InlineStack,
+) -> None:
+    st = inline_stack
+    spec = _spec(st, name="verify", strategy="pgkd", filters={"teacher_verification": True})
     job_id = st.client.post("/v1/jobs", json=spec, headers=st.auth).json()["id"]
     st.sender.run_until_idle()
     assert st.job(job_id)["status"] == "succeeded"
@@ -64,22 +69,13 @@ def test_a_sample_that_disagrees_widens_verification_to_the_whole_batch(
     teacher labels a verified text blind to it, so it disagrees with most of its own labels:
     the sample shows it, and every accepted candidate of the batch is verified too."""
     st = inline_stack
-    train, val = question_slice(per_class=4, val_per_class=4)
-    teacher = st.client.post(
-        "/v1/teachers",
-        json={"name": "t", "base_url": st.teacher.base_url, "model": "fake-teacher"},
-        headers=st.auth,
-    ).json()["id"]
-    spec = {
-        "name": "verify-sample",
-        "strategy": "random",
-        "task": {"instructions": "Classify the question."},
-        "datasets": {"train": st.upload(train), "validation": st.upload(val)},
-        "teacher": teacher,
-        "student": {"type": "builtin", "model": "tfidf"},
-        "filters": {"teacher_verification": "sample"},
-        "budget": {"max_iterations": 1, "max_examples": 40},
-    }
+    spec = _spec(
+        st,
+        name="verify-sample",
+        strategy="random",
+        filters={"teacher_verification": "sample"},
+        budget={"max_iterations": 1, "max_examples": 40},
+    )
     job_id = st.client.post("/v1/jobs", json=spec, headers=st.auth).json()["id"]
     st.sender.run_until_idle()
     assert st.job(job_id)["status"] == "succeeded"
