@@ -67,8 +67,14 @@ class JobRows:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
+def without_private_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec (or refresh student) without the service's own keys, which start with an
+    underscore (`_hash`, `service.jobs.STUDENT_PRIVATE_KEY`): what a tenant wrote and sees."""
+    return {k: v for k, v in stored.items() if not k.startswith("_")}
+
+
 def job_spec(job: Job) -> JobSpec:
-    return JobSpec.model_validate({k: v for k, v in job.spec.items() if not k.startswith("_")})
+    return JobSpec.model_validate(without_private_keys(job.spec))
 
 
 def labelled(

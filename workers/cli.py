@@ -26,7 +26,7 @@ from service.domain.selection import exclusion_note
 from service.domain.spec import TeacherSpec
 from service.domain.statuses import ExportStatus, JobStatus
 from service.errors import BadRequest, DistillError, NotFound
-from service.jobs import create_job, parse_spec
+from service.jobs import create_job, parse_spec, request_transition
 from service.models import Dataset, Iteration, Job
 from service.settings import Settings, get_settings
 from service.tasks import ALL_QUEUES
@@ -399,8 +399,6 @@ def _run_spec(
 def _interrupted(job_id: uuid.UUID, tenant: str) -> NoReturn:
     """Ctrl-C: the job is paused, not left running, so that nothing continues it unasked (a
     later `distill serve` restarts every running job); what it stored is kept."""
-    from service.jobs import request_transition
-
     suffix = f" --tenant {shlex.quote(tenant)}" if tenant != "default" else ""
     status = "unknown"
     with contextlib.suppress(DistillError, DBAPIError), service_cli.open_session() as session:

@@ -29,6 +29,7 @@ from service.domain.statuses import (
 )
 from service.jobs import list_iterations
 from service.models import Export, Iteration, Job, Teacher
+from service.splits import without_private_keys
 
 # The stopping rule's reasons (service/domain/strategies/base.py) in words.
 _STOP_REASONS = {
@@ -465,5 +466,5 @@ def job_labels(job: Job) -> list[str]:
 
 def spec_yaml(job: Job) -> str:
     """The job spec as the user wrote it (YAML), without the service's private keys."""
-    spec = {k: v for k, v in job.spec.items() if not k.startswith("_")}
+    spec = without_private_keys(job.spec)
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)

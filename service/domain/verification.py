@@ -45,7 +45,7 @@ def verify_the_rest(verified: int, disagreed: int) -> bool:
     """Whether the sample's disagreements say the teacher's labels are not to be trusted: at
     least `WIDEN_MIN` of them and at least `WIDEN_SHARE` of the examples verified. One
     disagreement in ten is an ambiguous text as often as a wrong label."""
-    return verified > 0 and disagreed >= WIDEN_MIN and disagreed >= WIDEN_SHARE * verified
+    return disagreed >= WIDEN_MIN and disagreed >= WIDEN_SHARE * verified
 
 
 def verification_request(task: TaskSpec, labels: Sequence[str] | None, text: str) -> TeacherRequest:

@@ -16,6 +16,7 @@ from service.domain.spec import JobSpec
 from service.domain.statuses import ExampleStatus
 from service.domain.strategies import get_strategy, validate_params
 from service.domain.strategies.base import EvaluatedRow, LabelledRow, Strategy
+from service.jobs import STUDENT_PRIVATE_KEY
 from service.models import Example, Iteration, Job, Prediction
 from service.splits import JobRows, job_spec, load_job_rows
 
@@ -47,8 +48,6 @@ class JobContext:
         """Whether every connection to the endpoint student must go to a public address: its
         URL was not allowed a private one when the job was created (`create_job`). A job
         stored before that was recorded is not checked, as before."""
-        from service.jobs import STUDENT_PRIVATE_KEY
-
         return self.job.spec.get(STUDENT_PRIVATE_KEY) is False
 
     @property

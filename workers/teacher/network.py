@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,7 +26,29 @@ from service.teachers import is_metadata_host, is_private_address
 
 
 class PrivateAddressError(OSError):
-    """The teacher's host resolves only to addresses a tenant may not reach."""
+    """A tenant's server (teacher, endpoint student) resolves only to addresses it may not
+    reach."""
+
+
+def refuse_metadata_host(host: str) -> None:
+    """PrivateAddressError for a cloud metadata service's name, before it is resolved."""
+    if is_metadata_host(host):
+        raise PrivateAddressError(
+            f"{host} is a cloud metadata service: refused for a server a tenant configured"
+        )
+
+
+def public_addresses(host: str, addresses: Sequence[str]) -> list[str]:
+    """The public unicast ones of the addresses `host` resolved to, in order; none left is a
+    PrivateAddressError that names them all."""
+    public = [a for a in addresses if not is_private_address(a)]
+    if not public:
+        raise PrivateAddressError(
+            f"{host} resolves to {', '.join(sorted(set(addresses)))}: private, loopback or "
+            "link-local addresses are refused for a server a tenant configured (an operator "
+            "can allow them)"
+        )
+    return public
 
 
 class PublicOnlyResolver(AbstractResolver):
@@ -38,19 +60,10 @@ class PublicOnlyResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        if is_metadata_host(host):
-            raise PrivateAddressError(
-                f"{host} is a cloud metadata service: refused for a teacher a tenant configured"
-            )
+        refuse_metadata_host(host)
         found = await self._inner.resolve(host, port, family)
-        public = [r for r in found if not is_private_address(str(r["host"]))]
-        if not public:
-            addresses = ", ".join(sorted({str(r["host"]) for r in found}))
-            raise PrivateAddressError(
-                f"{host} resolves to {addresses}: private, loopback or link-local addresses "
-                "are refused for a teacher a tenant configured (an operator can allow them)"
-            )
-        return public
+        public = set(public_addresses(host, [str(r["host"]) for r in found]))
+        return [r for r in found if str(r["host"]) in public]
 
     async def close(self) -> None:
         await self._inner.close()
@@ -70,22 +83,12 @@ class PublicOnlyBackend(httpcore2.SyncBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.NetworkStream:
-        if is_metadata_host(host):
-            raise PrivateAddressError(
-                f"{host} is a cloud metadata service: refused for a server a tenant configured"
-            )
+        refuse_metadata_host(host)
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise httpcore2.ConnectError(str(exc)) from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
-        public = [a for a in addresses if not is_private_address(a)]
-        if not public:
-            raise PrivateAddressError(
-                f"{host} resolves to {', '.join(sorted(addresses))}: private, loopback or "
-                "link-local addresses are refused for a server a tenant configured (an operator "
-                "can allow them)"
-            )
+        public = public_addresses(host, list(dict.fromkeys(str(info[4][0]) for info in found)))
         failure: httpcore2.ConnectError | httpcore2.ConnectTimeout | None = None
         for address in public:
             try:

@@ -34,6 +34,7 @@ from service.jobs import (
 from service.models import Iteration, Job
 from service.pagination import Page
 from service.secrets import key_env_policy
+from service.splits import without_private_keys
 from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=DocumentedRoute)
@@ -44,7 +45,7 @@ _CONFLICT = error_responses(409)  # a transition the job's status does not allow
 
 def job_read(job: Job) -> JobRead:
     read = JobRead.model_validate(job)
-    read.spec = {k: v for k, v in job.spec.items() if not k.startswith("_")}
+    read.spec = without_private_keys(job.spec)
     return read
 
 

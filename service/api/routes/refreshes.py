@@ -20,6 +20,7 @@ from service.refreshes import (
     request_refresh,
 )
 from service.secrets import key_env_policy
+from service.splits import without_private_keys
 from service.teachers import teacher_url_policy
 
 router = APIRouter(prefix="/v1/jobs", tags=["refreshes"], route_class=DocumentedRoute)
@@ -33,7 +34,7 @@ def refresh_read(session: SessionDep, refresh: JobRefresh) -> RefreshRead:
         status=refresh.status.value,
         outcome=state.outcome,
         note=refresh.note,
-        student={k: v for k, v in refresh.student.items() if not k.startswith("_")},
+        student=without_private_keys(refresh.student),
         extra_budget=refresh.extra_budget,
         student_iteration=state.student_iteration,
         iteration=refresh.iteration,
