@@ -370,7 +370,13 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=200)
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=512, help="the job spec default")
-    parser.add_argument("--worker-concurrency", type=int, default=1)
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=2,
+        help="pool processes of each generation worker (`distill worker --concurrency`, whose "
+        "default is 2)",
+    )
     parser.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     parser.add_argument("--embedded", action="store_true", help="also run the embedded executor")
     parser.add_argument(

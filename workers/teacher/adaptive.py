@@ -1,4 +1,4 @@
-"""A local concurrency window adapted by AIMD, from 429s and from a vLLM server's own /metrics."""
+"""A local concurrency window adapted by AIMD from a vLLM server's own /metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,31 +19,18 @@ WAITING_METRIC = "vllm:num_requests_waiting"
 
 
 class ConcurrencyWindow:
-    """How many requests this process may have in flight to one teacher right now.
+    """How many requests this process may have in flight to one server right now.
 
-    It sits in front of the global limiter and only ever lowers the limit below
-    `max_concurrency`. Additive increase: +1 after a whole window of successes (about one round
-    trip), but not within `hold_s` of the last overload: a server's capacity changes slowly, and
-    each probe past it costs a refused request a whole Retry-After. Decrease on overload, to
-    what the server showed it holds.
+    It sits in front of the limiter and only ever lowers the limit below `max_concurrency`:
+    the AIMD controller moves it from a vLLM server's own queue. (What a 429 teaches, the
+    capacity the server holds, is shared by every process: the limiter learns it.)
     """
 
-    def __init__(
-        self,
-        maximum: int,
-        *,
-        minimum: int = 1,
-        hold_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, maximum: int, *, minimum: int = 1) -> None:
         self.maximum = maximum
         self.minimum = max(1, min(minimum, maximum))
         self.limit = maximum
         self.in_use = 0
-        self.hold_s = hold_s
-        self._clock = clock
-        self._overloaded_at = -math.inf
-        self._successes = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self) -> None:
@@ -74,24 +59,6 @@ class ConcurrencyWindow:
             if not future.done():
                 self.in_use += 1  # handed over directly: no one can barge in between
                 future.set_result(None)
-
-    def record_success(self) -> None:
-        if self.limit >= self.maximum or self._clock() - self._overloaded_at < self.hold_s:
-            return
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            self.set_limit(self.limit + 1)
-
-    def record_overload(self, in_flight: int) -> None:
-        """The server refused a request (429) while `in_flight` of ours were running.
-
-        It held `in_flight - 1` others, so that is what it can take; setting the window there
-        (rather than halving it) converges on the server's real capacity without a sawtooth.
-        """
-        self._successes = 0
-        self._overloaded_at = self._clock()
-        self.set_limit(min(self.limit, in_flight - 1))
 
     def set_limit(self, limit: int) -> None:
         self.limit = max(self.minimum, min(self.maximum, limit))

@@ -257,7 +257,9 @@ class OpenAITeacher:
         )
 
     def _window_total(self) -> int:
-        return sum(r.window.limit for r in self._replicas)
+        """The requests the teacher's servers are granted now: each one's window, under the
+        capacity its limiter learnt from 429s."""
+        return sum(min(r.window.limit, self._limiter.capacity(r.quota)) for r in self._replicas)
 
     @property
     def window(self) -> ConcurrencyWindow:
@@ -556,18 +558,19 @@ class OpenAITeacher:
         overloaded: bool = False,
     ) -> None:
         self._metrics.in_flight.dec()
-        window = replica.window
-        if overloaded:
-            window.record_overload(window.in_use)
-            self._metrics.window.set(self._window_total())
         try:
             await self._limiter.release(
-                lease, input_tokens=input_tokens, output_tokens=output_tokens
+                lease,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                overloaded=overloaded,
             )
         except Exception as exc:  # the answer is what matters; the slot expires by itself
             log.warning("teacher.release_failed", teacher=self.endpoint.limiter_key, error=str(exc))
         finally:
             self._free_window(replica)
+        if overloaded:
+            self._metrics.window.set(self._window_total())
 
     async def _give_back(self, call: _Call) -> None:
         """Return the lease of a call that was cancelled while holding it."""
@@ -662,7 +665,7 @@ class OpenAITeacher:
                     answered = verdict.status is not None
                     if verdict.retryable and verdict.status != 429 and len(self._replicas) > 1:
                         # No answer or a 5xx: the next requests go to the other replicas for a
-                        # while (a 429 only says this one is full: its window adapts instead).
+                        # while (a 429 only says this one is full: its limiter learns its capacity).
                         replica.failed(time.monotonic())
                     releasing, call.lease = call.lease, None
                     await self._release(
@@ -751,7 +754,6 @@ class OpenAITeacher:
                 await self._release(
                     replica, releasing, input_tokens=tokens_in, output_tokens=tokens_out
                 )
-                replica.window.record_success()
                 # Let the freed slot's next request go out before this one's validation and
                 # bookkeeping: under a burst of answers that keeps the teacher busy.
                 await asyncio.sleep(0)

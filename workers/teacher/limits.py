@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,18 @@ log = structlog.get_logger(__name__)
 
 _CONCURRENCY: Final = 1  # acquire refused: every slot is leased
 _RATE: Final = 2  # acquire refused: a request or token bucket is short
+
+# A 429 teaches a limiter what the server really holds, below the `max_concurrency` a user
+# configured: how many other requests it was running when it refused one. That learned
+# capacity is kept beside the leases and shared like them (in Redis, every process and machine
+# backs off together, and one that stops leaves its share to the others). No slot above it is
+# probed for HOLD_S after a refusal (each probe past the server costs a refused request its
+# whole Retry-After); then it grows by one slot every GROW_EVERY_S, only while it binds.
+HOLD_S: Final = 10.0
+GROW_EVERY_S: Final = 0.25
+# Redis forgets it this long after the last refusal (a server's capacity changes, and Redis's
+# memory is not a registry of every teacher ever seen).
+LEARNED_TTL_S: Final = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +94,46 @@ class Lease:
     handoffs: int = 0  # times this slot went straight to another request of this process
 
 
+@dataclass(slots=True)
+class LearnedCapacity:
+    """What a server showed it holds, below the configured cap (None: nothing learnt).
+
+    The rule of the module's comment, for one process; `RedisLimiter`'s scripts apply the
+    same rule to state kept in Redis.
+    """
+
+    limit: int | None = None
+    refused_at: float = -math.inf
+    grown_at: float = -math.inf
+
+    def cap(self, maximum: int) -> int:
+        return maximum if self.limit is None else min(maximum, self.limit)
+
+    def refused(self, maximum: int, others: int, now: float) -> int:
+        """The server refused a request while `others` of its users' requests were out."""
+        self.limit = max(1, min(self.cap(maximum), others))
+        self.refused_at = self.grown_at = now
+        return self.limit
+
+    def grow_if_due(self, maximum: int, now: float) -> None:
+        """Called when the learned capacity is what keeps a request waiting."""
+        if self.limit is None or now - self.refused_at < HOLD_S:
+            return
+        if now - self.grown_at >= GROW_EVERY_S:
+            self.grown_at = now
+            self.limit += 1
+            if self.limit >= maximum:
+                self.limit = None  # back to the configured cap: nothing left to learn
+
+
 class Limiter(Protocol):
     """Grants request slots under a teacher's limits; shared by every gateway that uses it.
 
     `acquire` waits (without holding anything) until a concurrency slot is free and the request
     and token buckets can pay for the request, then returns a lease. `release` returns the slot
-    and corrects the token buckets with what the request really used (None: keep the estimate).
+    and corrects the token buckets with what the request really used (None: keep the estimate);
+    `overloaded` says the server refused the request (a 429): the capacity it holds is learnt.
+    `capacity` is the concurrency the limiter grants now, as this process last saw it.
     """
 
     async def acquire(
@@ -94,30 +141,71 @@ class Limiter(Protocol):
     ) -> Lease: ...
 
     async def release(
-        self, lease: Lease, *, input_tokens: int | None = None, output_tokens: int | None = None
+        self,
+        lease: Lease,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        overloaded: bool = False,
     ) -> None: ...
+
+    def capacity(self, quota: TeacherQuota) -> int: ...
 
     async def aclose(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- Redis
 
-# KEYS: leases zset, rpm bucket, input tpm bucket, output tpm bucket, "someone waits" marker
-# ARGV: lease ttl ms, max concurrency, rpm, itpm, otpm (0 = no limit), input, output, marker
-# ttl ms, then the ids of the leases asked for (one, or a block of several when no bucket is
-# set). Grants as many of them as there are free slots: returns {1, granted}, or {0, reason,
-# milliseconds worth waiting before retrying}.
-_ACQUIRE_LUA: Final = """
+# The learned capacity (see LearnedCapacity), a hash: limit, refused_at, grown_at (ms, Redis's
+# clock). Its rule in Lua, for both scripts: the cap granted now; with `hold` and `step` (ms),
+# grown by a slot when due (the caller's requests wait on it).
+_LEARNED_LUA: Final = """
+local function learned_cap(key, maximum, now, hold, step)
+  local v = redis.call('HMGET', key, 'limit', 'refused_at', 'grown_at')
+  local limit = tonumber(v[1])
+  if not limit then
+    return maximum
+  end
+  if hold and now - tonumber(v[2]) >= hold and now - tonumber(v[3]) >= step then
+    limit = limit + 1
+    if limit >= maximum then
+      redis.call('DEL', key)
+      return maximum
+    end
+    redis.call('HSET', key, 'limit', limit, 'grown_at', now)
+  end
+  return math.min(maximum, limit)
+end
+"""
+
+# KEYS: leases zset, rpm bucket, input tpm bucket, output tpm bucket, "someone waits" marker,
+# learned capacity. ARGV: lease ttl ms, max concurrency, rpm, itpm, otpm (0 = no limit), input,
+# output, marker ttl ms, the learned capacity's hold and step ms, then the ids of the leases
+# asked for (one, or a block of several when no bucket is set). Grants as many of them as
+# there are free slots under the learned capacity: returns {1, granted, cap}, or {0, reason,
+# milliseconds worth waiting before retrying, cap}.
+_ACQUIRE_LUA: Final = (
+    _LEARNED_LUA
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
+local held = redis.call('ZCARD', KEYS[1])
+local cap = learned_cap(KEYS[6], tonumber(ARGV[2]), now)
+if held >= cap and cap < tonumber(ARGV[2]) then
+  cap = learned_cap(KEYS[6], tonumber(ARGV[2]), now, tonumber(ARGV[9]), tonumber(ARGV[10]))
+end
+local free = cap - held
 if free <= 0 then
   -- Waiters re-ask at least every poll interval, so the marker lives while anyone waits.
   redis.call('SET', KEYS[5], '1', 'PX', tonumber(ARGV[8]))
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, 1, math.max(1, tonumber(first[2]) - now)}
+  local wait = 1
+  if first[2] then
+    wait = math.max(1, tonumber(first[2]) - now)
+  end
+  return {0, 1, wait, cap}
 end
 local limits = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local costs = {1, tonumber(ARGV[6]), tonumber(ARGV[7])}
@@ -138,7 +226,7 @@ for i = 1, 3 do
   end
 end
 if wait > 0 then
-  return {0, 2, wait}
+  return {0, 2, wait, cap}
 end
 for i = 1, 3 do
   local cap = limits[i]
@@ -148,13 +236,34 @@ for i = 1, 3 do
     redis.call('PEXPIRE', KEYS[i + 1], math.ceil((cap - level) * 60000 / cap) + 1000)
   end
 end
-local granted = math.min(free, #ARGV - 8)
+local granted = math.min(free, #ARGV - 10)
 for i = 1, granted do
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[8 + i])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[10 + i])
 end
 redis.call('PEXPIRE', KEYS[1], 2 * ttl)
-return {1, granted}
+return {1, granted, cap}
 """
+)
+
+# KEYS: leases zset, learned capacity. ARGV: max concurrency, the caller's free slots (leased,
+# serving no request), learned ttl ms, the id of the refused request's lease. Gives that lease
+# back and learns: the server held the others in use. Returns the learned capacity.
+_OVERLOAD_LUA: Final = (
+    _LEARNED_LUA
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[1], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+local maximum = tonumber(ARGV[1])
+local others = held - tonumber(ARGV[2])
+local limit = math.max(1, math.min(learned_cap(KEYS[2], maximum, now), others))
+redis.call('HSET', KEYS[2], 'limit', limit, 'refused_at', now, 'grown_at', now)
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+return limit
+"""
+)
 
 # KEYS: leases zset, input tpm bucket, output tpm bucket, "someone waits" marker
 # ARGV: itpm, otpm, input correction, output correction (actual minus reserved, summed over the
@@ -214,6 +323,7 @@ class _RedisKeys:
     output_tokens: str
     waiting: str
     channel: str
+    learned: str
 
 
 # A slot serves at most this many requests of one process in a row, then goes back through
@@ -243,6 +353,7 @@ class _Slots:
     returning: list[tuple[Lease, int, int]] = field(default_factory=list)
     flush: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # something to give back now
+    cap: int = 0  # the concurrency Redis granted under at the last answer (learned or not)
 
 
 @dataclass(slots=True)
@@ -291,8 +402,13 @@ class RedisLimiter:
         lease_ttl_s: float = 30.0,
         poll_s: float = 1.0,
         unreachable_s: float = 60.0,
+        hold_s: float = HOLD_S,
+        step_s: float = GROW_EVERY_S,
     ) -> None:
+        """`hold_s` and `step_s`: how the capacity learnt from a 429 grows back (tests)."""
         self._url = redis_url
+        self._hold_s = hold_s
+        self._step_s = step_s
         self._unreachable_s = unreachable_s
         self._prefix = prefix
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
@@ -314,6 +430,7 @@ class RedisLimiter:
                 output_tokens=f"{base}:otpm",
                 waiting=f"{base}:waiting",
                 channel=f"{base}:released",
+                learned=f"{base}:learned",
             )
             self._keys[key] = keys
         return keys
@@ -333,6 +450,7 @@ class RedisLimiter:
                 "acquire": client.register_script(_ACQUIRE_LUA),
                 "release": client.register_script(_RELEASE_LUA),
                 "renew": client.register_script(_RENEW_LUA),
+                "overload": client.register_script(_OVERLOAD_LUA),
             },
         )
         # The loop cancels every task when it shuts down (asyncio.run, run_sync): this one
@@ -441,6 +559,8 @@ class RedisLimiter:
             cost_in,
             cost_out,
             max(1, round(self._poll_s * 2000)),
+            round(self._hold_s * 1000),
+            round(self._step_s * 1000),
             *ids,
         )
         script_keys = [
@@ -449,14 +569,17 @@ class RedisLimiter:
             keys.input_tokens,
             keys.output_tokens,
             keys.waiting,
+            keys.learned,
         ]
         self.script_calls += 1
         answer = await self._while_reachable(
             lambda: state.scripts["acquire"](keys=script_keys, args=args)
         )
         if int(answer[0]) != 1:
+            slots.cap = int(answer[3])
             return None, (int(answer[1]), int(answer[2]))
         granted = int(answer[1])
+        slots.cap = int(answer[2])
         held = state.held.setdefault(quota.key, {})
         lease = Lease(quota, ids[0], cost_in, cost_out)
         held[lease.id] = lease
@@ -486,12 +609,23 @@ class RedisLimiter:
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
+    def capacity(self, quota: TeacherQuota) -> int:
+        state = self._state
+        slots = None if state is None else state.slots.get(quota.key)
+        return slots.cap if slots is not None and slots.cap else quota.max_concurrency
+
     async def release(
-        self, lease: Lease, *, input_tokens: int | None = None, output_tokens: int | None = None
+        self,
+        lease: Lease,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        overloaded: bool = False,
     ) -> None:
         """Give the slot back: to this process's next request, or to Redis at the next flush
-        (within this turn of the event loop). Never raises: a slot Redis cannot take back now
-        expires by itself after the lease TTL (or went away with a restarted Redis)."""
+        (within this turn of the event loop); a refused request's at once, learning the
+        capacity. Never raises: a slot Redis cannot take back now expires by itself after the
+        lease TTL (or went away with a restarted Redis)."""
         state = self._state
         held = None if state is None else state.held.get(lease.quota.key)
         if state is None or held is None or lease.id not in held:
@@ -499,7 +633,12 @@ class RedisLimiter:
         slots = state.slots[lease.quota.key]
         if any(slot.id == lease.id for slot, _ in slots.free):
             return  # released twice: it is free already (and must serve one request at a time)
-        if lease.quota.concurrency_only and lease.handoffs < MAX_HANDOFFS:
+        if overloaded:
+            try:
+                await self._overloaded(state, slots, lease)
+            except Exception as exc:  # the release below still gives it back; the next 429 learns
+                log.warning("teacher.limiter_release_failed", error=str(exc))
+        elif lease.quota.concurrency_only and lease.handoffs < MAX_HANDOFFS:
             # Kept for this process's next request; the lease stays held, and so renewed.
             held[lease.id] = lease
             slots.free.append((lease, time.monotonic()))
@@ -511,6 +650,27 @@ class RedisLimiter:
         delta_out = 0 if output_tokens is None else output_tokens - lease.output_tokens
         slots.returning.append((lease, delta_in, delta_out))
         self._schedule_flush(state, slots, now=True)
+
+    async def _overloaded(self, state: _LoopState, slots: _Slots, lease: Lease) -> None:
+        """Redis takes the refused request's slot back at once (the release script, after
+        this, only corrects the token buckets) and learns what the server holds: the leases
+        still held, less this process's free ones, which go back too (the server is full: a
+        request in one would be refused). Leases are never granted over the learned capacity
+        and a slot handed to this process's next request is still one lease, so the processes'
+        requests in flight fall to it as the running ones end."""
+        quota = slots.quota
+        keys = self._keys_for(quota.key)
+        self.script_calls += 1
+        learned = await state.scripts["overload"](
+            keys=[keys.leases, keys.learned],
+            args=(quota.max_concurrency, len(slots.free), round(LEARNED_TTL_S * 1000), lease.id),
+        )
+        slots.cap = int(learned)
+        mine = state.held[quota.key]
+        for slot, _ in slots.free:
+            mine.pop(slot.id, None)
+            slots.returning.append((slot, 0, 0))
+        slots.free = []
 
     def _schedule_flush(self, state: _LoopState, slots: _Slots, *, now: bool) -> None:
         """Make sure a flush task runs; `now` wakes it for slots released for good."""
@@ -671,6 +831,7 @@ class _LocalState:
     quota: TeacherQuota
     buckets: list[_Bucket | None]
     held: int = 0
+    learned: LearnedCapacity = field(default_factory=LearnedCapacity)
     loop: asyncio.AbstractEventLoop | None = None
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -696,8 +857,10 @@ class LocalLimiter:
                 quota.output_tokens_per_minute,
             )
             buckets = [None if cap is None else _Bucket(cap, float(cap), now) for cap in limits]
-            held = state.held if state is not None else 0
-            state = _LocalState(quota, buckets, held)
+            if state is None:
+                state = _LocalState(quota, buckets)
+            else:
+                state = _LocalState(quota, buckets, state.held, state.learned)
             self._states[quota.key] = state
         loop = asyncio.get_running_loop()
         if state.loop is not loop:
@@ -714,10 +877,16 @@ class LocalLimiter:
         async with state.turn:
             while True:
                 state.released.clear()
-                if state.held >= quota.max_concurrency:
-                    await state.released.wait()
-                    continue
                 now = self._clock()
+                if state.held >= state.learned.cap(quota.max_concurrency):
+                    state.learned.grow_if_due(quota.max_concurrency, now)
+                if state.held >= state.learned.cap(quota.max_concurrency):
+                    # A release wakes it, and so does the learned capacity's next step.
+                    step = None if state.learned.limit is None else GROW_EVERY_S
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(step):
+                            await state.released.wait()
+                    continue
                 wait = 0.0
                 for bucket, cost in zip(state.buckets, costs, strict=True):
                     if bucket is not None and bucket.refill(now) < cost:
@@ -732,14 +901,25 @@ class LocalLimiter:
                 break
         return Lease(quota, uuid.uuid4().hex, cost_in, cost_out)
 
+    def capacity(self, quota: TeacherQuota) -> int:
+        state = self._states.get(quota.key)
+        return quota.max_concurrency if state is None else state.learned.cap(quota.max_concurrency)
+
     async def release(
-        self, lease: Lease, *, input_tokens: int | None = None, output_tokens: int | None = None
+        self,
+        lease: Lease,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        overloaded: bool = False,
     ) -> None:
         state = self._states.get(lease.quota.key)
         if state is None:
             return
         state.held = max(0, state.held - 1)
         now = self._clock()
+        if overloaded:
+            state.learned.refused(lease.quota.max_concurrency, state.held, now)
         corrections = (
             (state.buckets[1], None if input_tokens is None else input_tokens - lease.input_tokens),
             (

@@ -1,4 +1,4 @@
-"""The adaptive concurrency window: AIMD on 429s and on a vLLM server's /metrics."""
+"""The adaptive concurrency window: AIMD on a vLLM server's /metrics (429s: test_teacher_limits)."""
 
 from __future__ import annotations
 
@@ -42,44 +42,6 @@ def test_window_blocks_at_its_limit_and_hands_slots_over_in_order() -> None:
         assert window.in_use == 2
 
     run_sync(scenario())
-
-
-def test_overload_sets_the_window_to_what_the_server_held() -> None:
-    window = ConcurrencyWindow(128)
-    window.in_use = 100
-    window.record_overload(in_flight=100)  # refused while 99 others ran
-    assert window.limit == 99
-    window.record_overload(in_flight=120)  # never raised by an overload
-    assert window.limit == 99
-    window.record_overload(in_flight=1)
-    assert window.limit == 1  # never below the minimum
-
-
-def test_additive_increase_after_a_window_of_successes() -> None:
-    window = ConcurrencyWindow(10)
-    window.set_limit(4)
-    for _ in range(3):
-        window.record_success()
-    assert window.limit == 4
-    window.record_success()
-    assert window.limit == 5
-    for _ in range(100):
-        window.record_success()
-    assert window.limit == 10  # capped at max_concurrency
-
-
-def test_no_probing_past_the_server_soon_after_an_overload() -> None:
-    now = [100.0]
-    window = ConcurrencyWindow(64, hold_s=10.0, clock=lambda: now[0])
-    window.record_overload(in_flight=33)
-    assert window.limit == 32
-    for _ in range(200):
-        window.record_success()
-    assert window.limit == 32  # held
-    now[0] += 10.0
-    for _ in range(32):
-        window.record_success()
-    assert window.limit == 33
 
 
 def test_a_shrunk_window_lets_no_one_in_until_below_it() -> None:

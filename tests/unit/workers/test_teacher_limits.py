@@ -1,4 +1,5 @@
-"""In-process limiter semantics: concurrency slots, request and token buckets, refunds."""
+"""In-process limiter semantics: concurrency slots, request and token buckets, refunds, and the
+capacity a 429 teaches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from workers.teacher import LocalLimiter, TeacherQuota, run_sync
+from workers.teacher.limits import GROW_EVERY_S, HOLD_S, LearnedCapacity
 
 
 def test_concurrency_slots_are_granted_in_order_and_given_back() -> None:
@@ -130,3 +132,52 @@ def test_many_waiters_never_exceed_the_cap(concurrency: int) -> None:
         return peak
 
     assert run_sync(scenario()) == concurrency
+
+
+# --------------------------------------------------------------------------- 429s
+
+
+def test_a_refusal_teaches_what_the_server_held_and_never_raises_it() -> None:
+    learned = LearnedCapacity()
+    assert learned.cap(128) == 128
+    assert learned.refused(128, others=99, now=0.0) == 99  # refused while 99 others ran
+    assert learned.refused(128, others=120, now=0.0) == 99  # never raised by a refusal
+    assert learned.refused(128, others=0, now=0.0) == 1  # never below one
+
+
+def test_the_learned_capacity_is_held_then_grows_back_one_slot_at_a_time() -> None:
+    learned = LearnedCapacity()
+    learned.refused(8, others=5, now=100.0)
+    learned.grow_if_due(8, now=100.0 + HOLD_S - 0.01)
+    assert learned.cap(8) == 5  # no probing past the server so soon after it refused
+    learned.grow_if_due(8, now=100.0 + HOLD_S)
+    learned.grow_if_due(8, now=100.0 + HOLD_S + GROW_EVERY_S / 2)
+    assert learned.cap(8) == 6  # one slot per GROW_EVERY_S
+    learned.grow_if_due(8, now=100.0 + HOLD_S + GROW_EVERY_S)
+    assert learned.cap(8) == 7
+    learned.grow_if_due(8, now=100.0 + HOLD_S + 2 * GROW_EVERY_S)
+    assert learned.limit is None and learned.cap(8) == 8  # back at the configured cap
+
+
+def test_a_local_limiter_grants_only_what_a_refusal_showed_the_server_holds() -> None:
+    now = [1000.0]
+    quota = TeacherQuota("t", max_concurrency=8)
+
+    async def scenario() -> None:
+        limiter = LocalLimiter(clock=lambda: now[0])
+        leases = [await limiter.acquire(quota, input_tokens=0, output_tokens=0) for _ in range(6)]
+        await limiter.release(leases.pop(), overloaded=True)  # refused while 5 others ran
+        assert limiter.capacity(quota) == 5
+        waiting = asyncio.create_task(limiter.acquire(quota, input_tokens=0, output_tokens=0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # 5 in use: the configured 8 is not what the server holds
+        await limiter.release(leases.pop())
+        leases.append(await asyncio.wait_for(waiting, 1))
+        # Once the hold is over, a request the learned capacity keeps waiting probes one more.
+        now[0] += HOLD_S
+        leases.append(
+            await asyncio.wait_for(limiter.acquire(quota, input_tokens=0, output_tokens=0), 1)
+        )
+        assert limiter.capacity(quota) == 6
+
+    run_sync(scenario())
