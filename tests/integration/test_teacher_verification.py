@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from service.models import Example, TeacherCall
@@ -98,3 +99,41 @@ def test_a_sample_that_disagrees_widens_verification_to_the_whole_batch(
         {e.meta["verification_call"] for e in examples if "verification_call" in e.meta}
     )
     assert {e.rejection_reason for e in examples} >= {"verification_disagreed"}
+
+
+# A hang cannot be interrupted in the main thread (the step waits for its DB thread): the
+# thread method dumps every stack and ends the test process, which fails the run.
+@pytest.mark.timeout(120, method="thread")
+def test_verification_with_batches_in_flight_and_waiting_for_slots_finishes(
+    inline_stack: InlineStack,
+) -> None:
+    """A batch is verified while it closes on the pipeline's DB thread, with the next batches'
+    requests in flight and more waiting for one of the teacher's 2 slots. Verification used to
+    call the teacher from an event loop of its own on that thread, which took the process's
+    limiter over from the pipeline's loop: both waited for ever."""
+    st = inline_stack
+    st.teacher.configure(latency_ms=50)
+    narrow = st.client.post(
+        "/v1/teachers",
+        json={
+            "name": "narrow",
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 2},
+        },
+        headers=st.auth,
+    ).json()["id"]
+    spec = _spec(
+        st,
+        name="verify-in-flight",
+        strategy="random",
+        filters={"teacher_verification": True},
+        budget={"max_iterations": 1, "max_examples": 60},
+        batch_size=4,
+    )
+    job_id = st.client.post("/v1/jobs", json={**spec, "teacher": narrow}, headers=st.auth)
+    st.sender.run_until_idle()
+    assert st.job(job_id.json()["id"])["status"] == "succeeded"
+    with st.sessions() as session:
+        verified = [e for e in session.scalars(select(Example)) if "verification_call" in e.meta]
+    assert len(verified) > 4  # more than one batch was verified

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,6 +76,8 @@ from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
 
 log = structlog.get_logger()
 T = TypeVar("T")
+# Runs teacher calls on the pipeline's event loop from the DB thread (`_Pipeline._on_loop`).
+OnLoop = Callable[[Coroutine[Any, Any, list[TeacherResult]]], list[TeacherResult]]
 
 # How often a running pipeline re-reads its job (cancel/pause): a pipeline spans batches, so
 # this, not the batch size, bounds what is sent after a cancel (one primary-key read).
@@ -535,8 +537,20 @@ class _Pipeline:
                 self.session.rollback()
             raise
 
+    def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` on the pipeline's event loop and wait for it (from the DB thread).
+
+        Teacher verification calls the teacher while a batch closes, on the DB thread. The
+        process's limiter belongs to one event loop at a time (its waiters, leases and
+        connections), and a loop of its own on this thread, as `asyncio.run` made, took it
+        over from the pipeline's while that one still held and waited for slots: both then
+        waited for ever (a job with verification and more than one batch in flight hung).
+        """
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
     async def _run(self, batch_id: uuid.UUID, token: int) -> None:
         self._check()
+        self.loop = asyncio.get_running_loop()
         teacher = self.ports.make_teacher(self.teacher_row)
         self._pending: list[TeacherResult] = []
         self._arrived = asyncio.Event()
@@ -888,7 +902,9 @@ class _Pipeline:
             session, job, batch, self.ctx, work.targets, work.fingerprints, calls, final=give_up
         )
         if self.ctx.spec.filters.teacher_verification:
-            rows = _verify(session, self.ports, self.teacher_row, job, batch, self.ctx, rows)
+            rows = _verify(
+                session, self.ports, self.teacher_row, job, batch, self.ctx, rows, self._on_loop
+            )
         # The writes start here: the job's row first (service.jobs.lock_job), then re-read
         # the batch and the job under it (a cancel may have committed since they were read).
         if not lock_job(session, self.job_id):
@@ -1032,8 +1048,10 @@ def _call_teacher(
     batch: GenerationBatch,
     to_call: list[tuple[TeacherRequest, str]],
     previous: dict[str, dict[str, int]],
+    on_loop: OnLoop,
 ) -> None:
-    """Send a few requests and store their answers (teacher verification of a batch)."""
+    """Send a few requests and store their answers (teacher verification of a batch), on
+    the pipeline's event loop (`_Pipeline._on_loop`)."""
     if not to_call:
         return
     requests = {fp: r for r, fp in to_call}
@@ -1045,7 +1063,7 @@ def _call_teacher(
         finally:
             await teacher.aclose()
 
-    results = asyncio.run(consume())
+    results = on_loop(consume())
     batch_of = dict.fromkeys(requests, batch.id)
     _store_calls(session, teacher_row.id, job.id, batch_of, requests, results, previous)
     session.commit()
@@ -1226,6 +1244,7 @@ def _verify(
     batch: GenerationBatch,
     ctx: JobContext,
     rows: list[dict[str, Any]],
+    on_loop: OnLoop,
 ) -> list[dict[str, Any]]:
     """Teacher verification: the teacher answers each accepted candidate's input on its own;
     a candidate is kept only when the two agree. Calls are cached like any other. With
@@ -1235,17 +1254,17 @@ def _verify(
 
     accepted = [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
     if ctx.spec.filters.teacher_verification != "sample":
-        _verify_rows(session, ports, teacher_row, job, batch, ctx, accepted)
+        _verify_rows(session, ports, teacher_row, job, batch, ctx, accepted, on_loop)
         return rows
     picked = sample_for_verification(
         [f"{r['input']}\x00{r['output']}" for r in accepted], seed=str(job.id)
     )
     first = [r for i, r in enumerate(accepted) if i in picked]
     rest = [r for i, r in enumerate(accepted) if i not in picked]
-    disagreed = _verify_rows(session, ports, teacher_row, job, batch, ctx, first)
+    disagreed = _verify_rows(session, ports, teacher_row, job, batch, ctx, first, on_loop)
     widened = bool(rest) and verify_the_rest(len(first), disagreed)
     if widened:
-        _verify_rows(session, ports, teacher_row, job, batch, ctx, rest)
+        _verify_rows(session, ports, teacher_row, job, batch, ctx, rest, on_loop)
     else:
         for row in rest:
             row["meta"] = {**row["meta"], "verification": "not sampled"}
@@ -1268,6 +1287,7 @@ def _verify_rows(
     batch: GenerationBatch,
     ctx: JobContext,
     accepted: list[dict[str, Any]],
+    on_loop: OnLoop,
 ) -> int:
     """Verify `accepted` in place (rejecting what the teacher labels otherwise, or could not
     label); the number the teacher labelled otherwise."""
@@ -1284,7 +1304,7 @@ def _verify_rows(
     ]
     fps = [req.fingerprint(teacher_row.model) for req in requests]
     to_call, previous = _uncached(session, teacher_row, requests, fps)
-    _call_teacher(session, ports, teacher_row, job, batch, to_call, previous)
+    _call_teacher(session, ports, teacher_row, job, batch, to_call, previous, on_loop)
     calls = _calls_by_fingerprint(session, teacher_row, fps)
     disagreed = 0
     for row, fp in zip(accepted, fps, strict=True):
