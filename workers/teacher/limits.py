@@ -387,7 +387,8 @@ class RedisLimiter:
     times; slots given back within one turn of the event loop go in one script call. Every slot
     a process holds, in use or free, is a lease in Redis, so the processes together never hold
     more than the cap. A teacher with request or token buckets is charged per request (the
-    buckets must see each one), its releases still batched.
+    buckets must see each one), its releases still batched. The capacity a 429 teaches
+    (`LearnedCapacity`) is a hash beside the leases: every process grants under it.
 
     One instance may serve a whole worker process across event loops: its connections belong
     to the loop that made them and are closed when that loop shuts down (or on `aclose`), its
