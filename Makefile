@@ -31,7 +31,7 @@ lint: dev-tools ## Ruff lint and format check, the import contract (service neve
 	$(VENV)/bin/ruff format --check service workers tests bench
 	$(VENV)/bin/lint-imports
 
-typecheck: dev-tools ## mypy --strict on service and workers
+typecheck: dev-tools ## mypy --strict on service, workers and bench
 	$(VENV)/bin/mypy
 
 # Test processes (pytest-xdist): a test file runs whole in one of them, so a module's server or

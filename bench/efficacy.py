@@ -227,8 +227,9 @@ class Runner:
             job_id = job.id
         self.sender.run_until_idle()
         with self.sessions() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
+            done = session.get(Job, job_id)
+            assert done is not None
+            job = done
             iterations = list(
                 session.scalars(
                     select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)

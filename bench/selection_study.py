@@ -138,15 +138,18 @@ class Setting:
 
     def steering(self, policy: str, round_: int) -> NDArray[np.bool_]:
         turn = round_ % 2
+        mask: NDArray[np.bool_]  # numpy's stubs type an array comparison as Any
         if policy.endswith("-all"):
-            return np.ones(len(self.vy), dtype=bool)
-        if policy.endswith("-half"):
-            return self.part[2] == turn
-        if policy.endswith("-rotate"):
-            return self.part[3] == round_ % 3
-        if policy.endswith("-fifths"):
-            return (self.part[5] < 4) & (self.part[5] % 2 == turn)
-        return self.part[3] == turn  # thirds: the last one never steers
+            mask = np.ones(len(self.vy), dtype=bool)
+        elif policy.endswith("-half"):
+            mask = self.part[2] == turn
+        elif policy.endswith("-rotate"):
+            mask = self.part[3] == round_ % 3
+        elif policy.endswith("-fifths"):
+            mask = (self.part[5] < 4) & (self.part[5] % 2 == turn)
+        else:
+            mask = self.part[3] == turn  # thirds: the last one never steers
+        return mask
 
 
 def select(setting: Setting, policy: str, seed: int) -> list[int]:
