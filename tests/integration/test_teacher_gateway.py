@@ -266,8 +266,8 @@ def test_a_refusal_teaches_every_process_what_the_server_holds_then_it_grows_bac
         )
 
     async def scenario() -> None:
-        first = RedisLimiter(REDIS_URL, prefix, hold_s=0.5, step_s=0.05)
-        second = RedisLimiter(REDIS_URL, prefix, poll_s=0.05, hold_s=0.5, step_s=0.05)
+        first = RedisLimiter(REDIS_URL, prefix, hold_s=1.0, step_s=0.05)
+        second = RedisLimiter(REDIS_URL, prefix, poll_s=0.05, hold_s=1.0, step_s=0.05)
         try:
             mine = [await take(first) for _ in range(5)]  # a block of 8: 3 slots left free
             await first.release(mine.pop(), overloaded=True)  # refused while 4 others ran
