@@ -227,9 +227,7 @@ class Runner:
             job_id = job.id
         self.sender.run_until_idle()
         with self.sessions() as session:
-            done = session.get(Job, job_id)
-            assert done is not None
-            job = done
+            job = session.get_one(Job, job_id)
             iterations = list(
                 session.scalars(
                     select(Iteration).where(Iteration.job_id == job_id).order_by(Iteration.number)

@@ -201,11 +201,7 @@ if free <= 0 then
   -- Waiters re-ask at least every poll interval, so the marker lives while anyone waits.
   redis.call('SET', KEYS[5], '1', 'PX', tonumber(ARGV[8]))
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  local wait = 1
-  if first[2] then
-    wait = math.max(1, tonumber(first[2]) - now)
-  end
-  return {0, 1, wait, cap}
+  return {0, 1, math.max(1, tonumber(first[2]) - now), cap}
 end
 local limits = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local costs = {1, tonumber(ARGV[6]), tonumber(ARGV[7])}
