@@ -6,7 +6,6 @@ import hashlib
 import re
 import threading
 import unicodedata
-import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -210,14 +209,53 @@ def _words(normalized: str) -> list[str]:
     return _WORD_RE.findall(normalized)
 
 
-def _shingles(words: Sequence[str]) -> set[bytes]:
-    stream = " ".join(words)
-    if len(stream) <= _SHINGLE_CHARS:
-        return {stream.encode("utf-8")} if stream else set()
-    return {
-        stream[i : i + _SHINGLE_CHARS].encode("utf-8")
-        for i in range(len(stream) - _SHINGLE_CHARS + 1)
-    }
+def _stream(normalized: str) -> str:
+    """What is shingled: the text's words joined by single spaces (punctuation dropped)."""
+    return " ".join(_WORD_RE.findall(normalized))
+
+
+# A shingle's hash: its 5 code points read as a base-_SHINGLE_BASE number (mod 2^64), then the
+# top 32 bits of that times a Fibonacci-hashing multiplier. Both odd 64-bit constants.
+_SHINGLE_BASE = np.uint64(0x100000001B3)
+_SHINGLE_MIX = np.uint64(0x9E3779B97F4A7C15)
+# Between two texts' code points: as many NULs as a shingle has characters after its first, so
+# no window of a text reaches the next one. A stream holds no NUL (it is \w+ words and spaces).
+_PAD = "\x00" * (_SHINGLE_CHARS - 1)
+
+
+def _shingle_hashes(streams: Sequence[str]) -> tuple[Any, Any]:
+    """Every stream's character 5-shingles as 32-bit hashes, in one numpy pass over all of
+    them: (the hashes, each stream's count of them). A stream of 1-4 characters is one shingle
+    of its own (padded with NULs); an empty one has none.
+
+    Hand-written rather than one `set` of substrings and one crc32 per shingle (datasketch's
+    `update_batch` way): for a short text that Python loop was most of its sketch, and a worker
+    sketches every seed row and accepted example of a job, and every candidate. A shingle that
+    occurs twice in a text is hashed twice; its minimum is the same, so the sketch is the
+    sketch of the set."""
+    lengths = np.fromiter(map(len, streams), dtype=np.int64, count=len(streams))
+    counts = np.where(
+        lengths >= _SHINGLE_CHARS, lengths - (_SHINGLE_CHARS - 1), np.minimum(lengths, 1)
+    )
+    if not counts.any():
+        return np.zeros(0, dtype=np.uint32), counts
+    codes = np.frombuffer((_PAD.join(streams) + _PAD).encode("utf-32-le"), dtype=np.uint32)
+    # The window at every position, with slices (a window across two texts is dropped below).
+    positions = len(codes) - (_SHINGLE_CHARS - 1)
+    hashes = codes[:positions].astype(np.uint64)
+    for j in range(1, _SHINGLE_CHARS):
+        hashes *= _SHINGLE_BASE
+        hashes += codes[j : j + positions]
+    if len(streams) > 1:
+        offsets = np.zeros(len(streams), dtype=np.int64)
+        np.cumsum(lengths[:-1] + len(_PAD), out=offsets[1:])
+        firsts = np.zeros(len(streams), dtype=np.int64)
+        np.cumsum(counts[:-1], out=firsts[1:])
+        total = int(firsts[-1] + counts[-1])
+        hashes = hashes[np.repeat(offsets - firsts, counts) + np.arange(total, dtype=np.int64)]
+    else:
+        hashes = hashes[: int(counts[0])]
+    return ((hashes * _SHINGLE_MIX) >> np.uint64(32)).astype(np.uint32), counts
 
 
 def _band_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -253,24 +291,26 @@ class _Sketcher:
     _lock = threading.Lock()
 
     def __init__(self, num_perm: int, seed: int) -> None:
-        # crc32 is a C-speed hash that, unlike Python's hash(), is the same in every process;
-        # datasketch's default scheme pre-mixes input hashes with MurmurHash3's finalizer, so
-        # crc32's linearity does not bias the permutations. It builds 20k sketches about twice
-        # as fast as the default SHA-1.
-        self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
+        # The shingles come hashed (`_shingle_hashes`); datasketch's affine schemes pre-mix
+        # input hashes with MurmurHash3's finalizer before permuting them, so a plain
+        # multiplicative hash does not bias the permutations.
+        self._template = MinHash(num_perm=num_perm, seed=seed, hashfunc=_hashed)
         self._params = (num_perm, seed)
         self._permute = _permuter(self._template)
 
-    def _compute(self, shingle_sets: list[set[bytes]]) -> list[_Signature | None]:
+    def _compute(self, streams: list[str]) -> list[_Signature | None]:
+        hashes, counts = _shingle_hashes(streams)
         if self._permute is not None:
-            return self._permute([[zlib.crc32(s) for s in shingles] for shingles in shingle_sets])
+            return self._permute(hashes, counts)
         sketches: list[_Signature | None] = []
-        for shingles in shingle_sets:
+        start = 0
+        for count in counts.tolist():
             sketch = None
-            if shingles:
+            if count:
                 minhash = self._template.copy()
-                minhash.update_batch(shingles)
+                minhash.update_batch(hashes[start : start + count].tolist())
                 sketch = _Signature(minhash.hashvalues)
+                start += count
             sketches.append(sketch)
         return sketches
 
@@ -287,7 +327,7 @@ class _Sketcher:
         if normalized in cache:
             cache.move_to_end(normalized)
             return cache[normalized]
-        sketch = self._compute([_shingles(_words(normalized))])[0]
+        sketch = self._compute([_stream(normalized)])[0]
         cache[normalized] = sketch
         while len(cache) > self._cache_size:
             cache.popitem(last=False)
@@ -309,7 +349,7 @@ class _Sketcher:
                 missing.setdefault(text.normalized, []).append(text)
         if not missing:
             return
-        sketches = self._compute([_shingles(_words(n)) for n in missing])
+        sketches = self._compute([_stream(n) for n in missing])
         for (normalized, waiting), sketch in zip(missing.items(), sketches, strict=True):
             for text in waiting:
                 text._sketch, text._sketch_params = sketch, self._params
@@ -323,10 +363,16 @@ class _Sketcher:
 _PERMUTE_ROWS = 1024
 
 
-def _permuter(template: Any) -> Callable[[list[list[int]]], list[_Signature | None]] | None:
-    """Sketches of many texts' shingle hashes, value for value what `template` (a MinHash of
-    datasketch's affine schemes) makes with one `update_batch` per text; None when this
-    datasketch computes another way or a trial sketch differs (then datasketch sketches).
+def _hashed(value: int) -> int:
+    """The template's hash function: a shingle arrives as its hash (`_shingle_hashes`)."""
+    return value
+
+
+def _permuter(template: Any) -> Callable[[Any, Any], list[_Signature | None]] | None:
+    """Sketches of many texts' shingle hashes (flat, with each text's count), value for value
+    what `template` (a MinHash of datasketch's affine schemes) makes with one `update_batch`
+    per text; None when this datasketch computes another way or a trial sketch differs (then
+    datasketch sketches).
 
     Hand-written because datasketch sketches one set at a time (its `bulk` loops over
     `update_batch`): this applies datasketch's own pieces (the MurmurHash3 pre-mix, its
@@ -347,30 +393,34 @@ def _permuter(template: Any) -> Callable[[list[list[int]]], list[_Signature | No
     a, b = template.permutations
     empty = template.hashvalues
 
-    def permute(hashes: list[list[int]]) -> list[_Signature | None]:
-        sketches: list[_Signature | None] = [None] * len(hashes)
-        start = 0
-        while start < len(hashes):
-            end, rows = start, 0
-            while end < len(hashes) and (not rows or rows + len(hashes[end]) <= _PERMUTE_ROWS):
-                rows += len(hashes[end])
+    def permute(hashes: Any, counts: Any) -> list[_Signature | None]:
+        sizes: list[int] = counts.tolist()
+        sketches: list[_Signature | None] = [None] * len(sizes)
+        first = row = 0
+        while first < len(sizes):
+            end, rows = first, 0
+            while end < len(sizes) and (not rows or rows + sizes[end] <= _PERMUTE_ROWS):
+                rows += sizes[end]
                 end += 1
-            chunk = [(i, h) for i, h in enumerate(hashes[start:end], start) if h]
-            start = end
-            if not chunk:
+            sketched = [i for i in range(first, end) if sizes[i]]
+            first = end
+            if not sketched:
                 continue
-            flat = np.fromiter(
-                (v for _, h in chunk for v in h), dtype=dtype, count=sum(len(h) for _, h in chunk)
-            )
-            offsets = np.cumsum([0] + [len(h) for _, h in chunk[:-1]])
+            flat = hashes[row : row + rows].astype(dtype, copy=False)
+            row += rows
+            offsets = np.zeros(len(sketched), dtype=np.int64)
+            np.cumsum([sizes[i] for i in sketched[:-1]], out=offsets[1:])
             permuted = _fmix(flat.reshape(-1, 1), width) * a + b
             minima = np.minimum(np.minimum.reduceat(permuted, offsets, axis=0), empty)
-            for (i, _), values in zip(chunk, minima, strict=True):
+            for i, values in zip(sketched, minima, strict=True):
                 sketches[i] = _Signature(values)
         return sketches
 
-    trials = [{b"one s"}, {b"a dog", b" dog ", b"og ba", b"g bar", b" bark"}, set()]
-    made = permute([[zlib.crc32(s) for s in trial] for trial in trials])
+    trials = [[7], [1, 2, 3, 2**31, 2**32 - 1], []]
+    made = permute(
+        np.array([v for trial in trials for v in trial], dtype=np.uint32),
+        np.array([len(trial) for trial in trials], dtype=np.int64),
+    )
     for trial, sketch in zip(trials, made, strict=True):
         if not trial:
             if sketch is not None:
