@@ -4,6 +4,7 @@
     python -m bench.efficacy --data hwu64 --seeds 1 --strategies pgkd,random
     python -m bench.efficacy --data trec-fine         # TREC's 50 fine labels: a set not tuned on
     python -m bench.efficacy --teacher-mode random    # an on-label teacher that ignores the prompt
+    python -m bench.efficacy --teacher-mode nearest-any  # near every shown text, whatever its label
     python -m bench.efficacy --mislabel 0.5           # a teacher that lies half the time
     python -m bench.efficacy --mislabel 0.5 --lie text  # ... with texts of other labels
     python -m bench.efficacy --teacher-url http://vllm:8000/v1 --teacher-model Qwen/Qwen2.5-7B-Instruct
@@ -54,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.retrieval_teacher import (  # noqa: E402
     LIES,
+    MODES,
     EmbeddingTable,
     Pool,
     RetrievalTeacher,
@@ -272,7 +274,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--k", type=int, default=5, help="seed rows per class")
     parser.add_argument("--budget-per-class", type=int, default=10)
-    parser.add_argument("--teacher-mode", choices=["nearest", "random"], default="nearest")
+    parser.add_argument(
+        "--teacher-mode",
+        choices=MODES,
+        default="nearest",
+        help="nearest: to the shown texts of the label asked for (all shown texts when none "
+        "is of it); nearest-any: to every shown text, whatever its label; random: on-label "
+        "rows that ignore the prompt",
+    )
     parser.add_argument(
         "--mislabel",
         type=float,

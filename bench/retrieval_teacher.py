@@ -246,6 +246,12 @@ class Pool:
 LIES = ("label", "text")
 
 
+# nearest: rows nearest to the shown texts of the label asked for (to every shown text when none
+# is of it); nearest-any: nearest to every shown text, whatever its label (a teacher that does
+# not sort what it is shown by label); random: on-label rows that ignore the prompt.
+MODES = ("nearest", "nearest-any", "random")
+
+
 class RetrievalTeacher:
     """The server's state: the pool, which rows were given out, and how to answer."""
 
@@ -260,8 +266,8 @@ class RetrievalTeacher:
         mislabel: float = 0.0,
         lie: str = "label",
     ) -> None:
-        if mode not in ("nearest", "random"):
-            raise ValueError(f"mode must be nearest or random, not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if lie not in LIES:
             raise ValueError(f"lie must be one of {LIES}, not {lie!r}")
         self.pool, self.embed, self.mode, self.seed = pool, embed, mode, seed
@@ -352,12 +358,14 @@ class RetrievalTeacher:
     def _nearest(self, prompt: Prompt, label: str, candidates: list[int]) -> list[int]:
         if not candidates:
             return []
+        shown = [text for item in prompt.items if (text := _item_text(item))]
         about = [
             text
             for item in prompt.items
             if (text := _item_text(item)) is not None and label in _item_labels(item)
         ]
-        shown = about or [text for item in prompt.items if (text := _item_text(item))]
+        if about and self.mode != "nearest-any":
+            shown = about
         if not shown:
             return list(candidates)
         queries = self.embed(shown)
@@ -470,7 +478,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", type=Path, required=True, help="JSONL rows with text, label")
     parser.add_argument("--port", type=int, default=8010)
-    parser.add_argument("--mode", choices=["nearest", "random"], default="nearest")
+    parser.add_argument("--mode", choices=MODES, default="nearest")
     parser.add_argument("--mislabel", type=float, default=0.0, help="share of wrong rows")
     parser.add_argument("--lie", choices=LIES, default="label", help="how a wrong row is wrong")
     args = parser.parse_args()

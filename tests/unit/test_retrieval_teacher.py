@@ -184,3 +184,31 @@ def test_a_label_the_pool_lacks_is_answered_the_same_in_every_process() -> None:
         for seed in range(1, 6)
     }
     assert answers == {"billing"}
+
+
+def test_nearest_any_follows_every_text_shown_where_nearest_follows_the_labels_own(
+    teacher: RetrievalTeacher,
+) -> None:
+    """A prompt asking for shipping that shows a shipping text and a billing one: `nearest`
+    writes near the shipping text only, `nearest-any` (a teacher that does not sort what it is
+    shown by label) near either."""
+    prompt = Prompt(
+        schema=None,
+        items=[
+            {"text": "my parcel is late", "label": "shipping"},
+            {"text": "where is the box", "label": "billing"},
+        ],
+        instruction="",
+        labels=["shipping", "billing"],
+        expected_label="shipping",
+    )
+    shipping = teacher.pool.by_label["shipping"]
+    by_label = teacher._nearest(prompt, "shipping", shipping)
+    teacher.mode = "nearest-any"
+    any_label = teacher._nearest(prompt, "shipping", shipping)
+    assert sorted(by_label) == sorted(any_label) == sorted(shipping)
+    texts = teacher.pool.texts
+    assert [texts[i] for i in by_label[:2]] == ["my parcel is late", "the parcel never came"]
+    assert {texts[i] for i in any_label[:2]} == {"my parcel is late", "where is the box"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RetrievalTeacher(teacher.pool, teacher.embed, mode="nearby")
