@@ -223,9 +223,9 @@ class FilterSpec(_Spec):
         description="true: the teacher labels every accepted example again, on its own, and "
         "an example it labels otherwise is rejected (a second call per example). 'sample': "
         "the same for a seeded fifth of each batch's accepted examples (at least 10); when 2 "
-        "or more and at least a fifth of those disagree, the rest of the batch is verified "
-        "too, so a teacher that writes wrong labels pays for checking all of them and one "
-        "that does not pays for a fifth.",
+        "or more and at least a fifth of those disagree, or of all the job verified so far "
+        "with them, the rest of the batch is verified too, so a teacher that writes wrong "
+        "labels pays for checking all of them and one that does not pays for a fifth.",
     )
 
     @field_validator("max_chars")

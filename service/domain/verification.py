@@ -2,8 +2,9 @@
 
 `filters.teacher_verification: sample` verifies a seeded share of each batch first
 (`sample_for_verification`) and the rest only when that share shows the teacher writing labels
-it does not stand by (`verify_the_rest`). On a truthful teacher the check then costs a fifth of
-the calls that verifying everything does; on one whose labels are often wrong it costs the same.
+it does not stand by, or the job's record so far does (`verify_the_rest`). On a truthful
+teacher the check then costs a fifth of the calls that verifying everything does; on one whose
+labels are often wrong it costs the same.
 """
 
 from __future__ import annotations
@@ -41,11 +42,27 @@ def sample_for_verification(keys: Sequence[str], seed: str) -> set[int]:
     return set(order[:n])
 
 
-def verify_the_rest(verified: int, disagreed: int) -> bool:
-    """Whether the sample's disagreements say the teacher's labels are not to be trusted: at
-    least `WIDEN_MIN` of them and at least `WIDEN_SHARE` of the examples verified. One
-    disagreement in ten is an ambiguous text as often as a wrong label."""
-    return disagreed >= WIDEN_MIN and disagreed >= WIDEN_SHARE * verified
+def verify_the_rest(verified: int, disagreed: int, *, before: tuple[int, int] = (0, 0)) -> bool:
+    """Whether the disagreements seen say the teacher's labels are not to be trusted: at least
+    `WIDEN_MIN` of them and at least `WIDEN_SHARE` of the examples verified, in this batch's
+    sample or in the job so far (`before`: examples verified and disagreed with in its earlier
+    batches, sampled or not, plus this sample). One disagreement in ten is an ambiguous text as
+    often as a wrong label.
+
+    The job's record is what a sample of 10 cannot be: a teacher whose labels are wrong a fifth
+    of the time shows 2 of them in only 62% of samples of 10, so a batch in three kept its
+    unchecked rest; after a few batches the job's record shows it in every one. And one that
+    disagrees with itself on 5% of its texts widens a batch whose sample was unlucky, but its
+    record (that batch's whole verification with the rest) stays under a fifth, so the
+    batches after it are sampled again."""
+
+    def says_so(verified: int, disagreed: int) -> bool:
+        return disagreed >= WIDEN_MIN and disagreed >= WIDEN_SHARE * verified
+
+    earlier_verified, earlier_disagreed = before
+    return says_so(verified, disagreed) or says_so(
+        verified + earlier_verified, disagreed + earlier_disagreed
+    )
 
 
 def verification_request(task: TaskSpec, labels: Sequence[str] | None, text: str) -> TeacherRequest:

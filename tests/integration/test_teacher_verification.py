@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy import select
 from service.models import Example, TeacherCall
 from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
+from workers.steps.generate import _verification_record
 
 
 def _spec(st: InlineStack, **changes: Any) -> dict[str, Any]:
@@ -99,6 +101,14 @@ def test_a_sample_that_disagrees_widens_verification_to_the_whole_batch(
         {e.meta["verification_call"] for e in examples if "verification_call" in e.meta}
     )
     assert {e.rejection_reason for e in examples} >= {"verification_disagreed"}
+    # The job's record, which a later batch's sample is weighed with: read off the rows.
+    verified = [e for e in examples if "verification_call" in e.meta]
+    with st.sessions() as session:
+        assert _verification_record(session, uuid.UUID(job_id)) == (
+            len(verified),
+            len([e for e in verified if e.rejection_reason == "verification_disagreed"]),
+        )
+        assert _verification_record(session, uuid.uuid4()) == (0, 0)
 
 
 # A hang cannot be interrupted in the main thread (the step waits for its DB thread): the

@@ -1268,8 +1268,9 @@ def _verify(
     )
     first = [r for i, r in enumerate(accepted) if i in picked]
     rest = [r for i, r in enumerate(accepted) if i not in picked]
+    before = _verification_record(session, job.id) if rest else (0, 0)
     disagreed = _verify_rows(session, ports, teacher_row, job, batch, ctx, first, on_loop)
-    widened = bool(rest) and verify_the_rest(len(first), disagreed)
+    widened = bool(rest) and verify_the_rest(len(first), disagreed, before=before)
     if widened:
         _verify_rows(session, ports, teacher_row, job, batch, ctx, rest, on_loop)
     else:
@@ -1281,9 +1282,26 @@ def _verify(
         batch=batch.index,
         sampled=len(first),
         disagreed=disagreed,
+        job_verified=before[0],
+        job_disagreed=before[1],
         widened_to=len(rest) if widened else 0,
     )
     return rows
+
+
+def _verification_record(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
+    """(examples verified, of which the teacher labelled otherwise) in the job's stored
+    batches: the evidence `verify_the_rest` weighs beside a batch's own sample."""
+    verified, disagreed = session.execute(
+        select(
+            func.count(),
+            func.count().filter(Example.rejection_reason == "verification_disagreed"),
+        ).where(
+            Example.job_id == job_id,
+            Example.meta["verification_call"].as_string().is_not(None),
+        )
+    ).one()
+    return int(verified), int(disagreed)
 
 
 def _verify_rows(

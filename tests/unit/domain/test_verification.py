@@ -48,6 +48,29 @@ def test_the_rest_is_verified_when_the_sample_disagrees_often(
     assert verify_the_rest(verified, disagreed) is widen
 
 
+@pytest.mark.parametrize(
+    ("sample", "before", "widen"),
+    [
+        # A fifth of labels wrong: a sample of 10 shows 1; the job's 60 verified showed 13.
+        ((10, 1), (60, 13), True),
+        ((10, 0), (60, 14), True),  # 14 of 70: a fifth
+        ((10, 0), (60, 13), False),  # 13 of 70: under a fifth
+        # A truthful teacher with one unlucky batch widened (26 of 512 disagreed): sampled
+        # again afterwards, its record far under a fifth.
+        ((10, 1), (522, 27), False),
+        # Its own sample still decides when the record is clean (a teacher that starts lying).
+        ((10, 3), (600, 6), True),
+        ((10, 1), (0, 0), False),
+        # The record alone needs 2 disagreements, as a sample does.
+        ((10, 0), (1, 1), False),
+    ],
+)
+def test_the_jobs_record_widens_a_batch_its_sample_would_not(
+    sample: tuple[int, int], before: tuple[int, int], widen: bool
+) -> None:
+    assert verify_the_rest(*sample, before=before) is widen
+
+
 def test_the_spec_takes_true_false_or_sample() -> None:
     assert FilterSpec().teacher_verification is False
     assert FilterSpec(teacher_verification=True).teacher_verification is True
