@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.models import Example, TeacherCall
+from service.models import Example, GenerationBatch, TeacherCall
 from tests.data_factory import question_slice
 from tests.integration.conftest import InlineStack
 from workers.steps.generate import _verification_record
@@ -147,3 +147,53 @@ def test_verification_with_batches_in_flight_and_waiting_for_slots_finishes(
     with st.sessions() as session:
         verified = [e for e in session.scalars(select(Example)) if "verification_call" in e.meta]
     assert len(verified) > 4  # more than one batch was verified
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_batch_under_verification_leaves_the_next_ones_answers_to_be_stored(
+    inline_stack: InlineStack,
+) -> None:
+    """Verification's calls go out on the event loop, not on the DB thread, which stores the
+    answers that come in meanwhile. A teacher of 2 slots answering in 1 s, batches of 2: the
+    first batch's answers come at 1 s and free the slots for the second batch's requests; its
+    verification calls wait for the next free slots (2 s) and are answered at 3 s. The second
+    batch's answers, in at 2 s, are stored then. With verification run on the DB thread they
+    waited for it, and were stored after the first batch's verification calls."""
+    st = inline_stack
+    st.teacher.configure(latency_ms=1000)
+    narrow = st.client.post(
+        "/v1/teachers",
+        json={
+            "name": "narrow-slow",
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 2},
+        },
+        headers=st.auth,
+    ).json()["id"]
+    spec = _spec(
+        st,
+        name="verify-beside",
+        strategy="random",
+        filters={"teacher_verification": True},
+        budget={"max_iterations": 1, "max_examples_per_iteration": 6},
+        params={"rows_per_iteration": 6, "examples_per_row": 1},
+        batch_size=2,
+    )
+    created = st.client.post("/v1/jobs", json={**spec, "teacher": narrow}, headers=st.auth)
+    job_id = created.json()["id"]
+    st.sender.run_until_idle()
+    assert st.job(job_id)["status"] == "succeeded"
+    with st.sessions() as session:
+        batches = session.scalars(
+            select(GenerationBatch)
+            .where(GenerationBatch.job_id == uuid.UUID(job_id))
+            .order_by(GenerationBatch.index)
+        ).all()
+        assert len(batches) == 3
+        calls = session.scalars(select(TeacherCall)).all()
+    first, second = batches[0].id, batches[1].id
+    verifying_first = [c for c in calls if c.batch_id == first and c.template_id == "verify"]
+    answers_of_second = [c for c in calls if c.batch_id == second and c.template_id != "verify"]
+    assert verifying_first and answers_of_second
+    assert max(c.created_at for c in answers_of_second) < min(c.created_at for c in verifying_first)

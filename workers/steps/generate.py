@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import random
@@ -11,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -77,8 +78,6 @@ from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
 
 log = structlog.get_logger()
 T = TypeVar("T")
-# Runs teacher calls on the pipeline's event loop from the DB thread (`_Pipeline._on_loop`).
-OnLoop = Callable[[Coroutine[Any, Any, list[TeacherResult]]], list[TeacherResult]]
 
 # How often a running pipeline re-reads its job (cancel/pause): a pipeline spans batches, so
 # this, not the batch size, bounds what is sent after a cancel (one primary-key read).
@@ -424,6 +423,24 @@ class _Work:
     started: bool = False
 
 
+@dataclass
+class _Closing:
+    """A batch's close between its filters and its writes (`_Pipeline._finish`)."""
+
+    rows: list[dict[str, Any]]  # example rows, accepted or rejected
+    failed: int  # calls that failed transiently
+    missing: int  # targets never answered
+    retry: bool
+    give_up: bool
+    now: datetime
+    since: datetime  # when the teacher became unavailable to the batch (or now)
+
+
+def _to_verify(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows teacher verification checks: accepted ones with an answer."""
+    return [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
+
+
 # How long a thread may hold the GIL while another waits for it, while a pipeline runs: 1 ms,
 # not CPython's 5. Closing a batch (filters, inserts: 0.3 s of CPU for 512 answers on 2 cores)
 # holds the GIL on the DB thread, and the event loop, which needs it for every answer and every
@@ -486,6 +503,8 @@ class _Pipeline:
         self.spend = _Spend(0, 0.0)
         self.checked = time.monotonic()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-db")
+        # Closes waiting on teacher verification (`_finish`), awaited before the run ends.
+        self.verifying: list[concurrent.futures.Future[None]] = []
 
     # ------------------------------------------------------------------ the event loop
 
@@ -544,17 +563,6 @@ class _Pipeline:
                 self.session.rollback()
             raise
 
-    def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run `work` on the pipeline's event loop and wait for it (from the DB thread).
-
-        Teacher verification calls the teacher while a batch closes, on the DB thread. The
-        process's limiter belongs to one event loop at a time (its waiters, leases and
-        connections), and a loop of its own on this thread, as `asyncio.run` made, took it
-        over from the pipeline's while that one still held and waited for slots: both then
-        waited for ever (a job with verification and more than one batch in flight hung).
-        """
-        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
-
     async def _run(self, batch_id: uuid.UUID, token: int) -> None:
         self._check()
         self.loop = asyncio.get_running_loop()
@@ -590,6 +598,8 @@ class _Pipeline:
             await storer
             await teacher.aclose()
             await self._db(self._close_all)
+            while self.verifying:  # `_close_all` may have started more
+                await asyncio.wrap_future(self.verifying.pop(0))
 
     async def _store_arrivals(self) -> None:
         """Store what arrived, every STORE_EVERY_S at most: one commit for many answers (a
@@ -835,8 +845,8 @@ class _Pipeline:
     def _finishing(self, work: _Work, *, final: bool) -> Callable[[], None]:
         def finish() -> None:
             work.closed = False  # a try that failed half-way is tried again whole
-            self._finish(work, final=final)
-            self.held.discard(work.batch_id)  # a crash before this puts the batch back
+            if self._finish(work, final=final):
+                self.held.discard(work.batch_id)  # a crash before this puts the batch back
 
         return finish
 
@@ -871,10 +881,11 @@ class _Pipeline:
             self.go = False
             self.outcome.stopped, self.outcome.stop_reason = True, "cost budget reached"
 
-    def _finish(self, work: _Work, *, final: bool) -> None:
+    def _finish(self, work: _Work, *, final: bool) -> bool:
         """Examples from a batch's answers, then the batch's next status: closed, or pending
         again to retry what failed transiently (until the retry deadline), or pending for a
-        resume after a pause."""
+        resume after a pause. Returns False when the close goes on after teacher
+        verification (`_verify_then_complete`), True when it is done."""
         work.closed = True
         session = self.session
         session.expire_all()
@@ -882,14 +893,14 @@ class _Pipeline:
         batch = session.get(GenerationBatch, work.batch_id)
         assert job is not None and batch is not None
         if batch.status is not BatchStatus.running or batch.attempts != work.token:
-            return  # our lease lapsed and another worker took the batch over
+            return True  # our lease lapsed and another worker took the batch over
         outcome = self.outcome
         if outcome.permanent_error:
             if job.status is JobStatus.running:
                 transition_job(session, job, JobStatus.failed, reason=outcome.permanent_error)
                 log.warning("job.failed", job_id=str(job.id), reason=outcome.permanent_error)
             _close_batch(session, batch, BatchStatus.failed, outcome.permanent_error)
-            return
+            return True
         calls = _calls_by_fingerprint(session, self.teacher_row, work.fingerprints)
         missing = [fp for fp in work.fingerprints if fp not in calls]
         failed = [
@@ -908,39 +919,178 @@ class _Pipeline:
         rows = _candidate_rows(
             session, job, batch, self.ctx, work.targets, work.fingerprints, calls, final=give_up
         )
-        if self.ctx.spec.filters.teacher_verification:
-            rows = _verify(
-                session, self.ports, self.teacher_row, job, batch, self.ctx, rows, self._on_loop
+        closing = _Closing(rows, len(failed), len(missing), retry, give_up, now, since)
+        if self.ctx.spec.filters.teacher_verification and _to_verify(rows):
+            # The teacher's calls run on the event loop while this thread stores answers,
+            # claims and closes other batches; the close goes on once they are in. Run here,
+            # they held this thread for the whole verification (about 8 round trips for a
+            # batch of 512): answers waited unstored, past the bound on what a crash re-pays.
+            session.commit()
+            self.verifying.append(
+                asyncio.run_coroutine_threadsafe(
+                    self._verify_then_complete(work, batch.index, closing), self.loop
+                )
             )
+            return False
+        self._complete(work, closing)
+        return True
+
+    async def _verify_then_complete(self, work: _Work, index: int, closing: _Closing) -> None:
+        """Teacher verification of a batch's accepted examples, then the rest of its close
+        (`_complete`), on the DB thread; the batch stays held (and its lease renewed) until
+        it is closed."""
+        await self._verify(work.batch_id, index, closing.rows)
+
+        def complete() -> None:
+            self._complete(work, closing)
+            self.held.discard(work.batch_id)
+
+        await self._db(self._while_database_returns, complete)
+
+    async def _verify(self, batch_id: uuid.UUID, index: int, rows: list[dict[str, Any]]) -> None:
+        """Teacher verification: the teacher answers each accepted candidate's input on its
+        own; a candidate is kept only when the two agree. Calls are cached like any other.
+        With `teacher_verification: sample`, a seeded share of the batch first, and the rest
+        only when that share, or the job's record so far, disagrees often enough
+        (`service.domain.verification`). Rows are changed in place."""
+        from service.domain.verification import sample_for_verification, verify_the_rest
+
+        accepted = _to_verify(rows)
+        if self.ctx.spec.filters.teacher_verification != "sample":
+            await self._verify_rows(batch_id, accepted)
+            return
+        picked = sample_for_verification(
+            [f"{r['input']}\x00{r['output']}" for r in accepted], seed=str(self.job_id)
+        )
+        first = [r for i, r in enumerate(accepted) if i in picked]
+        rest = [r for i, r in enumerate(accepted) if i not in picked]
+        before = (
+            await self._db(self._retried, lambda: _verification_record(self.session, self.job_id))
+            if rest
+            else (0, 0)
+        )
+        disagreed = await self._verify_rows(batch_id, first)
+        widened = bool(rest) and verify_the_rest(len(first), disagreed, before=before)
+        if widened:
+            await self._verify_rows(batch_id, rest)
+        else:
+            for row in rest:
+                row["meta"] = {**row["meta"], "verification": "not sampled"}
+        log.info(
+            "generate.verification_sampled",
+            job_id=str(self.job_id),
+            batch=index,
+            sampled=len(first),
+            disagreed=disagreed,
+            job_verified=before[0],
+            job_disagreed=before[1],
+            widened_to=len(rest) if widened else 0,
+        )
+
+    async def _verify_rows(self, batch_id: uuid.UUID, accepted: list[dict[str, Any]]) -> int:
+        """Verify `accepted` in place (rejecting what the teacher labels otherwise, or could
+        not label); the number the teacher labelled otherwise. The calls go out on this loop,
+        beside the batches' own; the database steps between them are queued on the DB
+        thread like any other."""
+        from service.domain.verification import verification_agrees, verification_request
+
+        if not accepted:
+            return 0
+        params = generation_params(self.teacher_row, self.ctx)
+        requests = [
+            verification_request(self.ctx.spec.task, self.ctx.labels, r["input"]).model_copy(
+                update={"params": params}
+            )
+            for r in accepted
+        ]
+        fps = [req.fingerprint(self.teacher_row.model) for req in requests]
+        to_call, previous = await self._db(
+            self._retried, lambda: _uncached(self.session, self.teacher_row, requests, fps)
+        )
+        if to_call:
+            teacher = self.ports.make_teacher(self.teacher_row)
+            try:
+                results = await teacher.generate([r for r, _ in to_call])
+            finally:
+                await teacher.aclose()
+            sent = {fp: r for r, fp in to_call}
+
+            def store() -> None:
+                batch_of = dict.fromkeys(sent, batch_id)
+                _store_calls(
+                    self.session,
+                    self.teacher_row.id,
+                    self.job_id,
+                    batch_of,
+                    sent,
+                    results,
+                    previous,
+                )
+                self.session.commit()
+
+            await self._db(self._while_database_returns, store)
+        calls = await self._db(
+            self._retried, lambda: _calls_by_fingerprint(self.session, self.teacher_row, fps)
+        )
+        disagreed = 0
+        for row, fp in zip(accepted, fps, strict=True):
+            call = calls.get(fp)
+            row["meta"] = {**row["meta"], "verification_call": fp}
+            if call is None or call.status != TeacherCallStatus.succeeded.value:
+                row["status"] = ExampleStatus.rejected.value
+                row["rejection_reason"] = "unverified"
+                row["rejection_detail"] = call.error if call is not None else "not verified"
+            elif not verification_agrees(self.ctx.spec.task, call.parsed, row["output"]):
+                answer = call.parsed.get("answer") if isinstance(call.parsed, dict) else None
+                row["status"] = ExampleStatus.rejected.value
+                row["rejection_reason"] = "verification_disagreed"
+                row["rejection_detail"] = f"the teacher answered {answer!r}"
+                disagreed += 1
+        return disagreed
+
+    def _retried(self, read: Callable[[], T]) -> T:
+        """A read on the DB thread, tried again while the database is away (as a store is)."""
+        got: list[T] = []
+        self._while_database_returns(lambda: got.append(read()))
+        self.session.commit()
+        return got[-1]
+
+    def _complete(self, work: _Work, closing: _Closing) -> None:
+        """The writes of a batch's close: its examples, then its next status."""
+        session = self.session
+        outcome = self.outcome
         # The writes start here: the job's row first (service.jobs.lock_job), then re-read
         # the batch and the job under it (a cancel may have committed since they were read).
         if not lock_job(session, self.job_id):
             session.rollback()
             return  # deleted
-        session.refresh(job)
-        session.refresh(batch)
+        job = session.get(Job, self.job_id, populate_existing=True)
+        batch = session.get(GenerationBatch, work.batch_id, populate_existing=True)
+        assert job is not None and batch is not None
         if batch.status is not BatchStatus.running or batch.attempts != work.token:
             session.rollback()
             return  # our lease lapsed and another worker took the batch over
-        _insert_examples(session, rows)
-        if give_up:
+        _insert_examples(session, closing.rows)
+        now, since = closing.now, closing.since
+        unanswered = closing.failed + closing.missing
+        if closing.give_up:
             waited = (now - since).total_seconds()
             reason = (
                 f"teacher unavailable for {waited:.0f} s (retry deadline "
-                f"{self.settings.teacher_retry_deadline_s:g} s): {len(failed) + len(missing)} "
+                f"{self.settings.teacher_retry_deadline_s:g} s): {unanswered} "
                 f"of {len(work.fingerprints)} calls failed; last error {outcome.last_error}"
             )
             log.warning("batch.failed", batch_id=str(batch.id), reason=reason)
             _close_batch(session, batch, BatchStatus.failed, reason)
             return
-        if retry:
+        if closing.retry:
             delay = _retry_delay(batch.attempts, self.settings.teacher_retry_deadline_s, since)
             batch.status = BatchStatus.pending
             batch.unavailable_since = since
             batch.retry_at = now + timedelta(seconds=delay)
             batch.error = (
-                f"{len(failed)} teacher calls failed transiently, {len(missing)} not sent: "
-                f"{outcome.last_error}; retried in {delay:.1f} s"
+                f"{closing.failed} teacher calls failed transiently, {closing.missing} not "
+                f"sent: {outcome.last_error}; retried in {delay:.1f} s"
             )
             job.status_reason = "teacher unavailable"
             job.heartbeat_at = now
@@ -958,7 +1108,7 @@ class _Pipeline:
             refresh_counters_after_batch(session, batch)
             return
         status = BatchStatus.succeeded
-        if missing and outcome.stopped:
+        if closing.missing and outcome.stopped:
             status = BatchStatus.cancelled  # budget or user stop: some targets never went out
         _close_batch(session, batch, status, outcome.stop_reason if outcome.stopped else None)
 
@@ -1045,35 +1195,6 @@ def _retry_delay(claims: int, deadline_s: float, since: datetime) -> float:
     delay = min(300.0, 2.0 ** min(claims, 9)) * random.uniform(0.75, 1.0)
     left = deadline_s - (utcnow() - since).total_seconds()
     return max(0.5, min(delay, left))
-
-
-def _call_teacher(
-    session: Session,
-    ports: Ports,
-    teacher_row: TeacherRow,
-    job: Job,
-    batch: GenerationBatch,
-    to_call: list[tuple[TeacherRequest, str]],
-    previous: dict[str, dict[str, int]],
-    on_loop: OnLoop,
-) -> None:
-    """Send a few requests and store their answers (teacher verification of a batch), on
-    the pipeline's event loop (`_Pipeline._on_loop`)."""
-    if not to_call:
-        return
-    requests = {fp: r for r, fp in to_call}
-
-    async def consume() -> list[TeacherResult]:
-        teacher = ports.make_teacher(teacher_row)
-        try:
-            return await teacher.generate([r for r, _ in to_call])
-        finally:
-            await teacher.aclose()
-
-    results = on_loop(consume())
-    batch_of = dict.fromkeys(requests, batch.id)
-    _store_calls(session, teacher_row.id, job.id, batch_of, requests, results, previous)
-    session.commit()
 
 
 def _candidate_examples(
@@ -1243,52 +1364,6 @@ def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
     session.flush()
 
 
-def _verify(
-    session: Session,
-    ports: Ports,
-    teacher_row: TeacherRow,
-    job: Job,
-    batch: GenerationBatch,
-    ctx: JobContext,
-    rows: list[dict[str, Any]],
-    on_loop: OnLoop,
-) -> list[dict[str, Any]]:
-    """Teacher verification: the teacher answers each accepted candidate's input on its own;
-    a candidate is kept only when the two agree. Calls are cached like any other. With
-    `teacher_verification: sample`, a seeded share of the batch first, and the rest only when
-    that share disagrees often enough (`service.domain.verification`)."""
-    from service.domain.verification import sample_for_verification, verify_the_rest
-
-    accepted = [r for r in rows if r["status"] == ExampleStatus.accepted.value and r["output"]]
-    if ctx.spec.filters.teacher_verification != "sample":
-        _verify_rows(session, ports, teacher_row, job, batch, ctx, accepted, on_loop)
-        return rows
-    picked = sample_for_verification(
-        [f"{r['input']}\x00{r['output']}" for r in accepted], seed=str(job.id)
-    )
-    first = [r for i, r in enumerate(accepted) if i in picked]
-    rest = [r for i, r in enumerate(accepted) if i not in picked]
-    before = _verification_record(session, job.id) if rest else (0, 0)
-    disagreed = _verify_rows(session, ports, teacher_row, job, batch, ctx, first, on_loop)
-    widened = bool(rest) and verify_the_rest(len(first), disagreed, before=before)
-    if widened:
-        _verify_rows(session, ports, teacher_row, job, batch, ctx, rest, on_loop)
-    else:
-        for row in rest:
-            row["meta"] = {**row["meta"], "verification": "not sampled"}
-    log.info(
-        "generate.verification_sampled",
-        job_id=str(job.id),
-        batch=batch.index,
-        sampled=len(first),
-        disagreed=disagreed,
-        job_verified=before[0],
-        job_disagreed=before[1],
-        widened_to=len(rest) if widened else 0,
-    )
-    return rows
-
-
 def _verification_record(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
     """(examples verified, of which the teacher labelled otherwise) in the job's stored
     batches: the evidence `verify_the_rest` weighs beside a batch's own sample."""
@@ -1302,50 +1377,6 @@ def _verification_record(session: Session, job_id: uuid.UUID) -> tuple[int, int]
         )
     ).one()
     return int(verified), int(disagreed)
-
-
-def _verify_rows(
-    session: Session,
-    ports: Ports,
-    teacher_row: TeacherRow,
-    job: Job,
-    batch: GenerationBatch,
-    ctx: JobContext,
-    accepted: list[dict[str, Any]],
-    on_loop: OnLoop,
-) -> int:
-    """Verify `accepted` in place (rejecting what the teacher labels otherwise, or could not
-    label); the number the teacher labelled otherwise."""
-    from service.domain.verification import verification_agrees, verification_request
-
-    if not accepted:
-        return 0
-    params = generation_params(teacher_row, ctx)
-    requests = [
-        verification_request(ctx.spec.task, ctx.labels, r["input"]).model_copy(
-            update={"params": params}
-        )
-        for r in accepted
-    ]
-    fps = [req.fingerprint(teacher_row.model) for req in requests]
-    to_call, previous = _uncached(session, teacher_row, requests, fps)
-    _call_teacher(session, ports, teacher_row, job, batch, to_call, previous, on_loop)
-    calls = _calls_by_fingerprint(session, teacher_row, fps)
-    disagreed = 0
-    for row, fp in zip(accepted, fps, strict=True):
-        call = calls.get(fp)
-        row["meta"] = {**row["meta"], "verification_call": fp}
-        if call is None or call.status != TeacherCallStatus.succeeded.value:
-            row["status"] = ExampleStatus.rejected.value
-            row["rejection_reason"] = "unverified"
-            row["rejection_detail"] = call.error if call is not None else "not verified"
-        elif not verification_agrees(ctx.spec.task, call.parsed, row["output"]):
-            answer = call.parsed.get("answer") if isinstance(call.parsed, dict) else None
-            row["status"] = ExampleStatus.rejected.value
-            row["rejection_reason"] = "verification_disagreed"
-            row["rejection_detail"] = f"the teacher answered {answer!r}"
-            disagreed += 1
-    return disagreed
 
 
 def _answer_check(ctx: JobContext, golds: dict[str, str]) -> Check:
