@@ -7,8 +7,10 @@ Postgres database, measures the gateway alone in process (the reference of the s
 then runs one job per scenario through Redis and a real `distill worker` process (the
 production path): clean, jitter (+-100 ms), faults (6% HTTP 500), over the cap (the job's
 limit 2 x C, so the teacher refuses with 429 + Retry-After), two worker processes sharing
-the teacher, and four replicas of the teacher (each L and C) with four worker processes and
-4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's. Each job
+the teacher, four replicas of the teacher (each L and C) with four worker processes and
+4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's, and
+teacher verification of every accepted example (about N more calls, each asked once its
+batch closes; the ratio is over every call the job made). Each job
 uses the `random` strategy with one example per prompt, so its
 generation is exactly N teacher calls; the window is read from the rows (first batch start to
 last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
@@ -255,6 +257,9 @@ class Scenario:
     job_cap_factor: int = 1  # the job's max_concurrency = factor x the teacher's cap
     workers: int = 1
     replicas: int = 1  # servers of the teacher (each latency L, cap C); N x replicas calls
+    # The spec's filters: with teacher verification a batch's accepted examples are asked
+    # again (about N more calls; the ratio is over every call the job made).
+    filters: dict[str, Any] = field(default_factory=dict)
 
 
 # Calls are one per seed row, and a spec picks at most 5,000 rows per iteration.
@@ -268,6 +273,7 @@ SCENARIOS = (
     Scenario("over-cap", job_cap_factor=2),
     Scenario("two-workers", workers=2),
     Scenario("four-replicas", workers=4, replicas=4),
+    Scenario("verify", filters={"teacher_verification": True}),
 )
 SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
@@ -461,7 +467,12 @@ def main() -> None:
             )
 
             def job(
-                sender: Any, tag: str, cap: int, n: int = args.n, servers: int = 1
+                sender: Any,
+                tag: str,
+                cap: int,
+                n: int = args.n,
+                servers: int = 1,
+                filters: dict[str, Any] | None = None,
             ) -> uuid.UUID:
                 with sessions() as session:
                     session.info[SENDER] = sender
@@ -489,6 +500,7 @@ def main() -> None:
                         "params": {"rows_per_iteration": n, "examples_per_row": 1},
                         "batch_size": args.batch_size,
                         "seed": len(rows) + 100,  # a fresh seed: nothing comes from the cache
+                        "filters": filters or {},
                     }
                     created, _ = create_job(
                         session, tenant.id, parse_spec(spec), allow_private_teacher=True
@@ -583,6 +595,7 @@ def main() -> None:
                     args.cap * scenario.job_cap_factor,
                     n=n,
                     servers=scenario.replicas,
+                    filters=scenario.filters,
                 )
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
@@ -604,6 +617,8 @@ def main() -> None:
                     args.cap * scenario.replicas,
                 )
                 found = stats()
+                if scenario.filters:
+                    n = calls  # verification calls too: the ratio is over every call made
                 rows.append(
                     Row(
                         f"job, Celery: {scenario.name}"
