@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from sqlalchemy import Table, and_, func, or_, select, update
@@ -75,6 +75,9 @@ from service.settings import WorkerSettings
 from workers.ports import Ports
 from workers.steps.context import JobContext, load_job_context
 from workers.steps.heartbeat import HeldBatches, interval_for, keep_batch_leases
+
+if TYPE_CHECKING:
+    from workers.teacher.gateway import Teacher
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -505,6 +508,7 @@ class _Pipeline:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-db")
         # Closes waiting on teacher verification (`_finish`), awaited before the run ends.
         self.verifying: list[concurrent.futures.Future[None]] = []
+        self.verifier: Teacher | None = None  # their teacher, made at the first
 
     # ------------------------------------------------------------------ the event loop
 
@@ -598,8 +602,12 @@ class _Pipeline:
             await storer
             await teacher.aclose()
             await self._db(self._close_all)
-            while self.verifying:  # `_close_all` may have started more
-                await asyncio.wrap_future(self.verifying.pop(0))
+            try:
+                while self.verifying:  # `_close_all` may have started more
+                    await asyncio.wrap_future(self.verifying.pop(0))
+            finally:
+                if self.verifier is not None:
+                    await self.verifier.aclose()
 
     async def _store_arrivals(self) -> None:
         """Store what arrived, every STORE_EVERY_S at most: one commit for many answers (a
@@ -1008,11 +1016,11 @@ class _Pipeline:
             self._retried, lambda: _uncached(self.session, self.teacher_row, requests, fps)
         )
         if to_call:
-            teacher = self.ports.make_teacher(self.teacher_row)
-            try:
-                results = await teacher.generate([r for r, _ in to_call])
-            finally:
-                await teacher.aclose()
+            if self.verifier is None:
+                # One for the run's verification rounds, closed at its end: its connections
+                # (and TLS sessions) serve every round instead of being opened for each.
+                self.verifier = self.ports.make_teacher(self.teacher_row)
+            results = await self.verifier.generate([r for r, _ in to_call])
             sent = {fp: r for r, fp in to_call}
 
             def store() -> None:
