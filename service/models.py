@@ -327,6 +327,8 @@ class Example(IdMixin, Base):
         # Also the order an export reads an iteration's rows in (created_at, id): the first row
         # of a million is found without sorting them (service/export_rows.py).
         Index("ix_examples_job_iteration", "job_id", "iteration_id", "status", "created_at", "id"),
+        # A batch's close looks up its accepted texts among the job's (`_insert_examples`).
+        Index("ix_examples_job_input_hash", "job_id", "input_hash"),
     )
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     iteration_id: Mapped[uuid.UUID | None] = mapped_column(

@@ -366,3 +366,74 @@ def test_a_concurrent_writer_of_the_same_keys_loses_nothing(
         }
     finally:
         _drop_tenant_of(engine, job_id)
+
+
+def test_a_text_another_batch_committed_meanwhile_is_rejected_as_its_duplicate(
+    db_session: Session,
+) -> None:
+    """Two processes close batches of one job side by side, each filtered against the job's
+    examples as they were before the other committed: under the job's lock, the second to
+    write finds the first's accepted text and rejects its own copy, as the filter would have.
+    A close tried again does not reject its own rows; a rationale row (whose input is its seed
+    row's text by design) is not checked."""
+    from service.domain.filters import text_hash
+    from workers.steps.generate import _insert_examples
+
+    session = db_session
+    job_id, iteration_id, _ = _job(session)
+
+    def row(key: str, text_: str, *, kind: str = "augmented", status: str = "accepted") -> Any:
+        return {
+            "job_id": job_id,
+            "iteration_id": iteration_id,
+            "dedup_key": key,
+            "kind": kind,
+            "status": status,
+            "rejection_reason": None if status == "accepted" else "near_duplicate",
+            "input": text_,
+            "output": "x",
+            "meta": {},
+        }
+
+    _insert_examples(
+        session,
+        [
+            row("other:0", "What is the capital of Peru?"),
+            row("other:1", "A seed", kind="rationale"),
+        ],
+    )
+    session.commit()
+    mine = [
+        row("mine:0", "what is the capital of  Peru ?"),  # the same normalized text
+        row("mine:1", "What is the capital of Chile?"),
+        row("mine:2", "A seed", kind="rationale"),
+        row("mine:3", "What is the capital of Peru?", status="rejected"),
+    ]
+    assert text_hash(mine[0]["input"]) == text_hash("What is the capital of Peru?")
+    _insert_examples(session, mine)
+    session.commit()
+
+    def stored() -> dict[str, tuple[str, str | None, str | None]]:
+        found = session.execute(
+            select(
+                Example.dedup_key,
+                Example.status,
+                Example.rejection_reason,
+                Example.rejection_detail,
+            ).where(Example.job_id == job_id)
+        )
+        return {key: (status.value, reason, detail) for key, status, reason, detail in found}
+
+    after = stored()
+    assert after["mine:0"][:2] == ("rejected", "duplicate")
+    assert "other:0" in (after["mine:0"][2] or "")
+    assert after["mine:1"][:2] == ("accepted", None)
+    assert after["mine:2"][:2] == ("accepted", None)
+    assert after["mine:3"][:2] == ("rejected", "near_duplicate")
+    assert after["other:0"][:2] == ("accepted", None)
+    # The same close tried again (its rows already in): nothing of its own counts against it.
+    again = [row("mine:1", "What is the capital of Chile?")]
+    _insert_examples(session, again)
+    session.commit()
+    assert again[0]["status"] == "accepted"
+    assert stored() == after

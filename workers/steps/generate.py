@@ -35,6 +35,7 @@ from service.domain.filters import (
     DedupIndex,
     FilterConfig,
     FilterContext,
+    Reason,
     Verdict,
     check_contamination,
     check_length,
@@ -1362,14 +1363,66 @@ def _failed_row(
 
 
 def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Store a batch's example rows; called under the job's lock (`_Pipeline._complete`)."""
     now = utcnow()
     for row in rows:  # the ids are the column's default's (service.db.insert_ignore)
         row.setdefault("rationale", None)
         if "input_hash" not in row:
             row["input_hash"] = text_hash(row["input"])
         row["created_at"] = now
+    _reject_committed_duplicates(session, rows)
     insert_ignore(session, Example, rows, ["job_id", "dedup_key"])
     session.flush()
+
+
+# Input hashes looked up per statement (`_reject_committed_duplicates`).
+_HASHES_PER_QUERY = 1000
+
+
+def _reject_committed_duplicates(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Reject, as the filter would have, an accepted row whose exact text another batch of the
+    job committed after this batch's filters read the job's examples.
+
+    Each process's dedup index learns other processes' examples when it filters (`_indexes`),
+    so two processes closing batches side by side (the default pool runs two) each accepted a
+    text the other was accepting, and the export held it twice. Closes of a job's batches take
+    the job's lock before they write, so here they take turns and the check is exact. Near
+    duplicates in that window are not caught here: the next batch's index knows both texts,
+    but does not remove one. A rationale example's input is its seed row's own text by
+    design (its duplicates are judged with its rationale), so rationale rows are not
+    checked."""
+    accepted = [
+        r
+        for r in rows
+        if r["status"] == ExampleStatus.accepted.value and r["kind"] != ExampleKind.rationale.value
+    ]
+    if not accepted:
+        return
+    own = {r["dedup_key"] for r in rows}  # a close tried again finds its own rows
+    hashes = sorted({r["input_hash"] for r in accepted})
+    committed: dict[str, str] = {}
+    for start in range(0, len(hashes), _HASHES_PER_QUERY):
+        found = session.execute(
+            select(Example.input_hash, Example.dedup_key)
+            .where(
+                Example.job_id == accepted[0]["job_id"],
+                Example.input_hash.in_(hashes[start : start + _HASHES_PER_QUERY]),
+                Example.status == ExampleStatus.accepted,
+                Example.kind != ExampleKind.rationale.value,
+            )
+            .order_by(Example.created_at, Example.id)
+        )
+        for input_hash, key in found:
+            if key not in own:
+                committed.setdefault(input_hash, key)
+    for row in accepted:
+        other = committed.get(row["input_hash"])
+        if other is not None:
+            row["status"] = ExampleStatus.rejected.value
+            row["rejection_reason"] = Reason.DUPLICATE.value
+            row["rejection_detail"] = (
+                f"same normalized text as {other}, accepted by another batch while this one closed"
+            )
 
 
 def _verification_record(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
