@@ -17,10 +17,20 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_examples_job_input_hash", "examples", ["job_id", "input_hash"], unique=False
-    )
+    # CONCURRENTLY on Postgres: the examples table is the largest, and a plain CREATE INDEX
+    # would hold back every batch's writes while it builds. It cannot run in a transaction.
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_examples_job_input_hash",
+            "examples",
+            ["job_id", "input_hash"],
+            unique=False,
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_examples_job_input_hash", table_name="examples")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_examples_job_input_hash", table_name="examples", postgresql_concurrently=True
+        )
