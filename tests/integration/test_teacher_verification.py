@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -10,6 +11,7 @@ from sqlalchemy import select
 
 from service.models import Example, GenerationBatch, TeacherCall
 from tests.data_factory import question_slice
+from tests.e2e.conftest import wait_for
 from tests.integration.conftest import InlineStack
 from workers.steps.generate import _verification_record
 
@@ -197,3 +199,67 @@ def test_a_batch_under_verification_leaves_the_next_ones_answers_to_be_stored(
     answers_of_second = [c for c in calls if c.batch_id == second and c.template_id != "verify"]
     assert verifying_first and answers_of_second
     assert max(c.created_at for c in answers_of_second) < min(c.created_at for c in verifying_first)
+
+
+@pytest.mark.timeout(180, method="thread")
+def test_a_job_paused_while_a_batch_is_verified_resumes_and_verifies_every_example(
+    inline_stack: InlineStack,
+) -> None:
+    """A pause while a batch's verification calls are out (the batch held, its close waiting
+    for them): the run ends without losing the batch, and after the resume every accepted
+    example of the job has been verified and no batch is left running."""
+    st = inline_stack
+    st.teacher.configure(latency_ms=600)
+    narrow = st.client.post(
+        "/v1/teachers",
+        json={
+            "name": "narrow-pause",
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 2},
+        },
+        headers=st.auth,
+    ).json()["id"]
+    spec = _spec(
+        st,
+        name="verify-pause",
+        strategy="random",
+        filters={"teacher_verification": True},
+        budget={"max_iterations": 1, "max_examples_per_iteration": 8},
+        params={"rows_per_iteration": 8, "examples_per_row": 1},
+        batch_size=2,
+    )
+    job_id = st.client.post("/v1/jobs", json={**spec, "teacher": narrow}, headers=st.auth)
+    job_id = job_id.json()["id"]
+    with st.executing_in_background():
+        # The first batch's 2 answers are in (at 0.6 s): its verification calls go out next.
+        wait_for(lambda: st.teacher_calls() >= 2, 60, "the first answers")
+        time.sleep(0.3)
+        assert st.client.post(f"/v1/jobs/{job_id}/pause", headers=st.auth).status_code == 202
+        wait_for(
+            lambda: not _running_batches(st, job_id), 60, "the paused run to let its batches go"
+        )
+        assert st.job(job_id)["status"] == "paused"
+        assert st.client.post(f"/v1/jobs/{job_id}/resume", headers=st.auth).status_code == 202
+        wait_for(lambda: st.job(job_id)["status"] == "succeeded", 120, "the resumed job")
+    with st.sessions() as session:
+        examples = session.scalars(select(Example).where(Example.job_id == uuid.UUID(job_id))).all()
+    unverified = [
+        e.dedup_key
+        for e in examples
+        if e.status.value == "accepted" and "verification_call" not in e.meta
+    ]
+    assert examples and not unverified
+    assert not _running_batches(st, job_id)
+
+
+def _running_batches(st: InlineStack, job_id: str) -> list[int]:
+    with st.sessions() as session:
+        return list(
+            session.scalars(
+                select(GenerationBatch.index).where(
+                    GenerationBatch.job_id == uuid.UUID(job_id),
+                    GenerationBatch.status == "running",
+                )
+            )
+        )
