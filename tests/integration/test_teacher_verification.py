@@ -34,6 +34,21 @@ def _spec(st: InlineStack, **changes: Any) -> dict[str, Any]:
     }
 
 
+def _two_slot_teacher(st: InlineStack, name: str) -> str:
+    """The fake teacher saved with a limit of 2 requests in flight: batches wait for slots."""
+    response = st.client.post(
+        "/v1/teachers",
+        json={
+            "name": name,
+            "base_url": st.teacher.base_url,
+            "model": "fake-teacher",
+            "limits": {"max_concurrency": 2},
+        },
+        headers=st.auth,
+    )
+    return str(response.json()["id"])
+
+
 def test_verification_keeps_only_candidates_the_teacher_agrees_with(
     inline_stack: InlineStack,
 ) -> None:
@@ -125,16 +140,7 @@ def test_verification_with_batches_in_flight_and_waiting_for_slots_finishes(
     limiter over from the pipeline's loop: both waited for ever."""
     st = inline_stack
     st.teacher.configure(latency_ms=50)
-    narrow = st.client.post(
-        "/v1/teachers",
-        json={
-            "name": "narrow",
-            "base_url": st.teacher.base_url,
-            "model": "fake-teacher",
-            "limits": {"max_concurrency": 2},
-        },
-        headers=st.auth,
-    ).json()["id"]
+    narrow = _two_slot_teacher(st, "narrow")
     spec = _spec(
         st,
         name="verify-in-flight",
@@ -163,16 +169,7 @@ def test_a_batch_under_verification_leaves_the_next_ones_answers_to_be_stored(
     waited for it, and were stored after the first batch's verification calls."""
     st = inline_stack
     st.teacher.configure(latency_ms=1000)
-    narrow = st.client.post(
-        "/v1/teachers",
-        json={
-            "name": "narrow-slow",
-            "base_url": st.teacher.base_url,
-            "model": "fake-teacher",
-            "limits": {"max_concurrency": 2},
-        },
-        headers=st.auth,
-    ).json()["id"]
+    narrow = _two_slot_teacher(st, "narrow-slow")
     spec = _spec(
         st,
         name="verify-beside",
@@ -210,16 +207,7 @@ def test_a_job_paused_while_a_batch_is_verified_resumes_and_verifies_every_examp
     example of the job has been verified and no batch is left running."""
     st = inline_stack
     st.teacher.configure(latency_ms=600)
-    narrow = st.client.post(
-        "/v1/teachers",
-        json={
-            "name": "narrow-pause",
-            "base_url": st.teacher.base_url,
-            "model": "fake-teacher",
-            "limits": {"max_concurrency": 2},
-        },
-        headers=st.auth,
-    ).json()["id"]
+    narrow = _two_slot_teacher(st, "narrow-pause")
     spec = _spec(
         st,
         name="verify-pause",
