@@ -202,7 +202,7 @@ def insert(sessions: sessionmaker[Session], job: BenchJob, rows: int, batch: int
             session.commit()
             server_before = _backend_cpu_s(pid)
             began, cpu_began = time.perf_counter(), time.process_time()
-            _insert_examples(session, candidates)
+            _insert_examples(session, job.job_id, candidates)
             session.commit()
             times.seconds += time.perf_counter() - began
             times.client_cpu_s += time.process_time() - cpu_began
@@ -256,7 +256,7 @@ def reinsert(sessions: sessionmaker[Session], job: BenchJob, batch: int) -> tupl
     before = count_examples(sessions, job.job_id)
     with sessions() as session:
         began = time.perf_counter()
-        _insert_examples(session, candidate_rows(job, 0, batch))
+        _insert_examples(session, job.job_id, candidate_rows(job, 0, batch))
         session.commit()
         spent = time.perf_counter() - began
     return count_examples(sessions, job.job_id) - before, spent

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,7 +24,7 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.models import Dataset, DatasetRow, Iteration, Job, Teacher, utcnow
+from service.models import Dataset, DatasetRow, Example, Iteration, Job, Teacher, utcnow
 from service.pagination import paginate
 from service.secrets import KeyEnvPolicy
 from service.splits import (
@@ -542,6 +542,15 @@ def lock_job(session: Session, job_id: uuid.UUID) -> bool:
             select(Job.id).where(Job.id == job_id).with_for_update(key_share=True)
         ).scalar()
     return locked is not None
+
+
+def next_example_seq(session: Session, job_id: uuid.UUID) -> int:
+    """The number a write of the job's examples gives its rows (`Example.seq`). Call it under
+    the job's lock (`lock_job`), which every writer of examples holds until it commits: the
+    numbers then follow the commit order, and a reader that saw number n has seen every row
+    numbered below it."""
+    last = session.scalar(select(func.max(Example.seq)).where(Example.job_id == job_id))
+    return int(last or 0) + 1
 
 
 def transition_job(

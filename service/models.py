@@ -327,8 +327,8 @@ class Example(IdMixin, Base):
         # Also the order an export reads an iteration's rows in (created_at, id): the first row
         # of a million is found without sorting them (service/export_rows.py).
         Index("ix_examples_job_iteration", "job_id", "iteration_id", "status", "created_at", "id"),
-        # A batch's close looks up its accepted texts among the job's (`_insert_examples`).
-        Index("ix_examples_job_input_hash", "job_id", "input_hash"),
+        # The examples a job committed after a given point (`seq`), for the dedup indexes.
+        Index("ix_examples_job_seq", "job_id", "seq"),
     )
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     iteration_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -358,6 +358,10 @@ class Example(IdMixin, Base):
     prompt_fingerprint: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The job's commit order: one number per write of a job's examples (a batch's close, a set
+    # of preference pairs), given under the job's lock (`service.jobs.next_example_seq`), so
+    # every example with a lower number was committed before. Null on rows stored before it.
+    seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Prediction(IdMixin, Base):

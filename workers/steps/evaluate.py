@@ -44,7 +44,7 @@ from service.domain.strategies.base import (
     top_up_phase,
     top_up_round,
 )
-from service.jobs import lock_job, transition_job
+from service.jobs import lock_job, next_example_seq, transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, utcnow
 from service.models import Prediction as PredictionRow
 from workers.ports import Ports
@@ -877,6 +877,8 @@ def store_preference_pairs(
         return {"input": d.input, "output": d.output, "rationale": d.rationale, "score": d.score}
 
     now = utcnow()
+    lock_job(session, job.id)  # every write of a job's examples is numbered under its lock
+    seq = next_example_seq(session, job.id)
     insert_ignore(
         session,
         Example,
@@ -900,6 +902,7 @@ def store_preference_pairs(
                     "rejected": item(rejected),
                 },
                 "created_at": now,
+                "seq": seq,
             }
             for chosen, rejected in pairs
         ],

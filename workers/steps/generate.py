@@ -35,7 +35,6 @@ from service.domain.filters import (
     DedupIndex,
     FilterConfig,
     FilterContext,
-    Reason,
     Verdict,
     check_contamination,
     check_length,
@@ -68,7 +67,7 @@ from service.domain.teacher import (
     TeacherResult,
     is_transient_failure,
 )
-from service.jobs import lock_job, transition_job
+from service.jobs import lock_job, next_example_seq, transition_job
 from service.models import Example, GenerationBatch, Iteration, Job, TeacherCall, utcnow
 from service.models import Teacher as TeacherRow
 from service.secrets import resolve_api_key
@@ -1079,7 +1078,8 @@ class _Pipeline:
         if batch.status is not BatchStatus.running or batch.attempts != work.token:
             session.rollback()
             return  # our lease lapsed and another worker took the batch over
-        _insert_examples(session, closing.rows)
+        _reject_concurrent_duplicates(session, job, self.ctx, closing.rows)
+        _insert_examples(session, job.id, closing.rows)
         now, since = closing.now, closing.since
         unanswered = closing.failed + closing.missing
         if closing.give_up:
@@ -1362,35 +1362,34 @@ def _failed_row(
     }
 
 
-def _insert_examples(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Store a batch's example rows; called under the job's lock (`_Pipeline._complete`)."""
+def _insert_examples(session: Session, job_id: uuid.UUID, rows: list[dict[str, Any]]) -> None:
+    """Store a batch's example rows, numbered in the job's commit order; called under the
+    job's lock (`_Pipeline._complete`)."""
     now = utcnow()
+    seq = next_example_seq(session, job_id)
     for row in rows:  # the ids are the column's default's (service.db.insert_ignore)
         row.setdefault("rationale", None)
         if "input_hash" not in row:
             row["input_hash"] = text_hash(row["input"])
         row["created_at"] = now
-    _reject_committed_duplicates(session, rows)
+        row["seq"] = seq
     insert_ignore(session, Example, rows, ["job_id", "dedup_key"])
     session.flush()
 
 
-# Input hashes looked up per statement (`_reject_committed_duplicates`).
-_HASHES_PER_QUERY = 1000
-
-
-def _reject_committed_duplicates(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Reject, as the filter would have, an accepted row whose exact text another batch of the
-    job committed after this batch's filters read the job's examples.
+def _reject_concurrent_duplicates(
+    session: Session, job: Job, ctx: JobContext, rows: list[dict[str, Any]]
+) -> None:
+    """Reject, as the filter would have, an accepted row that duplicates (exactly or nearly)
+    an example another batch of the job committed after this batch's filters ran.
 
     Each process's dedup index learns other processes' examples when it filters (`_indexes`),
     so two processes closing batches side by side (the default pool runs two) each accepted a
-    text the other was accepting, and the export held it twice. Closes of a job's batches take
-    the job's lock before they write, so here they take turns and the check is exact. Near
-    duplicates in that window are not caught here: the next batch's index knows both texts,
-    but does not remove one. A rationale example's input is its seed row's own text by
-    design (its duplicates are judged with its rationale), so rationale rows are not
-    checked."""
+    text the other was accepting, and the export held it twice. Closes take the job's lock
+    before they write, so here, under it, the index learns what was committed since (the
+    examples numbered after the last it read: `Example.seq`) and the check is exact. A
+    rationale example's input is its seed row's own text by design (its duplicates are judged
+    with its rationale), so rationale rows are not checked."""
     accepted = [
         r
         for r in rows
@@ -1398,31 +1397,19 @@ def _reject_committed_duplicates(session: Session, rows: list[dict[str, Any]]) -
     ]
     if not accepted:
         return
-    own = {r["dedup_key"] for r in rows}  # a close tried again finds its own rows
-    hashes = sorted({r["input_hash"] for r in accepted})
-    committed: dict[str, str] = {}
-    for start in range(0, len(hashes), _HASHES_PER_QUERY):
-        found = session.execute(
-            select(Example.input_hash, Example.dedup_key)
-            .where(
-                Example.job_id == accepted[0]["job_id"],
-                Example.input_hash.in_(hashes[start : start + _HASHES_PER_QUERY]),
-                Example.status == ExampleStatus.accepted,
-                Example.kind != ExampleKind.rationale.value,
-            )
-            .order_by(Example.created_at, Example.id)
-        )
-        for input_hash, key in found:
-            if key not in own:
-                committed.setdefault(input_hash, key)
+    config = _filter_config(ctx)
+    learned = _indexes(session, job, ctx, config).learned
+    own = {r["dedup_key"] for r in rows}  # a close tried again may find its own rows
+    others = {key: text for key, text in learned if key not in own}
+    if not others:
+        return
+    meanwhile = DedupIndex.build(others, config)
     for row in accepted:
-        other = committed.get(row["input_hash"])
-        if other is not None:
+        reason, detail = meanwhile.check(row["input"])
+        if reason is not None:
             row["status"] = ExampleStatus.rejected.value
-            row["rejection_reason"] = Reason.DUPLICATE.value
-            row["rejection_detail"] = (
-                f"same normalized text as {other}, accepted by another batch while this one closed"
-            )
+            row["rejection_reason"] = reason
+            row["rejection_detail"] = f"{detail}, accepted by another batch while this one closed"
 
 
 def _verification_record(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
@@ -1506,14 +1493,7 @@ def _filter_kind(
 ) -> list[Verdict]:
     if not candidates:
         return []
-    spec = ctx.spec
-    config = FilterConfig(
-        min_chars=spec.filters.min_chars,
-        max_chars=spec.filters.max_chars,
-        labels=ctx.labels if spec.task.kind is TaskKind.classification else None,
-        near_duplicate_threshold=spec.filters.near_duplicate_threshold,
-        contamination_threshold=spec.filters.contamination_threshold,
-    )
+    config = _filter_config(ctx)
     indexes = _indexes(session, job, ctx, config)
     checks: list[Check] = list(DEFAULT_CHECKS)
     if rationale:
@@ -1534,6 +1514,17 @@ def _filter_kind(
     return verdicts
 
 
+def _filter_config(ctx: JobContext) -> FilterConfig:
+    spec = ctx.spec
+    return FilterConfig(
+        min_chars=spec.filters.min_chars,
+        max_chars=spec.filters.max_chars,
+        labels=ctx.labels if spec.task.kind is TaskKind.classification else None,
+        near_duplicate_threshold=spec.filters.near_duplicate_threshold,
+        contamination_threshold=spec.filters.contamination_threshold,
+    )
+
+
 @dataclass
 class _JobIndexes:
     config: FilterConfig
@@ -1541,6 +1532,11 @@ class _JobIndexes:
     rationales: DedupIndex  # accepted rationale examples, as input + rationale
     guard: ContaminationGuard | None
     keys: set[str]
+    # The highest `Example.seq` read (None: none yet): later reads ask only for examples
+    # numbered above it, committed since.
+    seen_seq: int | None = None
+    # The plain (not rationale) examples the last read learned, as (key, input).
+    learned: list[tuple[str, str]] = field(default_factory=list)
 
 
 # Per-process cache of each job's dedup index and contamination guard. Rebuilding them for every
@@ -1567,13 +1563,18 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
         while len(_INDEXES) > _MAX_CACHED_JOBS:
             _INDEXES.popitem(last=False)
     _INDEXES.move_to_end(job.id)
-    plain: list[tuple[str | None, str]] = []
+    plain: list[tuple[str, str]] = []
     rationales: list[tuple[str | None, str]] = []
-    for key, text, kind, rationale in session.execute(
-        select(Example.dedup_key, Example.input, Example.kind, Example.rationale).where(
-            Example.job_id == job.id, Example.status == ExampleStatus.accepted
-        )
-    ):
+    query = select(
+        Example.dedup_key, Example.input, Example.kind, Example.rationale, Example.seq
+    ).where(Example.job_id == job.id, Example.status == ExampleStatus.accepted)
+    if cached.seen_seq is not None:
+        # Only what was committed since the last read (`Example.seq` follows the commit
+        # order): reading every accepted example at every batch's close grew with the job.
+        query = query.where(Example.seq > cached.seen_seq)
+    for key, text, kind, rationale, seq in session.execute(query):
+        if seq is not None and (cached.seen_seq is None or seq > cached.seen_seq):
+            cached.seen_seq = seq
         if key not in cached.keys:
             if kind == ExampleKind.rationale.value:
                 rationales.append((key, _rationale_text(text, rationale)))
@@ -1584,6 +1585,7 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
     # together.
     cached.dedup.add_all(plain)
     cached.rationales.add_all(rationales)
+    cached.learned = plain
     return cached
 
 
