@@ -49,6 +49,22 @@ def _two_slot_teacher(st: InlineStack, name: str) -> str:
     return str(response.json()["id"])
 
 
+def _verified_in_batches_of_two(st: InlineStack, name: str, *, rows: int) -> str:
+    """A `random` job of one example per row, every example verified, in batches of 2 against
+    the two-slot teacher; its id (not run yet)."""
+    spec = _spec(
+        st,
+        name=name,
+        strategy="random",
+        filters={"teacher_verification": True},
+        budget={"max_iterations": 1, "max_examples_per_iteration": rows},
+        params={"rows_per_iteration": rows, "examples_per_row": 1},
+        batch_size=2,
+        teacher=_two_slot_teacher(st, f"{name}-teacher"),
+    )
+    return str(st.client.post("/v1/jobs", json=spec, headers=st.auth).json()["id"])
+
+
 def test_verification_keeps_only_candidates_the_teacher_agrees_with(
     inline_stack: InlineStack,
 ) -> None:
@@ -169,18 +185,7 @@ def test_a_batch_under_verification_leaves_the_next_ones_answers_to_be_stored(
     waited for it, and were stored after the first batch's verification calls."""
     st = inline_stack
     st.teacher.configure(latency_ms=1000)
-    narrow = _two_slot_teacher(st, "narrow-slow")
-    spec = _spec(
-        st,
-        name="verify-beside",
-        strategy="random",
-        filters={"teacher_verification": True},
-        budget={"max_iterations": 1, "max_examples_per_iteration": 6},
-        params={"rows_per_iteration": 6, "examples_per_row": 1},
-        batch_size=2,
-    )
-    created = st.client.post("/v1/jobs", json={**spec, "teacher": narrow}, headers=st.auth)
-    job_id = created.json()["id"]
+    job_id = _verified_in_batches_of_two(st, "verify-beside", rows=6)
     st.sender.run_until_idle()
     assert st.job(job_id)["status"] == "succeeded"
     with st.sessions() as session:
@@ -207,18 +212,7 @@ def test_a_job_paused_while_a_batch_is_verified_resumes_and_verifies_every_examp
     example of the job has been verified and no batch is left running."""
     st = inline_stack
     st.teacher.configure(latency_ms=600)
-    narrow = _two_slot_teacher(st, "narrow-pause")
-    spec = _spec(
-        st,
-        name="verify-pause",
-        strategy="random",
-        filters={"teacher_verification": True},
-        budget={"max_iterations": 1, "max_examples_per_iteration": 8},
-        params={"rows_per_iteration": 8, "examples_per_row": 1},
-        batch_size=2,
-    )
-    job_id = st.client.post("/v1/jobs", json={**spec, "teacher": narrow}, headers=st.auth)
-    job_id = job_id.json()["id"]
+    job_id = _verified_in_batches_of_two(st, "verify-pause", rows=8)
     with st.executing_in_background():
         # The first batch's 2 answers are in (at 0.6 s): its verification calls go out next.
         wait_for(lambda: st.teacher_calls() >= 2, 60, "the first answers")
