@@ -1571,7 +1571,9 @@ def _indexes(session: Session, job: Job, ctx: JobContext, config: FilterConfig) 
     if cached.seen_seq is not None:
         # Only what was committed since the last read (`Example.seq` follows the commit
         # order): reading every accepted example at every batch's close grew with the job.
-        query = query.where(Example.seq > cached.seen_seq)
+        # The last number read is read again: where writes are not locked (SQLite, which
+        # ignores FOR UPDATE, under an embedded server's threads) two may share it.
+        query = query.where(Example.seq >= cached.seen_seq)
     for key, text, kind, rationale, seq in session.execute(query):
         if seq is not None and (cached.seen_seq is None or seq > cached.seen_seq):
             cached.seen_seq = seq
