@@ -1541,7 +1541,8 @@ class _JobIndexes:
 
 # Per-process cache of each job's dedup index and contamination guard. Rebuilding them for every
 # batch costs O(accepted examples) MinHash work and grows with the job; instead each batch
-# adds only the accepted examples this process has not seen (other workers' included).
+# reads only the examples committed since the last read (`Example.seq`) and adds those this
+# process has not seen (other workers' included).
 _INDEXES: OrderedDict[uuid.UUID, _JobIndexes] = OrderedDict()
 _MAX_CACHED_JOBS = 8
 
