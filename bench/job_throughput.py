@@ -10,7 +10,13 @@ limit 2 x C, so the teacher refuses with 429 + Retry-After), two worker processe
 the teacher, four replicas of the teacher (each L and C) with four worker processes and
 4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's, and
 teacher verification of every accepted example (about N more calls, each asked once its
-batch closes; the ratio is over every call the job made). Each job
+batch closes; the ratio is over every call the job made), and the replicas again where the
+cores allow them: one replica, then four replicas with four workers, at 4 x L (four replicas
+at L ask for 4 x C / L calls/s, which two cores cannot serve beside the fake teachers and
+Postgres; at 4 x L they ask for what one replica does at L). For each four-replica run it
+prints the speedup over one replica at the same latency and the cores the workers' CPU per
+call needs at the replicas' limit ("the cores allow it" when that is at most half of the
+machine's: the other half runs the fake teachers, Postgres and Redis). Each job
 uses the `random` strategy with one example per prompt, so its
 generation is exactly N teacher calls; the window is read from the rows (first batch start to
 last stored call). Prints the ratio window / (N x L / C) (1.00 is the physical limit), the
@@ -260,6 +266,13 @@ class Scenario:
     # The spec's filters: with teacher verification a batch's accepted examples are asked
     # again (about N more calls; the ratio is over every call the job made).
     filters: dict[str, Any] = field(default_factory=dict)
+    # The teacher's latency as a multiple of --latency-ms: four replicas at 4 x L ask for the
+    # call rate one replica does at L, which two cores can serve (at L they cannot: the workers
+    # alone would need more CPU than the machine has beside the fake teachers and Postgres).
+    latency_factor: int = 1
+
+    def latency_ms(self, base_ms: float) -> float:
+        return base_ms * self.latency_factor
 
 
 # Calls are one per seed row, and a spec picks at most 5,000 rows per iteration.
@@ -274,7 +287,12 @@ SCENARIOS = (
     Scenario("two-workers", workers=2),
     Scenario("four-replicas", workers=4, replicas=4),
     Scenario("verify", filters={"teacher_verification": True}),
+    # Scaling where the cores allow it: one replica and four replicas, both at 4 x L.
+    Scenario("clean-4L", latency_factor=4),
+    Scenario("four-replicas-4L", workers=4, replicas=4, latency_factor=4),
 )
+# A scenario compared with another runs that one too.
+NEEDS = {"four-replicas": "clean", "four-replicas-4L": "clean-4L"}
 SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
 
@@ -359,6 +377,7 @@ class Row:
     status: str = "-"
     ideal: float | None = None  # N x L / (C x replicas), when not the run's own
     floor: float | None = None  # a perfect client's ratio in the same model (perfect_client_window)
+    latency_factor: int = 1  # the scenario's (vs gateway compares only rows at the same latency)
     occupancy: Occupancy | None = None
     batches: str = ""
 
@@ -427,7 +446,9 @@ def main() -> None:
         upgrade_database(url)
         engine = make_engine(url)
         sessions = session_factory(engine)
-        wanted = [s for s in SCENARIOS if not args.only or s.name in args.only or s.name == "clean"]
+        chosen = set(args.only or ())
+        chosen |= {NEEDS[name] for name in chosen if name in NEEDS}
+        wanted = [s for s in SCENARIOS if not args.only or s.name in chosen or s.name == "clean"]
         most = max(min(args.n * s.replicas, MAX_CALLS) for s in wanted)
         train, val = _rows(max(args.n, most))
         with (
@@ -567,7 +588,7 @@ def main() -> None:
                 time.sleep(0.5)
             stats()
             for scenario in SCENARIOS:
-                if args.only and scenario.name not in args.only:
+                if args.only and scenario.name not in chosen:
                     continue
                 while len(workers) < scenario.workers:
                     workers.append(start_worker())
@@ -579,7 +600,11 @@ def main() -> None:
                         )
                     )
                 for server in fakes:
-                    server.configure(**{**SERVER_DEFAULTS, **scenario.server})
+                    server.configure(
+                        **SERVER_DEFAULTS,
+                        latency_ms=scenario.latency_ms(args.latency_ms),
+                        **scenario.server,
+                    )
                     server.reset()
                 n = min(args.n * scenario.replicas, MAX_CALLS)
                 cpu_before = sum(_group_cpu_s(w.pid) for w in workers)
@@ -632,10 +657,19 @@ def main() -> None:
                         load=os.getloadavg()[0],
                         busy=busy,
                         status=status,
-                        ideal=n * args.latency_ms / 1000 / (args.cap * scenario.replicas),
+                        ideal=n
+                        * scenario.latency_ms(args.latency_ms)
+                        / 1000
+                        / (args.cap * scenario.replicas),
                         occupancy=occupancy,
                         batches=_batch_spans(sessions, job_id, started),
-                        floor=_floor(n, args.cap * scenario.replicas, args.latency_ms, scenario),
+                        latency_factor=scenario.latency_factor,
+                        floor=_floor(
+                            n,
+                            args.cap * scenario.replicas,
+                            scenario.latency_ms(args.latency_ms),
+                            scenario,
+                        ),
                     )
                 )
                 print(
@@ -681,7 +715,7 @@ def main() -> None:
             f"{row.wall / (row.ideal or ideal):>7.3f} "
             f"{'-' if target is None else f'{target:.2f}':>7} "
             f"{'-' if row.floor is None else f'{row.floor:.3f}':>6} "
-            f"{row.wall / rows[0].wall:>10.3f}x "
+            f"{'-' if row.latency_factor != 1 else f'{row.wall / rows[0].wall:.3f}x':>11} "
             f"{'-' if row.cpu_ms is None else f'{row.cpu_ms:.2f}':>12} "
             f"{'-' if row.busy is None else f'{row.busy:.0%}':>5} "
             f"{'-' if row.load is None else f'{row.load:.2f}':>5}"
@@ -728,20 +762,34 @@ def main() -> None:
         "below half the cap in between (the feed waiting on the database)."
     )
     by_name = {row.label.split(": ")[-1].split(" (")[0]: row for row in rows}
-    one, four = by_name.get("clean"), by_name.get("four-replicas")
-    if one is not None and four is not None and one.rate:
-        print(
-            f"four replicas, four workers: {four.rate:.0f} calls/s against {one.rate:.0f} for "
-            f"one replica and one worker, {four.rate / one.rate:.2f}x (target >= 3.6x where "
-            "the cores allow; max in is the busiest replica's)"
-        )
+    scenarios = {scenario.name: scenario for scenario in SCENARIOS}
     cores = os.cpu_count() or 1
+    for name in ("four-replicas", "four-replicas-4L"):
+        four, one = by_name.get(name), by_name.get(NEEDS[name])
+        if four is None or one is None or not one.rate:
+            continue
+        scenario = scenarios[name]
+        latency_ms = scenario.latency_ms(args.latency_ms)
+        limit = scenario.replicas * args.cap * 1000 / latency_ms  # calls/s at the limit
+        print(
+            f"{scenario.replicas} replicas, {scenario.workers} workers, latency "
+            f"{latency_ms:.0f} ms: {four.rate:.0f} calls/s against {one.rate:.0f} for one "
+            f"replica and one worker at the same latency, {four.rate / one.rate:.2f}x (target "
+            f">= 3.6x where the cores allow; max in is the busiest replica's)"
+        )
+        if four.cpu_ms:
+            needed = four.cpu_ms * limit / 1000
+            print(
+                f"  the workers' {four.cpu_ms:.2f} ms of CPU per call at the replicas' limit "
+                f"({limit:.0f} calls/s) need {needed:.1f} of this machine's {cores} cores "
+                f"(busy {four.busy or 0:.0%} in the run, the fake teachers and Postgres "
+                "included): " + ("the cores allow it" if needed <= cores / 2 else "CPU-bound here")
+            )
     for row in rows:
         if row.label.startswith("job, Celery") and row.cpu_ms:
             print(
                 f"  {row.label}: {row.cpu_ms:.2f} ms of worker CPU per call; {cores} cores "
-                f"would sustain {cores * 1000 / row.cpu_ms:.0f} calls/s of it, against "
-                f"{args.cap * 1000 / args.latency_ms:.0f} calls/s per replica at the limit"
+                f"would sustain {cores * 1000 / row.cpu_ms:.0f} calls/s of it"
             )
 
 
