@@ -164,6 +164,30 @@ def test_one_pipeline_runs_every_batch_of_the_phase(inline_stack: InlineStack) -
     assert stats["completions_ok"] == CALLS and stats["duplicate_successes"] == 0
 
 
+def test_the_last_answers_are_stored_when_the_stream_ends_not_a_store_interval_later(
+    inline_stack: InlineStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are stored every STORE_EVERY_S; the stream's end cuts that wait short (the
+    job's last stored answer ends its generation window). With an interval of a minute the run
+    would wait it out."""
+    import time
+
+    from workers.steps import generate
+
+    monkeypatch.setattr(generate, "STORE_EVERY_S", 60.0)
+    st = inline_stack
+    job_id = _job(st)
+    batches = _batches(st, job_id)
+    st.teacher.reset()
+    started = time.monotonic()
+    with st.sessions() as session:
+        session.info[SENDER] = RecordingTaskSender()
+        generate_batch(session, batches[0].id, runtime.process_ports())
+    assert time.monotonic() - started < 30.0
+    assert all(b.status is BatchStatus.succeeded for b in _batches(st, job_id))
+    assert _counts(st, job_id) == (CALLS, CALLS)
+
+
 # A first batch larger than the teacher's window is loaded in two parts: the window's worth of
 # targets, sent at once, then the rest while those are answered.
 WINDOW = 2

@@ -574,6 +574,7 @@ class _Pipeline:
         self._pending: list[TeacherResult] = []
         self._arrived = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()  # the stream ended: what arrived is stored at once
         storer = asyncio.create_task(self._store_arrivals())
         try:
             stream = teacher.stream(self._feed(batch_id, token), should_continue=lambda: self.go)
@@ -598,6 +599,7 @@ class _Pipeline:
         finally:
             self.go = False
             self._closing = True
+            self._closed.set()
             self._arrived.set()
             await storer
             await teacher.aclose()
@@ -612,11 +614,15 @@ class _Pipeline:
     async def _store_arrivals(self) -> None:
         """Store what arrived, every STORE_EVERY_S at most: one commit for many answers (a
         commit per answer would cost more CPU than the answer), and an answer is durable
-        within STORE_EVERY_S plus one commit of its arrival."""
+        within STORE_EVERY_S plus one commit of its arrival. The stream's end cuts the wait
+        short: the last answers are stored at once, not up to STORE_EVERY_S later (the job's
+        last stored answer ends its generation window: bench/job_throughput.py)."""
         while True:
             await self._arrived.wait()
             if not self._closing:
-                await asyncio.sleep(STORE_EVERY_S)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STORE_EVERY_S):
+                        await self._closed.wait()
             self._arrived.clear()
             arrived, self._pending = self._pending, []
             if arrived:
