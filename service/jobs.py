@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import tasks
-from service.datasets import get_dataset, load_rows
+from service.datasets import StoredRow, get_dataset, load_rows
 from service.domain.spec import JobSpec, StudentSpec, StudentType, TaskKind, TaskSpec, TeacherSpec
 from service.domain.statuses import (
     ITERATION_TERMINAL,
@@ -24,7 +24,7 @@ from service.domain.statuses import (
     JobStatus,
 )
 from service.errors import Conflict, NotFound, ValidationFailed
-from service.models import Dataset, DatasetRow, Example, Iteration, Job, Teacher, utcnow
+from service.models import Dataset, Example, Iteration, Job, Teacher, utcnow
 from service.pagination import paginate
 from service.secrets import KeyEnvPolicy
 from service.splits import (
@@ -136,11 +136,11 @@ def _as_written(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _line(row: DatasetRow) -> int:
+def _line(row: StoredRow) -> int:
     return row.index + 1  # rows are stored at their 0-based line of the upload
 
 
-def _row_problems(task: TaskSpec, row: DatasetRow) -> list[str]:
+def _row_problems(task: TaskSpec, row: StoredRow) -> list[str]:
     problems: list[str] = []
     text = row.data.get(task.input_field)
     if text is None:
@@ -165,7 +165,7 @@ def _row_problems(task: TaskSpec, row: DatasetRow) -> list[str]:
     return problems
 
 
-def _check_rows(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> None:
+def _check_rows(task: TaskSpec, rows: dict[str, list[StoredRow]]) -> None:
     """Every row must carry the task's input text and output: a row the loop would skip (or a
     class named "None") is a mistake in the upload, named by dataset, line and field."""
     errors: list[dict[str, Any]] = []
@@ -185,7 +185,7 @@ def _check_rows(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> None:
         )
 
 
-def _labels_of(dataset_rows: list[DatasetRow], field: str) -> dict[str, tuple[Any, int]]:
+def _labels_of(dataset_rows: list[StoredRow], field: str) -> dict[str, tuple[Any, int]]:
     """Each label's text (how the loop compares labels) → (its first value as written, line)."""
     seen: dict[str, tuple[Any, int]] = {}
     for row in dataset_rows:
@@ -213,7 +213,7 @@ def _unknown(seen: dict[str, tuple[Any, int]], known: set[str]) -> str | None:
     return message
 
 
-def _label_set(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> TaskSpec:
+def _label_set(task: TaskSpec, rows: dict[str, list[StoredRow]]) -> TaskSpec:
     """The classification label set (given, or inferred from train); every row's label in it."""
     if task.kind is not TaskKind.classification:
         return task
@@ -251,7 +251,7 @@ def _label_set(task: TaskSpec, rows: dict[str, list[DatasetRow]]) -> TaskSpec:
     return task
 
 
-def _check_held_out(spec: JobSpec, train_rows: list[DatasetRow]) -> None:
+def _check_held_out(spec: JobSpec, train_rows: list[StoredRow]) -> None:
     """Without a validation dataset the loop holds out a slice of train (splits.hold_out, the
     function the workers use); when that slice is empty every evaluation would measure nothing."""
     _, held_out = hold_out(

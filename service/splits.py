@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.datasets import load_rows
+from service.datasets import StoredRow, load_rows
 from service.domain.spec import JobSpec, TaskKind
 from service.domain.strategies.base import LabelledRow
-from service.models import DatasetRow, Job
+from service.models import Job
 
 # When a job has no validation set, this share of the train set (stratified, seeded) is held out.
 HELD_OUT_FRACTION = 0.2
@@ -78,7 +78,7 @@ def job_spec(job: Job) -> JobSpec:
 
 
 def labelled(
-    rows: list[DatasetRow], spec: JobSpec, role: str, ids: dict[str, uuid.UUID] | None = None
+    rows: list[StoredRow], spec: JobSpec, role: str, ids: dict[str, uuid.UUID] | None = None
 ) -> list[LabelledRow]:
     """A dataset's rows as the loop sees them (job creation rejects rows this would skip)."""
     out: list[LabelledRow] = []

@@ -442,29 +442,33 @@ class _Bands:
     band) cost as much as sketching the text, and a worker indexes every seed row and every
     accepted example of a job (each process, for every job it runs). A band's key here is a
     slice of the signature's bytes: one `tobytes` per signature, one dict lookup per band.
+    A bucket is the one ordinal it holds until a second arrives, then a list: nearly every
+    bucket holds one, and a list for each (16 per text at the default threshold) was most of
+    an insert's cost (5,000 TREC questions: 4.4 us per insert against 10.4).
     """
 
     def __init__(self, threshold: float, num_perm: int) -> None:
         bands, self._rows = _band_params(threshold, num_perm)
-        self._tables: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-
-    def _keys(self, hashvalues: Any) -> Iterator[tuple[dict[bytes, list[int]], bytes]]:
-        raw = hashvalues.tobytes()
-        width = self._rows * hashvalues.itemsize
-        for band, table in enumerate(self._tables):
-            yield table, raw[band * width : (band + 1) * width]
+        self._tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(bands)]
 
     def insert(self, ordinal: int, hashvalues: Any) -> None:
-        for table, key in self._keys(hashvalues):
+        raw = hashvalues.tobytes()
+        width = self._rows * hashvalues.itemsize
+        start = 0
+        for table in self._tables:
+            key = raw[start : start + width]
+            start += width
             bucket = table.get(key)
             if bucket is None:
-                table[key] = [ordinal]
+                table[key] = ordinal
+            elif isinstance(bucket, int):
+                table[key] = [bucket, ordinal]
             else:
                 bucket.append(ordinal)
 
     def query(self, hashvalues: Any) -> set[int]:
-        # `_keys` inlined: every candidate queries two indexes, and the generator's overhead
-        # per band was most of the query's cost.
+        # Inlined loop: every candidate queries two indexes, and a generator's overhead per
+        # band was most of the query's cost.
         found: set[int] = set()
         raw = hashvalues.tobytes()
         width = self._rows * hashvalues.itemsize
@@ -472,7 +476,10 @@ class _Bands:
         for table in self._tables:
             bucket = table.get(raw[start : start + width])
             if bucket is not None:
-                found.update(bucket)
+                if isinstance(bucket, int):
+                    found.add(bucket)
+                else:
+                    found.update(bucket)
             start += width
         return found
 

@@ -639,6 +639,26 @@ def test_the_band_index_proposes_what_datasketchs_lsh_proposes(threshold: float)
     assert sum(map(len, proposed)) >= 50  # every indexed text proposes itself, at least
 
 
+def test_a_band_bucket_holds_every_text_that_lands_in_it() -> None:
+    """A bucket is one ordinal until a second arrives, then a list (`_Bands`): the first, the
+    second and later texts of a bucket are all proposed, and a text alone in its buckets only
+    itself."""
+    from service.domain.filters import _Bands
+
+    sketcher = _Sketcher(128, 1)
+    same = sketcher.sketch(normalize_text("what is the capital city of france"))
+    other = sketcher.sketch(normalize_text("how many moons does jupiter have today"))
+    assert same is not None and other is not None
+    bands = _Bands(0.85, 128)
+    bands.insert(0, same.hashvalues)
+    assert bands.query(same.hashvalues) == {0}
+    bands.insert(1, same.hashvalues)
+    bands.insert(2, other.hashvalues)
+    bands.insert(3, same.hashvalues)
+    assert bands.query(same.hashvalues) == {0, 1, 3}
+    assert bands.query(other.hashvalues) == {2}
+
+
 def _reference_shingle_hashes(text: str) -> set[int]:
     """The shingles of `_shingle_hashes`, one Python string at a time: a text's words joined
     by spaces, its character 5-shingles as a set (a stream of 1-4 characters is one shingle,
