@@ -620,9 +620,11 @@ def main() -> None:
                     )
                 for server in fakes:
                     server.configure(
-                        **SERVER_DEFAULTS,
-                        latency_ms=scenario.latency_ms(args.latency_ms),
-                        **scenario.server,
+                        **{
+                            **SERVER_DEFAULTS,
+                            "latency_ms": scenario.latency_ms(args.latency_ms),
+                            **scenario.server,
+                        }
                     )
                     server.reset()
                 n = min(args.n * scenario.replicas, MAX_CALLS)
