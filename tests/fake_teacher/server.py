@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -86,6 +87,11 @@ class Config:
     jitter_ms: float = 0.0
     max_concurrency: int = 0
     retry_after_s: float = 1.0
+    # A hosted API's request budget: at most this many requests admitted per
+    # `rate_limit_window_s` (0 = none); one over it gets OpenAI's "requests per min (RPM)" 429,
+    # with its x-ratelimit headers and the seconds until the oldest admission leaves the window.
+    rate_limit_requests: int = 0
+    rate_limit_window_s: float = 60.0
     error_rate: float = 0.0
     malformed_rate: float = 0.0
     truncate_rate: float = 0.0
@@ -119,7 +125,9 @@ class Config:
 _RATE_KEYS: Final = frozenset(
     {"error_rate", "malformed_rate", "truncate_rate", "hang_rate", "mislabel_rate"}
 )
-_NONNEG_FLOAT_KEYS: Final = frozenset({"latency_ms", "jitter_ms", "retry_after_s", "hang_s"})
+_NONNEG_FLOAT_KEYS: Final = frozenset(
+    {"latency_ms", "jitter_ms", "retry_after_s", "hang_s", "rate_limit_window_s"}
+)
 _BOOL_KEYS: Final = frozenset({"faults_first_attempt_only", "no_json_schema", "down"})
 
 
@@ -134,10 +142,10 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be a boolean")
         return value
-    if key in ("max_concurrency", "seed", "context_tokens"):
+    if key in ("max_concurrency", "seed", "context_tokens", "rate_limit_requests"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key} must be an integer")
-        if key in ("max_concurrency", "context_tokens") and value < 0:
+        if key in ("max_concurrency", "context_tokens", "rate_limit_requests") and value < 0:
             raise ValueError(f"{key} must be >= 0")
         return value
     if key == "api_key":
@@ -856,6 +864,8 @@ class TeacherState:
         # (wall-clock time, requests in flight just after) at each admission and each answer,
         # so a benchmark can see how full the teacher was over a run and where it idled.
         self.timeline: list[tuple[float, int]] = []
+        # Monotonic times of the requests admitted in the current rate-limit window.
+        self.admitted: collections.deque[float] = collections.deque()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -976,6 +986,30 @@ class TeacherState:
             mode = parse_output_mode(body, ctx, cfg.no_json_schema)
         except RequestError as exc:
             return self._reply(exc.status, exc.body)
+
+        if cfg.rate_limit_requests:
+            now = time.monotonic()
+            while self.admitted and now - self.admitted[0] >= cfg.rate_limit_window_s:
+                self.admitted.popleft()
+            if len(self.admitted) >= cfg.rate_limit_requests:
+                wait = cfg.rate_limit_window_s - (now - self.admitted[0])
+                limit = cfg.rate_limit_requests
+                return self._reply(
+                    429,
+                    error_body(
+                        f"Rate limit reached for {model} in organization org-fake on requests "
+                        f"per min (RPM): Limit {limit}, Used {limit}, Requested 1. Please try "
+                        f"again in {wait:.3f}s.",
+                        "requests",
+                        "rate_limit_exceeded",
+                    ),
+                    {
+                        "x-ratelimit-limit-requests": str(limit),
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": f"{wait:.3f}s",
+                    },
+                )
+            self.admitted.append(now)
 
         if cfg.max_concurrency and self.in_flight >= cfg.max_concurrency:
             retry = cfg.retry_after_s

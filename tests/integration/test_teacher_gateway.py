@@ -75,6 +75,7 @@ def fake(teacher_server: FakeTeacherProcess) -> FakeTeacherProcess:
         faults_first_attempt_only=False,
         no_json_schema=False,
         refuse_params=[],
+        rate_limit_requests=0,
     )
     teacher_server.reset()
     return teacher_server
@@ -452,6 +453,63 @@ def test_over_the_cap_429s_are_retried_and_the_capacity_is_learnt(
     assert stats["by_status"]["200"] == 40
     assert sum(r.retry_causes.get("http_429", 0) for r in results) == stats["by_status"]["429"]
     assert learned < 12  # it learnt that the server takes fewer
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["local", "redis"])
+def test_429s_for_a_spent_request_budget_are_waited_out_and_teach_no_capacity(
+    fake: FakeTeacherProcess, prefix: str, shared: bool
+) -> None:
+    """A hosted API's requests-per-minute budget answers 429 whatever the concurrency: the
+    gateway waits until it comes back (x-ratelimit-reset-requests, no Retry-After here) and
+    keeps the concurrency it had. Learnt as a full server's, the capacity fell to what was in
+    flight at each refusal and crawled back a slot every 0.25 s after 10 s."""
+    fake.configure(rate_limit_requests=8, rate_limit_window_s=0.5)
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=12))
+    limiter: Limiter = RedisLimiter(REDIS_URL, prefix) if shared else LocalLimiter()
+    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
+
+    async def scenario() -> tuple[list[TeacherResult], int]:
+        try:
+            results = await teacher.generate(requests(24))
+            return results, limiter.capacity(TeacherQuota.for_endpoint(ep))
+        finally:
+            await teacher.aclose()
+            await limiter.aclose()
+
+    try:
+        results, capacity = run_sync(scenario())
+    finally:
+        fake.configure(rate_limit_requests=0)  # the server is shared with other tests
+    assert statuses(results) == {"succeeded": 24}
+    refused = fake.stats()["by_status"].get("429", 0)
+    assert refused > 0
+    assert sum(r.retry_causes.get("http_429", 0) for r in results) == refused
+    assert capacity == 12
+
+
+def test_a_tight_request_budget_refuses_many_times_and_no_request_runs_out_of_attempts(
+    fake: FakeTeacherProcess,
+) -> None:
+    """2 requests per 0.2 s against a window of 12: each wave is mostly refused, again and
+    again. A refusal for a per-minute budget is not one of a request's attempts (5 here):
+    counted, 4 of these 24 ran out of them in a run."""
+    fake.configure(rate_limit_requests=2, rate_limit_window_s=0.2)
+    ep = endpoint(fake, limits=TeacherLimits(max_concurrency=12))
+    limiter = LocalLimiter()
+    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
+
+    async def scenario() -> list[TeacherResult]:
+        try:
+            return await teacher.generate(requests(24))
+        finally:
+            await teacher.aclose()
+
+    try:
+        results = run_sync(scenario())
+    finally:
+        fake.configure(rate_limit_requests=0)  # the server is shared with other tests
+    assert statuses(results) == {"succeeded": 24}
+    assert max(r.retry_causes.get("http_429", 0) for r in results) >= ep.max_attempts
 
 
 def test_a_capacity_learnt_from_429s_is_shared_so_one_process_alone_uses_all_of_it(

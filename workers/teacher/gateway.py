@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import httpx2
 import jsonschema
@@ -201,6 +201,11 @@ def _reasoning_text(message: Any) -> str | None:
     return None
 
 
+# The longest wait a rate-limited 429 may ask without it counting as one of a request's
+# attempts: a per-minute budget (RPM, TPM) comes back within it.
+RATE_WINDOW_S: Final = 60.0
+
+
 class OpenAITeacher:
     """Teacher over any OpenAI-compatible server: vLLM, llama.cpp, hosted APIs.
 
@@ -231,6 +236,9 @@ class OpenAITeacher:
         self._freed = asyncio.Event()  # a replica's window has room again
         self._turn = 0  # breaks ties between equally loaded replicas in turn
         self._waiting_for_slot = 0  # requests in `_acquire`: none at a job's drain
+        # Monotonic time before which no request is sent: a 429 for a spent request or token
+        # budget (RPM, TPM) says when it comes back; every request sent before then is refused.
+        self._rate_limited_until = 0.0
         self._metrics = TeacherMetrics.for_teacher(endpoint.limiter_key)
         self._metrics.window.set(self._window_total())
         self._http_client = http_client
@@ -480,6 +488,8 @@ class OpenAITeacher:
         started = time.perf_counter()
         self._waiting_for_slot += 1
         try:
+            while (paused := self._rate_limited_until - time.monotonic()) > 0:
+                await asyncio.sleep(paused)
             replica = await self._take_window()
             try:
                 lease = await self._limiter.acquire(
@@ -527,6 +537,23 @@ class OpenAITeacher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(due) if due else None):
                     await self._freed.wait()
+
+    def _pause_for_rate_limit(self, verdict: ErrorVerdict) -> None:
+        """Hold this process's next requests to the teacher until its request or token budget
+        comes back (the 429's Retry-After or x-ratelimit-reset): each one sent before then
+        would be refused, spending a request of the budget on some APIs."""
+        assert verdict.retry_after_s is not None
+        until = time.monotonic() + min(verdict.retry_after_s, self._backoff.max_retry_after_s)
+        if until <= self._rate_limited_until:
+            return
+        if self._rate_limited_until <= time.monotonic():
+            log.warning(
+                "teacher.rate_limited",
+                teacher=self.endpoint.limiter_key,
+                wait_s=round(until - time.monotonic(), 3),
+                message=verdict.message[:300],
+            )
+        self._rate_limited_until = until
 
     def _draining_retry(self, verdict: ErrorVerdict, tries: int) -> bool:
         """A first retry after a lone failure, sent at once when no request waits for a slot.
@@ -674,8 +701,20 @@ class OpenAITeacher:
                         input_tokens=None,
                         # An HTTP error generated nothing; after a timeout it may have.
                         output_tokens=0 if answered else None,
-                        overloaded=verdict.status == 429 and not verdict.permanent,
+                        # A full server's 429 teaches its capacity; a spent budget's does not.
+                        overloaded=verdict.status == 429
+                        and not verdict.permanent
+                        and not verdict.rate_limited,
                     )
+                    if verdict.rate_limited and verdict.retry_after_s is not None:
+                        self._pause_for_rate_limit(verdict)
+                        if verdict.retry_after_s <= RATE_WINDOW_S:
+                            # Refused before it ran, for a budget that comes back within a
+                            # minute: not an attempt. A tight budget under a wide window
+                            # refuses most of each wave, and counted, a request ran out of
+                            # attempts while the budget came back every few seconds. A longer
+                            # wait (an hourly or daily quota) counts: those are not waited out.
+                            tries -= 1
                     refused = refused_param(
                         verdict.status, verdict.message, verdict.param, call.body
                     )

@@ -49,6 +49,10 @@ class ErrorVerdict:
     status: int | None = None
     retry_after_s: float | None = None  # what the server asked us to wait, if it said so
     param: str | None = None  # the request parameter the server named, if it named one
+    # A 429 for a spent request or token budget of a time window (a hosted API's RPM, TPM,
+    # daily quota), not for a full server: it teaches nothing about the concurrency the
+    # server holds (`rate_limited_429`).
+    rate_limited: bool = False
 
 
 def parse_duration(text: str) -> float | None:
@@ -95,6 +99,41 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
         and (parsed := parse_duration(value_text)) is not None
     ]
     return max(resets) if resets else None
+
+
+# A 429's words for a budget per time window: OpenAI's and Groq's "on requests per min (RPM)",
+# "tokens per minute (TPM)", Gemini's "requests per minute" quota, OpenRouter's "limit_rpm".
+_WINDOW_LIMIT_RE: Final = re.compile(
+    r"(?<![a-z])(rpm|tpm|rpd|tpd|ipm)(?![a-z])|per[ _-]?(min|minute|second|sec|hour|day)\b"
+    r"|quota",
+    re.IGNORECASE,
+)
+# ... and for a full server: LiteLLM's "Max parallel request limit reached", a proxy's
+# "too many concurrent requests", TGI's "Model is overloaded".
+_CONCURRENCY_LIMIT_RE: Final = re.compile(r"concurren|parallel|overloaded", re.IGNORECASE)
+
+
+def rate_limited_429(headers: Mapping[str, str], message: str) -> bool:
+    """Whether a 429 says a budget per time window is spent (requests or tokens per minute,
+    a daily quota) rather than that the server is full.
+
+    The two need different answers: a full server holds fewer requests than we sent, which
+    the limiter learns (`LearnedCapacity`); a spent budget comes back when its window moves
+    on, whatever the concurrency, and learning a lower one from it would leave the teacher
+    under-used once it does. Told apart by what hosted APIs send: a `x-ratelimit-remaining-*`
+    header (OpenAI, Azure, Groq, Together; `anthropic-ratelimit-*-remaining`) at 0, or the
+    message naming a window (RPM, TPM, "per minute", a quota). A message about concurrent or
+    parallel requests, or an overloaded model, is a full server whatever the headers say;
+    so is a bare 429."""
+    if _CONCURRENCY_LIMIT_RE.search(message):
+        return False
+    for name, value in headers.items():
+        lowered = name.lower()
+        if "ratelimit" in lowered and "remaining" in lowered:
+            with contextlib.suppress(ValueError):
+                if float(value) <= 0:
+                    return True
+    return bool(_WINDOW_LIMIT_RE.search(message))
 
 
 def _parse_retry_after_value(raw: str, *, now: float | None) -> float | None:
@@ -158,6 +197,16 @@ def classify_error(exc: BaseException) -> ErrorVerdict:
         if "insufficient_quota" in (code, kind):
             # OpenAI answers 429 for an empty account too; waiting does not refill it.
             return ErrorVerdict(False, "insufficient_quota", message, True, status)
+        if status == 429:
+            return ErrorVerdict(
+                True,
+                "http_429",
+                message,
+                False,
+                status,
+                retry_after,
+                rate_limited=rate_limited_429(exc.response.headers, message),
+            )
         if status in RETRYABLE_STATUSES or status >= 500:
             return ErrorVerdict(True, f"http_{status}", message, False, status, retry_after)
         if status in JOB_PERMANENT_STATUSES:

@@ -107,6 +107,53 @@ def test_insufficient_quota_429_is_permanent() -> None:
     assert verdict.error_code == "insufficient_quota"
 
 
+@pytest.mark.parametrize(
+    ("message", "headers"),
+    [
+        # OpenAI: requests and tokens per minute, with its bucket headers.
+        (
+            "Rate limit reached for gpt-4o-mini in organization org-x on requests per min "
+            "(RPM): Limit 500, Used 500, Requested 1. Please try again in 120ms.",
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "120ms"},
+        ),
+        (
+            "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM): "
+            "Limit 30000, Used 29000, Requested 2400. Please try again in 2.8s.",
+            {},
+        ),
+        # Gemini's OpenAI-compatible endpoint, OpenRouter.
+        ("Quota exceeded for quota metric 'Generate Content API requests per minute'", {}),
+        ("Rate limit exceeded: limit_rpm/google/gemini-2.0-flash-exp", {}),
+        # Only the headers say it.
+        ("Too Many Requests", {"X-RateLimit-Remaining-Tokens": "0"}),
+        ("Too Many Requests", {"anthropic-ratelimit-requests-remaining": "0"}),
+    ],
+)
+def test_a_429_for_a_spent_budget_per_window_is_rate_limited(
+    message: str, headers: dict[str, str]
+) -> None:
+    body = openai_error(message, "rate_limit_exceeded", "requests")
+    verdict = classify_error(status_error(429, body, headers))
+    assert (verdict.retryable, verdict.permanent, verdict.rate_limited) == (True, False, True)
+    assert verdict.error_code == "http_429"
+
+
+@pytest.mark.parametrize(
+    ("message", "headers"),
+    [
+        # A full server: our fake teacher's cap, LiteLLM's parallel limit, TGI, a bare 429.
+        ("Rate limit reached for fake-teacher: more than 4 concurrent requests.", {}),
+        ("Max parallel request limit reached 8", {"x-ratelimit-remaining-requests": "0"}),
+        ("Model is overloaded", {}),
+        ("Too Many Requests", {"x-ratelimit-remaining-requests": "12"}),
+    ],
+)
+def test_a_429_for_a_full_server_is_not_rate_limited(message: str, headers: dict[str, str]) -> None:
+    body = openai_error(message, "rate_limit_exceeded", "requests")
+    verdict = classify_error(status_error(429, body, headers))
+    assert (verdict.retryable, verdict.rate_limited) == (True, False)
+
+
 def test_context_length_is_a_permanent_request_error_not_a_job_error() -> None:
     by_code = openai_error("too long", "context_length_exceeded")
     by_text = openai_error("This model's maximum context length is 4096 tokens. However, ...")
