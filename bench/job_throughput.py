@@ -270,9 +270,17 @@ class Scenario:
     # call rate one replica does at L, which two cores can serve (at L they cannot: the workers
     # alone would need more CPU than the machine has beside the fake teachers and Postgres).
     latency_factor: int = 1
+    # A hosted API's request budget: at most this many requests admitted per second, each
+    # one over it answered with OpenAI's RPM 429 (0: none). Its ideal is then N / budget
+    # when that is longer than N x L / C.
+    budget_per_s: int = 0
 
     def latency_ms(self, base_ms: float) -> float:
         return base_ms * self.latency_factor
+
+    def ideal_s(self, n: int, base_ms: float, cap: int) -> float:
+        concurrency = n * self.latency_ms(base_ms) / 1000 / (cap * self.replicas)
+        return max(concurrency, n / self.budget_per_s) if self.budget_per_s else concurrency
 
 
 # Calls are one per seed row, and a spec picks at most 5,000 rows per iteration.
@@ -284,6 +292,12 @@ SCENARIOS = (
     Scenario("jitter", server={"jitter_ms": 100.0}),
     Scenario("faults", server={"error_rate": 0.06}),
     Scenario("over-cap", job_cap_factor=2),
+    # A request budget of 256 a second, under the 320 that 64 slots of 200 ms allow.
+    Scenario(
+        "rate-limited",
+        server={"rate_limit_requests": 256, "rate_limit_window_s": 1.0},
+        budget_per_s=256,
+    ),
     Scenario("two-workers", workers=2),
     Scenario("four-replicas", workers=4, replicas=4),
     Scenario("verify", filters={"teacher_verification": True}),
@@ -293,7 +307,13 @@ SCENARIOS = (
 )
 # A scenario compared with another runs that one too.
 NEEDS = {"four-replicas": "clean", "four-replicas-4L": "clean-4L"}
-SERVER_DEFAULTS: dict[str, Any] = {"jitter_ms": 0.0, "error_rate": 0.0, "retry_after_s": 1.0}
+SERVER_DEFAULTS: dict[str, Any] = {
+    "jitter_ms": 0.0,
+    "error_rate": 0.0,
+    "retry_after_s": 1.0,
+    "rate_limit_requests": 0,
+    "rate_limit_window_s": 60.0,
+}
 TARGETS = {"clean": 1.10, "jitter": 1.08, "faults": 1.15, "over-cap": 1.30}
 
 
@@ -678,14 +698,13 @@ def main() -> None:
                         load=os.getloadavg()[0],
                         busy=busy,
                         status=status,
-                        ideal=n
-                        * scenario.latency_ms(args.latency_ms)
-                        / 1000
-                        / (args.cap * scenario.replicas),
+                        ideal=scenario.ideal_s(n, args.latency_ms, args.cap),
                         occupancy=occupancy,
                         batches=_batch_spans(sessions, job_id, started),
                         latency_factor=scenario.latency_factor,
-                        floor=_floor(
+                        floor=None
+                        if scenario.budget_per_s
+                        else _floor(
                             n,
                             args.cap * scenario.replicas,
                             scenario.latency_ms(args.latency_ms),
