@@ -6,7 +6,9 @@ Starts the fake teacher (latency L, at most C requests in flight, 429 above) and
 Postgres database, measures the gateway alone in process (the reference of the same run),
 then runs one job per scenario through Redis and a real `distill worker` process (the
 production path): clean, jitter (+-100 ms), faults (6% HTTP 500), over the cap (the job's
-limit 2 x C, so the teacher refuses with 429 + Retry-After), two worker processes sharing
+limit 2 x C, so the teacher refuses with 429 + Retry-After), a request budget of 256 a
+second (each request over it answered with OpenAI's RPM 429; its ratio is against N / 256 s,
+the budget's limit), two worker processes sharing
 the teacher, four replicas of the teacher (each L and C) with four worker processes and
 4 x N calls (at most 5,000), whose call rate is compared with the clean scenario's, and
 teacher verification of every accepted example (about N more calls, each asked once its
