@@ -123,6 +123,8 @@ class _Call:
     tokens_in: int = 0
     tokens_out: int = 0
     retry_causes: dict[str, int] = field(default_factory=dict)
+    # Seconds this call was asked to wait by 429s for a spent budget (see RATE_WINDOW_S).
+    rate_limited_s: float = 0.0
     # The lease this call holds right now (and its replica); whoever gives it back clears it.
     lease: Lease | None = None
     replica: _Replica | None = None
@@ -204,6 +206,8 @@ def _reasoning_text(message: Any) -> str | None:
 # The longest wait a rate-limited 429 may ask without it counting as one of a request's
 # attempts: a per-minute budget (RPM, TPM) comes back within it.
 RATE_WINDOW_S: Final = 60.0
+# ... and how long one request may wait on such 429s before each counts again.
+RATE_LIMITED_MAX_S: Final = 900.0
 
 
 class OpenAITeacher:
@@ -488,9 +492,14 @@ class OpenAITeacher:
         started = time.perf_counter()
         self._waiting_for_slot += 1
         try:
-            while (paused := self._rate_limited_until - time.monotonic()) > 0:
-                await asyncio.sleep(paused)
-            replica = await self._take_window()
+            while True:
+                while (paused := self._rate_limited_until - time.monotonic()) > 0:
+                    await asyncio.sleep(paused)
+                replica = await self._take_window()
+                if self._rate_limited_until <= time.monotonic():
+                    break
+                # A spent budget's 429 came while this request waited for the slot.
+                self._free_window(replica)
             try:
                 lease = await self._limiter.acquire(
                     replica.quota,
@@ -708,12 +717,19 @@ class OpenAITeacher:
                     )
                     if verdict.rate_limited and verdict.retry_after_s is not None:
                         self._pause_for_rate_limit(verdict)
-                        if verdict.retry_after_s <= RATE_WINDOW_S:
+                        call.rate_limited_s += verdict.retry_after_s
+                        if (
+                            verdict.retry_after_s <= RATE_WINDOW_S
+                            and call.rate_limited_s <= RATE_LIMITED_MAX_S
+                        ):
                             # Refused before it ran, for a budget that comes back within a
                             # minute: not an attempt. A tight budget under a wide window
                             # refuses most of each wave, and counted, a request ran out of
                             # attempts while the budget came back every few seconds. A longer
-                            # wait (an hourly or daily quota) counts: those are not waited out.
+                            # wait (an hourly or daily quota) counts: those are not waited out;
+                            # so does every refusal past RATE_LIMITED_MAX_S of waiting (a
+                            # server that says its budget is spent for ever must not hold a
+                            # job for ever).
                             tries -= 1
                     refused = refused_param(
                         verdict.status, verdict.message, verdict.param, call.body

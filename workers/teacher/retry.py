@@ -108,6 +108,8 @@ _WINDOW_LIMIT_RE: Final = re.compile(
     r"|quota",
     re.IGNORECASE,
 )
+# ... and for one request larger than the whole budget, which waiting never lets through.
+_TOO_LARGE_RE: Final = re.compile(r"request too large|must be reduced", re.IGNORECASE)
 # ... and for a full server: LiteLLM's "Max parallel request limit reached", a proxy's
 # "too many concurrent requests", TGI's "Model is overloaded".
 _CONCURRENCY_LIMIT_RE: Final = re.compile(r"concurren|parallel|overloaded", re.IGNORECASE)
@@ -197,6 +199,10 @@ def classify_error(exc: BaseException) -> ErrorVerdict:
         if "insufficient_quota" in (code, kind):
             # OpenAI answers 429 for an empty account too; waiting does not refill it.
             return ErrorVerdict(False, "insufficient_quota", message, True, status)
+        if status == 429 and _TOO_LARGE_RE.search(message):
+            # One request over the whole budget (OpenAI: "Request too large ... on tokens per
+            # min (TPM) ... must be reduced"): no window lets it through.
+            return ErrorVerdict(False, "request_too_large", message, False, status)
         if status == 429:
             return ErrorVerdict(
                 True,

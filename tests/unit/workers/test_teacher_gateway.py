@@ -311,6 +311,75 @@ def test_retry_after_is_waited_without_holding_the_slot() -> None:
     assert results[0].retry_causes == {"http_429": 1}
 
 
+RPM_SPENT = (
+    "Rate limit reached for m in organization org-x on requests per min (RPM): Limit 60, "
+    "Used 60, Requested 1. Please try again in 150ms."
+)
+
+
+def test_a_spent_budget_holds_the_next_requests_until_it_comes_back() -> None:
+    """A full server's 429 lets the other requests go out meanwhile (above); a spent request
+    budget's holds them: each one sent before it comes back would be refused."""
+
+    def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        if n == 1:
+            return error(
+                429,
+                RPM_SPENT,
+                "rate_limit_exceeded",
+                kind="requests",
+                headers={"x-ratelimit-remaining-requests": "0", "retry-after-ms": "150"},
+            )
+        return completion()
+
+    server = ScriptedServer(handler)
+    teacher = make_teacher(server, max_concurrency=1)
+    results = generate(teacher, [make_request(0), make_request(1)])
+    assert [r.status for r in results] == [TeacherCallStatus.succeeded] * 2
+    assert server.times[1] - server.times[0] >= 0.15
+    assert results[0].retry_causes == {"http_429": 1}
+
+
+def test_spent_budget_refusals_are_not_attempts_until_a_request_has_waited_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refusals for a per-minute budget do not use up a request's attempts (4 here), up to
+    RATE_LIMITED_MAX_S of waiting on them; past it each counts, so a server that says its
+    budget is spent for ever fails the request instead of holding it for ever."""
+    from workers.teacher import gateway
+
+    monkeypatch.setattr(gateway, "RATE_LIMITED_MAX_S", 0.3)
+
+    def spent(body: dict[str, Any], n: int) -> httpx2.Response:
+        return error(
+            429,
+            RPM_SPENT,
+            "rate_limit_exceeded",
+            kind="requests",
+            headers={"x-ratelimit-remaining-requests": "0", "retry-after-ms": "20"},
+        )
+
+    server = ScriptedServer(spent)
+    result = one(make_teacher(server, max_attempts=4))
+    assert result.status is TeacherCallStatus.failed
+    assert result.error_code == "http_429"
+    # 0.3 s of 20 ms waits not counted (15 refusals), then 4 attempts' worth.
+    assert len(server.bodies) >= 15 + 3
+
+
+def test_a_request_larger_than_the_whole_budget_is_not_retried() -> None:
+    message = (
+        "Request too large for gpt-4 in organization org-x on tokens per min (TPM): Limit "
+        "10000, Requested 12000. The input or output tokens must be reduced in order to run "
+        "successfully."
+    )
+    server = ScriptedServer(lambda b, n: error(429, message, "rate_limit_exceeded", kind="tokens"))
+    result = one(make_teacher(server))
+    assert result.status is TeacherCallStatus.failed
+    assert result.error_code == "request_too_large"
+    assert len(server.bodies) == 1
+
+
 def test_a_hung_attempt_times_out_and_is_retried() -> None:
     async def handler(body: dict[str, Any], n: int) -> httpx2.Response:
         if n == 1:
