@@ -311,10 +311,16 @@ def test_retry_after_is_waited_without_holding_the_slot() -> None:
     assert results[0].retry_causes == {"http_429": 1}
 
 
-RPM_SPENT = (
-    "Rate limit reached for m in organization org-x on requests per min (RPM): Limit 60, "
-    "Used 60, Requested 1. Please try again in 150ms."
-)
+def rpm_spent(wait_ms: int) -> httpx2.Response:
+    """OpenAI's 429 for a spent requests-per-minute budget, back in `wait_ms`."""
+    return error(
+        429,
+        "Rate limit reached for m in organization org-x on requests per min (RPM): Limit 60, "
+        f"Used 60, Requested 1. Please try again in {wait_ms}ms.",
+        "rate_limit_exceeded",
+        kind="requests",
+        headers={"x-ratelimit-remaining-requests": "0", "retry-after-ms": str(wait_ms)},
+    )
 
 
 def test_a_spent_budget_holds_the_next_requests_until_it_comes_back() -> None:
@@ -322,15 +328,7 @@ def test_a_spent_budget_holds_the_next_requests_until_it_comes_back() -> None:
     budget's holds them: each one sent before it comes back would be refused."""
 
     def handler(body: dict[str, Any], n: int) -> httpx2.Response:
-        if n == 1:
-            return error(
-                429,
-                RPM_SPENT,
-                "rate_limit_exceeded",
-                kind="requests",
-                headers={"x-ratelimit-remaining-requests": "0", "retry-after-ms": "150"},
-            )
-        return completion()
+        return rpm_spent(150) if n == 1 else completion()
 
     server = ScriptedServer(handler)
     teacher = make_teacher(server, max_concurrency=1)
@@ -350,16 +348,7 @@ def test_spent_budget_refusals_are_not_attempts_until_a_request_has_waited_long(
 
     monkeypatch.setattr(gateway, "RATE_LIMITED_MAX_S", 0.3)
 
-    def spent(body: dict[str, Any], n: int) -> httpx2.Response:
-        return error(
-            429,
-            RPM_SPENT,
-            "rate_limit_exceeded",
-            kind="requests",
-            headers={"x-ratelimit-remaining-requests": "0", "retry-after-ms": "20"},
-        )
-
-    server = ScriptedServer(spent)
+    server = ScriptedServer(lambda b, n: rpm_spent(20))
     result = one(make_teacher(server, max_attempts=4))
     assert result.status is TeacherCallStatus.failed
     assert result.error_code == "http_429"
