@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "latency_ms": 0.0,
     "jitter_ms": 0.0,
     "max_concurrency": 0,
+    "rate_limit_requests": 0,
+    "rate_limit_window_s": 60.0,
     "retry_after_s": 1.0,
     "error_rate": 0.0,
     "malformed_rate": 0.0,
@@ -553,6 +555,23 @@ def test_concurrency_cap_answers_429_with_retry_after(teacher: FakeTeacherProces
     assert stats["requests_total"] == 8 and stats["completions_ok"] == 2
     # Rejected requests never reached admission, so only two fingerprints were recorded.
     assert stats["unique_fingerprints"] == 2
+
+
+def test_a_request_budget_answers_openais_rpm_429_until_the_window_moves_on(
+    teacher: FakeTeacherProcess, http: httpx.Client
+) -> None:
+    teacher.configure(rate_limit_requests=2, rate_limit_window_s=0.3)
+    first = [http.post("/v1/chat/completions", json=_chat_body(f"q{i}")) for i in range(3)]
+    assert [r.status_code for r in first] == [200, 200, 429]
+    refused = first[2]
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    wait = float(refused.headers["x-ratelimit-reset-requests"].rstrip("s"))
+    assert 0 < wait <= 0.3
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "requests per min (RPM)" in error["message"]
+    time.sleep(wait + 0.05)
+    assert http.post("/v1/chat/completions", json=_chat_body("q3")).status_code == 200
 
 
 def test_latency_and_metrics_while_in_flight(
