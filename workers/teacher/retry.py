@@ -108,6 +108,14 @@ _WINDOW_LIMIT_RE: Final = re.compile(
     r"|quota",
     re.IGNORECASE,
 )
+# ... and when it comes back, in words, for a 429 without a Retry-After header: OpenAI's and
+# Groq's "Please try again in 7.0s" / "in 120ms" / "in 1m2.5s", Azure's "Please retry after 6
+# seconds".
+_TRY_AGAIN_RE: Final = re.compile(
+    r"(?:try again|retry) (?:in|after) ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+|\d+(?:\.\d+)?)"
+    r"(?: ?(seconds?|secs?))?",
+    re.IGNORECASE,
+)
 # ... and for one request larger than the whole budget, which waiting never lets through.
 _TOO_LARGE_RE: Final = re.compile(r"request too large|must be reduced", re.IGNORECASE)
 # ... and for a full server: LiteLLM's "Max parallel request limit reached", a proxy's
@@ -136,6 +144,13 @@ def rate_limited_429(headers: Mapping[str, str], message: str) -> bool:
                 if float(value) <= 0:
                     return True
     return bool(_WINDOW_LIMIT_RE.search(message))
+
+
+def _said_retry_after(message: str) -> float | None:
+    """Seconds a rate-limit message says to wait ("try again in 7.0s", "retry after 6
+    seconds"), for a server that sends no Retry-After header."""
+    match = _TRY_AGAIN_RE.search(message)
+    return None if match is None else parse_duration(match.group(1))
 
 
 def _parse_retry_after_value(raw: str, *, now: float | None) -> float | None:
@@ -204,14 +219,11 @@ def classify_error(exc: BaseException) -> ErrorVerdict:
             # min (TPM) ... must be reduced"): no window lets it through.
             return ErrorVerdict(False, "request_too_large", message, False, status)
         if status == 429:
+            rate_limited = rate_limited_429(exc.response.headers, message)
+            if rate_limited and retry_after is None:
+                retry_after = _said_retry_after(message)
             return ErrorVerdict(
-                True,
-                "http_429",
-                message,
-                False,
-                status,
-                retry_after,
-                rate_limited=rate_limited_429(exc.response.headers, message),
+                True, "http_429", message, False, status, retry_after, rate_limited=rate_limited
             )
         if status in RETRYABLE_STATUSES or status >= 500:
             return ErrorVerdict(True, f"http_{status}", message, False, status, retry_after)

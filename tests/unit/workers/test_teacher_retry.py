@@ -139,6 +139,31 @@ def test_a_429_for_a_spent_budget_per_window_is_rate_limited(
 
 
 @pytest.mark.parametrize(
+    ("message", "seconds"),
+    [
+        ("on tokens per min (TPM): Limit 6000, Used 5800. Please try again in 7.0s.", 7.0),
+        ("on requests per min (RPM): Limit 3, Used 3. Please try again in 120ms.", 0.12),
+        ("on tokens per day (TPD). Please try again in 1m2.5s.", 62.5),
+        (
+            "Requests to the deployment have exceeded the RPM limit. Please retry after 6 seconds.",
+            6,
+        ),
+        ("Rate limit reached on requests per min (RPM). Please try again later.", None),
+    ],
+)
+def test_a_spent_budgets_wait_is_read_from_its_words_when_no_header_says_it(
+    message: str, seconds: float | None
+) -> None:
+    body = openai_error(message, "rate_limit_exceeded", "requests")
+    verdict = classify_error(status_error(429, body))
+    assert verdict.rate_limited
+    assert verdict.retry_after_s == seconds
+    # A header, when there is one, has the last word.
+    with_header = classify_error(status_error(429, body, {"retry-after": "2"}))
+    assert with_header.retry_after_s == 2.0
+
+
+@pytest.mark.parametrize(
     ("message", "headers"),
     [
         # A full server: our fake teacher's cap, LiteLLM's parallel limit, TGI, a bare 429.
