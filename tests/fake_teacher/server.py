@@ -884,12 +884,30 @@ class TeacherState:
         self, status: int, payload: Any, headers: Mapping[str, str] | None = None
     ) -> web.Response:
         self.by_status[status] = self.by_status.get(status, 0) + 1
+        if status == 200 and self.config.rate_limit_requests:
+            headers = {**(headers or {}), **self._budget_headers()}
         return web.Response(
             status=status,
             body=json.dumps(payload).encode(),
             content_type="application/json",
             headers=headers,
         )
+
+    def _budget_headers(self) -> dict[str, str]:
+        """What OpenAI tells on every answer about the request budget: its limit, what is left
+        of it and when it is whole again."""
+        cfg = self.config
+        now = time.monotonic()
+        while self.admitted and now - self.admitted[0] >= cfg.rate_limit_window_s:
+            self.admitted.popleft()
+        reset = cfg.rate_limit_window_s - (now - self.admitted[0]) if self.admitted else 0.0
+        return {
+            "x-ratelimit-limit-requests": str(cfg.rate_limit_requests),
+            "x-ratelimit-remaining-requests": str(
+                max(0, cfg.rate_limit_requests - len(self.admitted))
+            ),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
 
     def _check_auth(self, request: web.Request) -> None:
         key = self.config.api_key

@@ -563,6 +563,8 @@ def test_a_request_budget_answers_openais_rpm_429_until_the_window_moves_on(
     teacher.configure(rate_limit_requests=2, rate_limit_window_s=0.3)
     first = [http.post("/v1/chat/completions", json=_chat_body(f"q{i}")) for i in range(3)]
     assert [r.status_code for r in first] == [200, 200, 429]
+    # Every answer says what is left of the budget, as OpenAI's do.
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in first[:2]] == ["1", "0"]
     refused = first[2]
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.headers["x-ratelimit-limit-requests"] == "2"

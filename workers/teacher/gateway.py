@@ -28,7 +28,7 @@ from workers.teacher.adaptive import AimdController, ConcurrencyWindow, VllmLoad
 from workers.teacher.limits import Lease, Limiter, TeacherQuota
 from workers.teacher.metrics import TeacherMetrics
 from workers.teacher.network import PrivateAddressError, literal_private_host
-from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error
+from workers.teacher.retry import BackoffPolicy, ErrorVerdict, classify_error, spent_budget_wait
 from workers.teacher.structured import (
     DEFAULT_CAPABILITIES,
     CapabilityCache,
@@ -547,20 +547,20 @@ class OpenAITeacher:
                 async with asyncio.timeout(min(due) if due else None):
                     await self._freed.wait()
 
-    def _pause_for_rate_limit(self, verdict: ErrorVerdict) -> None:
-        """Hold this process's next requests to the teacher until its request or token budget
-        comes back (the 429's Retry-After or x-ratelimit-reset): each one sent before then
-        would be refused, spending a request of the budget on some APIs."""
-        assert verdict.retry_after_s is not None
-        until = time.monotonic() + min(verdict.retry_after_s, self._backoff.max_retry_after_s)
+    def _pause_for_rate_limit(self, wait_s: float, why: str) -> None:
+        """Hold this process's next requests to the teacher for `wait_s`, until its request or
+        token budget comes back (a 429's Retry-After or x-ratelimit-reset, or an answer's
+        headers saying the budget is spent): each one sent before then would be refused,
+        spending a request of the budget on some APIs."""
+        until = time.monotonic() + min(wait_s, self._backoff.max_retry_after_s)
         if until <= self._rate_limited_until:
             return
         if self._rate_limited_until <= time.monotonic():
-            log.warning(
+            log.info(
                 "teacher.rate_limited",
                 teacher=self.endpoint.limiter_key,
                 wait_s=round(until - time.monotonic(), 3),
-                message=verdict.message[:300],
+                why=why[:300],
             )
         self._rate_limited_until = until
 
@@ -648,6 +648,9 @@ class OpenAITeacher:
             answer = await self._transport().post(url, body)
         if not 200 <= answer.status < 300:
             raise status_error(url, answer)
+        spent = spent_budget_wait(answer.headers)
+        if spent is not None:  # the next request would be refused: it waits instead
+            self._pause_for_rate_limit(spent, "the answer says the request budget is spent")
         try:
             data = json.loads(answer.content)
         except ValueError as exc:
@@ -716,7 +719,7 @@ class OpenAITeacher:
                         and not verdict.rate_limited,
                     )
                     if verdict.rate_limited and verdict.retry_after_s is not None:
-                        self._pause_for_rate_limit(verdict)
+                        self._pause_for_rate_limit(verdict.retry_after_s, verdict.message)
                         call.rate_limited_s += verdict.retry_after_s
                         if (
                             verdict.retry_after_s <= RATE_WINDOW_S

@@ -146,6 +146,27 @@ def rate_limited_429(headers: Mapping[str, str], message: str) -> bool:
     return bool(_WINDOW_LIMIT_RE.search(message))
 
 
+def spent_budget_wait(headers: Mapping[str, str]) -> float | None:
+    """Seconds until a budget an answer's headers say is spent comes back: OpenAI's (and
+    Azure's, Groq's) `x-ratelimit-remaining-requests` / `-tokens` at 0, with their
+    `x-ratelimit-reset-*`. None when nothing is spent or no reset is given. Read on every
+    answer, so the next request waits instead of being refused."""
+    waits: list[float] = []
+    for kind in ("requests", "tokens"):
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        if remaining is None:
+            continue
+        try:
+            spent = float(remaining) <= 0
+        except ValueError:
+            continue
+        reset = headers.get(f"x-ratelimit-reset-{kind}")
+        wait = None if reset is None else parse_duration(reset)
+        if spent and wait is not None:
+            waits.append(wait)
+    return max(waits) if waits else None
+
+
 def _said_retry_after(message: str) -> float | None:
     """Seconds a rate-limit message says to wait ("try again in 7.0s", "retry after 6
     seconds"), for a server that sends no Retry-After header."""

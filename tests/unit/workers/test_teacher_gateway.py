@@ -338,6 +338,24 @@ def test_a_spent_budget_holds_the_next_requests_until_it_comes_back() -> None:
     assert results[0].retry_causes == {"http_429": 1}
 
 
+def test_an_answer_saying_the_budget_is_spent_holds_the_next_request() -> None:
+    """OpenAI says on every answer what is left of the request budget: at 0 the next request
+    waits for the reset instead of being refused."""
+
+    def handler(body: dict[str, Any], n: int) -> httpx2.Response:
+        answer = completion()
+        if n == 1:
+            answer.headers["x-ratelimit-remaining-requests"] = "0"
+            answer.headers["x-ratelimit-reset-requests"] = "150ms"
+        return answer
+
+    server = ScriptedServer(handler)
+    results = generate(make_teacher(server, max_concurrency=1), [make_request(0), make_request(1)])
+    assert [r.status for r in results] == [TeacherCallStatus.succeeded] * 2
+    assert server.times[1] - server.times[0] >= 0.15
+    assert all(not r.retry_causes for r in results)
+
+
 def test_spent_budget_refusals_are_not_attempts_until_a_request_has_waited_long(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

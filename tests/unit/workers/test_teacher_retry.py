@@ -10,7 +10,13 @@ import httpx2
 import openai
 import pytest
 
-from workers.teacher.retry import BackoffPolicy, classify_error, parse_duration, parse_retry_after
+from workers.teacher.retry import (
+    BackoffPolicy,
+    classify_error,
+    parse_duration,
+    parse_retry_after,
+    spent_budget_wait,
+)
 
 URL = "http://teacher.test/v1/chat/completions"
 
@@ -239,3 +245,29 @@ def test_a_refused_connection_reported_as_a_timeout_is_a_connection_error() -> N
     assert verdict.error_code == "connection"
     assert verdict.retryable
     assert classify_error(TimeoutError("slow")).error_code == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}, 1.0),
+        ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}, 360.0),
+        (
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "120ms",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "2s",
+            },
+            2.0,
+        ),
+        # Something left, no reset given, or nothing said: no wait.
+        ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1s"}, None),
+        ({"x-ratelimit-remaining-requests": "0"}, None),
+        ({}, None),
+    ],
+)
+def test_an_answers_headers_say_when_a_spent_budget_comes_back(
+    headers: dict[str, str], wait: float | None
+) -> None:
+    assert spent_budget_wait(httpx2.Headers(headers)) == wait
