@@ -429,6 +429,23 @@ def test_a_redis_limiter_serves_successive_event_loops(
 # --------------------------------------------------------------------------- retries and errors
 
 
+def _results_and_capacity(
+    ep: TeacherEndpoint, limiter: Limiter, n: int
+) -> tuple[list[TeacherResult], int]:
+    """n requests through a gateway on `limiter`, and the capacity the limiter holds after."""
+    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
+
+    async def scenario() -> tuple[list[TeacherResult], int]:
+        try:
+            results = await teacher.generate(requests(n))
+            return results, limiter.capacity(TeacherQuota.for_endpoint(ep))
+        finally:
+            await teacher.aclose()
+            await limiter.aclose()
+
+    return run_sync(scenario())
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["local", "redis"])
 def test_over_the_cap_429s_are_retried_and_the_capacity_is_learnt(
     fake: FakeTeacherProcess, prefix: str, shared: bool
@@ -436,17 +453,7 @@ def test_over_the_cap_429s_are_retried_and_the_capacity_is_learnt(
     fake.configure(max_concurrency=4, retry_after_s=0.1)
     ep = endpoint(fake, limits=TeacherLimits(max_concurrency=12))
     limiter: Limiter = RedisLimiter(REDIS_URL, prefix) if shared else LocalLimiter()
-    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
-
-    async def scenario() -> tuple[list[TeacherResult], int]:
-        try:
-            results = await teacher.generate(requests(40))
-            return results, limiter.capacity(TeacherQuota.for_endpoint(ep))
-        finally:
-            await teacher.aclose()
-            await limiter.aclose()
-
-    results, learned = run_sync(scenario())
+    results, learned = _results_and_capacity(ep, limiter, 40)
     assert statuses(results) == {"succeeded": 40}
     stats = fake.stats()
     assert stats["by_status"].get("429", 0) > 0
@@ -466,20 +473,7 @@ def test_429s_for_a_spent_request_budget_are_waited_out_and_teach_no_capacity(
     fake.configure(rate_limit_requests=8, rate_limit_window_s=0.5)
     ep = endpoint(fake, limits=TeacherLimits(max_concurrency=12))
     limiter: Limiter = RedisLimiter(REDIS_URL, prefix) if shared else LocalLimiter()
-    teacher = OpenAITeacher(ep, limiter=limiter, capabilities_cache=CapabilityCache())
-
-    async def scenario() -> tuple[list[TeacherResult], int]:
-        try:
-            results = await teacher.generate(requests(24))
-            return results, limiter.capacity(TeacherQuota.for_endpoint(ep))
-        finally:
-            await teacher.aclose()
-            await limiter.aclose()
-
-    try:
-        results, capacity = run_sync(scenario())
-    finally:
-        fake.configure(rate_limit_requests=0)  # the server is shared with other tests
+    results, capacity = _results_and_capacity(ep, limiter, 24)
     assert statuses(results) == {"succeeded": 24}
     refused = fake.stats()["by_status"].get("429", 0)
     assert refused > 0
@@ -504,10 +498,7 @@ def test_a_tight_request_budget_refuses_many_times_and_no_request_runs_out_of_at
         finally:
             await teacher.aclose()
 
-    try:
-        results = run_sync(scenario())
-    finally:
-        fake.configure(rate_limit_requests=0)  # the server is shared with other tests
+    results = run_sync(scenario())
     assert statuses(results) == {"succeeded": 24}
     assert max(r.retry_causes.get("http_429", 0) for r in results) >= ep.max_attempts
 

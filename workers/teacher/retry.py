@@ -146,21 +146,28 @@ def rate_limited_429(headers: Mapping[str, str], message: str) -> bool:
     return bool(_WINDOW_LIMIT_RE.search(message))
 
 
+# (what is left, when it is whole again) of each budget an answer's headers tell.
+_BUDGET_HEADERS: Final = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+)
+
+
 def spent_budget_wait(headers: Mapping[str, str]) -> float | None:
     """Seconds until a budget an answer's headers say is spent comes back: OpenAI's (and
     Azure's, Groq's) `x-ratelimit-remaining-requests` / `-tokens` at 0, with their
     `x-ratelimit-reset-*`. None when nothing is spent or no reset is given. Read on every
     answer, so the next request waits instead of being refused."""
     waits: list[float] = []
-    for kind in ("requests", "tokens"):
-        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+    for remaining_header, reset_header in _BUDGET_HEADERS:
+        remaining = headers.get(remaining_header)
         if remaining is None:
             continue
         try:
             spent = float(remaining) <= 0
         except ValueError:
             continue
-        reset = headers.get(f"x-ratelimit-reset-{kind}")
+        reset = headers.get(reset_header)
         wait = None if reset is None else parse_duration(reset)
         if spent and wait is not None:
             waits.append(wait)
